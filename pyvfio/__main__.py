@@ -1,0 +1,5 @@
+import sys
+
+from pyvfio.cli import main
+
+sys.exit(main())
