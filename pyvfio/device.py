@@ -773,11 +773,11 @@ class Device(abc.ABC):
         """Route ``count`` vectors of IRQ ``index`` to new eventfds and return them.
         For MSI/MSI-X this enables the vectors; for INTx remember to
         :meth:`unmask_irq` after handling each interrupt (INTx is auto-masked)."""
-        self.disable_irq(index)
         info = self.irq_info(index)
         if count < 1 or count > info.count:
             raise UsageError(f"IRQ index {_irq_name(index)} of {self.name} has {info.count} "
                              f"vector(s); cannot enable {count}")
+        self.disable_irq(index)
         fds = [EventFd() for _ in range(count)]
         try:
             self._set_irqs(index, IrqAction.DATA_EVENTFD | IrqAction.ACTION_TRIGGER, 0, count,
