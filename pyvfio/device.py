@@ -597,8 +597,9 @@ class MappedRegion:
         self.mmap = mapping
         self.size = len(mapping)
         raw = memoryview(mapping)
-        self._views = {w: raw.cast(f) for w, f in _FORMATS.items()
-                       if self.size % w == 0}
+        self._views: dict[int, memoryview] = {
+            w: raw.cast(f) for w, f in _FORMATS.items() if self.size % w == 0  # type: ignore[call-overload]
+        }
         self._raw = raw
 
     def _view(self, offset: int, width: int) -> memoryview:

@@ -177,7 +177,7 @@ def test_region_access_widths_and_bounds() -> None:
         bar.read32(0xFFE)
     with pytest.raises(UsageError, match="access width"):
         bar.read_int(0, 3)
-    with pytest.raises(UsageError, match="regions 0..8"):
+    with pytest.raises(UsageError, match=r"regions 0\.\.8"):
         dev.region(9)
 
 
