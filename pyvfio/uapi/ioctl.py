@@ -117,7 +117,7 @@ def ioctl(fd: int, request: int, arg: Any = 0, *, op: str | None = None,
     if isinstance(arg, bytes):
         raise TypeError("pass a bytearray or ctypes object, not bytes, to ioctl()")
     try:
-        return fcntl.ioctl(fd, request, arg)  # type: ignore[no-any-return]
+        return fcntl.ioctl(fd, request, arg)
     except OSError as exc:
         name = op or IOCTL_NAMES.get(request, f"ioctl {request:#x}")
         raise KernelError(exc.errno or _errno.EIO, name, target) from None
@@ -159,12 +159,12 @@ def call_with_argsz(fd: int, request: int, struct_type: type[S],
     for _attempt in range(3):
         buf = bytearray(size)
         info = struct_type.from_buffer(buf)
-        info.argsz = size  # type: ignore[attr-defined]
+        info.argsz = size
         if fill is not None:
             fill(info)
         ioctl(fd, request, buf, op=op, target=target)
-        wanted = int(info.argsz)  # type: ignore[attr-defined]
-        if wanted <= size or (caps_flag and not int(info.flags) & caps_flag):  # type: ignore[attr-defined]
+        wanted = int(info.argsz)
+        if wanted <= size or (caps_flag and not int(info.flags) & caps_flag):
             return info, buf
         if wanted > MAX_INFO_SIZE:
             raise KernelError(_errno.EOVERFLOW, op or IOCTL_NAMES.get(request, hex(request)),
