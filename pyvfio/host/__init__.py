@@ -1,0 +1,47 @@
+"""The host as sysfs shows it: PCI devices, IOMMU groups, diagnosis, binding.
+
+Public API (other parts of pyvfio call these; keep the names)::
+
+    host = Host(root="/")            # every path read under root
+    host.device("01:00.0")           # PciDevice; DeviceNotFound if absent
+    host.devices(), host.groups(), host.group(12)
+    host.diagnose("0000:01:00.0")    # Diagnosis: .ready .viable .in_use .problems .as_dict()
+    normalize_bdf("01:00.0")         # "0000:01:00.0"; UsageError on garbage
+    require_ready(bdf, root="/")     # NotViable / DeviceInUse / NotBoundToVfio with .problems
+    bind([bdf], group=True), restore([bdf]) / restore(all_devices=True)
+"""
+
+from pyvfio.host.binding import BindResult, BindState, bind, restore, state_dir_for
+from pyvfio.host.diagnosis import Diagnosis, Member, Problem, diagnose, require_ready
+from pyvfio.host.model import (
+    DRIVER_KINDS,
+    Host,
+    IommuGroup,
+    PciDevice,
+    ReservedRegion,
+    normalize_bdf,
+)
+from pyvfio.host.sysfs import RealSysfsWriter, SysfsWriter, install_writer, uninstall_writer
+
+__all__ = [
+    "DRIVER_KINDS",
+    "BindResult",
+    "BindState",
+    "Diagnosis",
+    "Host",
+    "IommuGroup",
+    "Member",
+    "PciDevice",
+    "Problem",
+    "RealSysfsWriter",
+    "ReservedRegion",
+    "SysfsWriter",
+    "bind",
+    "diagnose",
+    "install_writer",
+    "normalize_bdf",
+    "require_ready",
+    "restore",
+    "state_dir_for",
+    "uninstall_writer",
+]

@@ -1,0 +1,395 @@
+"""Managed binding: put devices on a vfio driver and put them back.
+
+The sequence is the kernel's documented one (and libvirt's
+``virPCIDeviceBindToStub``): write the driver name into ``driver_override``,
+write the address into the current driver's ``unbind``, write it into
+``/sys/bus/pci/drivers_probe``, then read the ``driver`` link back, because a
+probe that fails is not an error for ``drivers_probe`` (the kernel ignores
+-ENODEV/-ENXIO from ``probe()`` so that the next driver may try).
+
+Before anything is touched, the original driver and ``driver_override`` are
+written to a state directory, one JSON file per device, atomically (write a
+temporary file, fsync, rename, fsync the directory).  A record in phase
+``binding`` is what a crash in the middle of a bind leaves behind;
+:func:`restore` finishes it off the same way as a completed bind.  Any failure
+during a bind rolls back every device that call touched.
+
+State directory: ``--state-dir``, else ``$PYVFIO_STATE_DIR``, else
+``<root>/run/pyvfio/bind``.  ``/run`` is a tmpfs: the records vanish on
+reboot exactly when the bindings they describe do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvfio.errors import BindError, DeviceInUse, NoIommu, NotViable, UsageError
+from pyvfio.host.diagnosis import VIABLE_KINDS, diagnose_many
+from pyvfio.host.model import Host, PciDevice, normalize_bdf
+from pyvfio.host.sysfs import read_link_name
+
+DEFAULT_STATE_DIR = "run/pyvfio/bind"
+
+
+def state_dir_for(root: str, override: str | None = None) -> str:
+    if override:
+        return override
+    env = os.environ.get("PYVFIO_STATE_DIR")
+    if env:
+        return env
+    return os.path.join(root, DEFAULT_STATE_DIR)
+
+
+class BindState:
+    """One JSON record per device:
+    ``{"device", "original_driver", "original_override", "target_driver",
+    "phase": "binding"|"bound", "pid", "time"}``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def path(self, address: str) -> str:
+        return os.path.join(self.directory, f"{address}.json")
+
+    def load(self, address: str) -> dict[str, Any] | None:
+        try:
+            with open(self.path(address)) as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise BindError(f"unreadable bind record {self.path(address)}: {exc}") from exc
+        if not isinstance(record, dict) or record.get("device") != address:
+            raise BindError(f"bind record {self.path(address)} is not for {address}")
+        return record
+
+    def save(self, record: dict[str, Any]) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        final = self.path(record["device"])
+        tmp = f"{final}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(record, indent=1, sort_keys=True).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        self._sync_dir()
+
+    def remove(self, address: str) -> None:
+        try:
+            os.unlink(self.path(address))
+        except FileNotFoundError:
+            return
+        self._sync_dir()
+
+    def addresses(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json"))
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class BindResult:
+    device: str
+    original_driver: str | None
+    driver: str | None
+    changed: bool
+    steps: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "original_driver": self.original_driver,
+            "driver": self.driver,
+            "changed": self.changed,
+            "steps": list(self.steps),
+        }
+
+
+class _Ops:
+    """Sysfs writes of one operation, recorded as steps; not performed in a
+    dry run."""
+
+    def __init__(self, host: Host, dry_run: bool) -> None:
+        self.host = host
+        self.dry_run = dry_run
+
+    def write(self, steps: list[str], relative: str, value: str) -> None:
+        shown = value.strip() or "(empty: clear)"
+        steps.append(f"write {shown!r} to /{relative}")
+        if not self.dry_run:
+            self.host.writer.write(self.host.path(relative), value)
+
+    def driver_now(self, address: str) -> str | None:
+        return read_link_name(self.host.path(f"sys/bus/pci/devices/{address}/driver"))
+
+
+def _dev_attr(address: str, attr: str) -> str:
+    return f"sys/bus/pci/devices/{address}/{attr}"
+
+
+def _targets(host: Host, devices: list[PciDevice], group: bool) -> list[PciDevice]:
+    chosen: dict[str, PciDevice] = {}
+    for dev in devices:
+        if group and dev.iommu_group is not None:
+            for address in host.group(dev.iommu_group).devices:
+                member = host.device(address)
+                if not member.is_bridge:
+                    chosen[member.address] = member
+            if dev.is_bridge:
+                continue
+        if dev.is_bridge:
+            raise BindError(
+                f"{dev.address} is a PCI bridge; vfio-pci does not take bridges "
+                "(bind the endpoints behind it, or use --group on one of them)"
+            )
+        chosen[dev.address] = dev
+    return [chosen[a] for a in sorted(chosen)]
+
+
+def _check_groups(host: Host, targets: list[PciDevice]) -> None:
+    """Refuse what would leave a group not viable, and groups in use."""
+    names = {d.address for d in targets}
+    for dev in targets:
+        if dev.iommu_group is None and not host.noiommu_enabled() and not host.iommu_present():
+            raise NoIommu(
+                f"no IOMMU: {dev.address} has no IOMMU group; boot with intel_iommu=on "
+                "(or amd_iommu=on), or enable vfio's unsafe no-IOMMU mode"
+            )
+    problems: list[dict[str, Any]] = []
+    groups_seen: set[int] = set()
+    for dev in targets:
+        if dev.iommu_group is None or dev.iommu_group in groups_seen:
+            continue
+        groups_seen.add(dev.iommu_group)
+        for address in host.group(dev.iommu_group).devices:
+            if address in names:
+                continue
+            member = host.device(address)
+            kind = host.driver_kind(member)
+            if kind not in VIABLE_KINDS:
+                problems.append({
+                    "device": member.address,
+                    "driver": member.driver,
+                    "reason": f"{member.address} in IOMMU group {dev.iommu_group} stays on the host "
+                    f"driver {member.driver}, so the group would not be viable",
+                    "fix": f"bind {member.address} ({member.driver}) to vfio-pci, or use --group",
+                    "kind": "host-driver",
+                })
+    if problems:
+        first = problems[0]
+        raise NotViable(
+            f"refusing to bind {', '.join(sorted(names))}: {first['reason']}; fix: {first['fix']}",
+            problems,
+        )
+    in_use = [h for d in diagnose_many(host, [t.address for t in targets]) for h in d.in_use]
+    if in_use:
+        h = in_use[0]
+        raise DeviceInUse(
+            f"refusing to bind: {h['path']} is held open by pid {h['pid']} ({h['comm']})",
+            [{"device": t.address, "driver": t.driver, "kind": "in-use",
+              "reason": f"{h['path']} is held open by pid {h['pid']} ({h['comm']})",
+              "fix": f"stop pid {h['pid']} ({h['comm']}) first"} for t in targets],
+        )
+
+
+def bind(
+    addresses: list[str] | str,
+    *,
+    root: str = "/",
+    driver: str | None = None,
+    group: bool = False,
+    dry_run: bool = False,
+    state_dir: str | None = None,
+    host: Host | None = None,
+) -> list[BindResult]:
+    """Bind devices (with ``group``: every endpoint of their groups) to
+    ``driver`` or each device's best vfio driver.  All or nothing: on any
+    failure the devices this call changed are restored and :class:`BindError`
+    is raised.  Refuses with :class:`NotViable` / :class:`DeviceInUse` before
+    touching anything."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    if not addresses:
+        raise UsageError("name at least one device to bind")
+    host = host or Host(root)
+    devices = [host.device(normalize_bdf(a)) for a in addresses]
+    targets = _targets(host, devices, group)
+    _check_groups(host, targets)
+    plan = [(dev, driver or host.best_driver(dev)) for dev in targets]
+    for _dev, target in plan:
+        if not host.driver_loaded(target):
+            module = target.replace("-", "_")
+            raise BindError(f"driver {target} is not loaded (modprobe {module})")
+    state = BindState(state_dir_for(host.root, state_dir))
+    ops = _Ops(host, dry_run)
+    done: list[tuple[BindResult, dict[str, Any]]] = []
+    results: list[BindResult] = []
+    try:
+        for dev, target in plan:
+            result, record = _bind_one(ops, state, dev, target)
+            results.append(result)
+            if record is not None and result.changed:
+                done.append((result, record))
+    except (OSError, BindError) as exc:
+        notes = []
+        failed_record = getattr(exc, "record", None)
+        pending = [r for _res, r in done]
+        if failed_record is not None:
+            pending.append(failed_record)
+        for record in reversed(pending):
+            try:
+                _restore_one(ops, state, record)
+                notes.append(f"{record['device']} back on {record['original_driver'] or 'no driver'}")
+            except (OSError, BindError) as rexc:
+                notes.append(f"{record['device']} NOT restored ({rexc}); run pyvfio restore {record['device']}")
+        rolled = "; rolled back: " + ", ".join(notes) if notes else ""
+        raise BindError(f"{exc}{rolled}") from exc
+    finally:
+        host.refresh()
+    return results
+
+
+class _BindFailed(BindError):
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _bind_one(
+    ops: _Ops, state: BindState, dev: PciDevice, target: str
+) -> tuple[BindResult, dict[str, Any] | None]:
+    address = dev.address
+    current = dev.driver if ops.dry_run else ops.driver_now(address)
+    result = BindResult(address, current, current, changed=False)
+    record = state.load(address)
+    if current == target:
+        if record is not None and record.get("phase") != "bound" and not ops.dry_run:
+            record["phase"] = "bound"
+            state.save(record)
+        return result, record
+    if record is None:
+        record = {
+            "device": address,
+            "original_driver": current,
+            "original_override": dev.driver_override,
+        }
+    else:
+        result.original_driver = record.get("original_driver")
+    record.update(target_driver=target, phase="binding", pid=os.getpid(), time=time.time())
+    if not ops.dry_run:
+        state.save(record)
+    result.steps.append(f"record {address} (driver {current or 'none'}) in {state.path(address)}")
+    try:
+        ops.write(result.steps, _dev_attr(address, "driver_override"), target)
+        if current:
+            ops.write(result.steps, f"sys/bus/pci/drivers/{current}/unbind", address)
+        ops.write(result.steps, "sys/bus/pci/drivers_probe", address)
+    except OSError as exc:
+        raise _BindFailed(f"binding {address} to {target} failed: {exc}", record) from exc
+    result.changed = True
+    if ops.dry_run:
+        result.driver = target
+        return result, record
+    now = ops.driver_now(address)
+    result.driver = now
+    if now != target:
+        raise _BindFailed(
+            f"binding {address} to {target} failed: after drivers_probe its driver is "
+            f"{now or 'none'} (the probe did not attach; see dmesg)",
+            record,
+        )
+    record["phase"] = "bound"
+    state.save(record)
+    return result, record
+
+
+def _restore_one(ops: _Ops, state: BindState, record: dict[str, Any]) -> BindResult:
+    address = record["device"]
+    original = record.get("original_driver")
+    override = record.get("original_override")
+    current = ops.driver_now(address)
+    result = BindResult(address, current, current, changed=False)
+    # Clearing driver_override first, so that the probe below may pick the
+    # original driver again (a newline clears it: the kernel strips it and
+    # stores NULL for an empty value).
+    ops.write(result.steps, _dev_attr(address, "driver_override"), override or "\n")
+    if current != original:
+        result.changed = True
+        if current:
+            ops.write(result.steps, f"sys/bus/pci/drivers/{current}/unbind", address)
+        if original:
+            try:
+                ops.write(result.steps, f"sys/bus/pci/drivers/{original}/bind", address)
+            except OSError:
+                if ops.dry_run:
+                    raise
+            if not ops.dry_run and ops.driver_now(address) != original:
+                ops.write(result.steps, "sys/bus/pci/drivers_probe", address)
+    if ops.dry_run:
+        result.driver = original
+        return result
+    result.driver = ops.driver_now(address)
+    if result.driver != original:
+        raise BindError(
+            f"could not put {address} back on {original or 'no driver'} (it is on "
+            f"{result.driver or 'no driver'}); record kept in {state.path(address)}"
+        )
+    state.remove(address)
+    return result
+
+
+def restore(
+    addresses: list[str] | str | None = None,
+    *,
+    all_devices: bool = False,
+    root: str = "/",
+    dry_run: bool = False,
+    state_dir: str | None = None,
+    host: Host | None = None,
+) -> list[BindResult]:
+    """Return recorded devices to their original driver and driver_override,
+    whether the bind completed or crashed half way.  Named devices without a
+    record raise :class:`BindError`; with ``all_devices`` every record is
+    restored.  Every device is attempted; the first failure is raised at the
+    end."""
+    host = host or Host(root)
+    state = BindState(state_dir_for(host.root, state_dir))
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    if all_devices:
+        names = state.addresses()
+    elif addresses:
+        names = [normalize_bdf(a) for a in addresses]
+    else:
+        raise UsageError("name the devices to restore, or use --all")
+    ops = _Ops(host, dry_run)
+    results: list[BindResult] = []
+    errors: list[str] = []
+    for address in names:
+        record = state.load(address)
+        if record is None:
+            errors.append(f"no binding of {address} is recorded in {state.directory}")
+            continue
+        try:
+            results.append(_restore_one(ops, state, record))
+        except (OSError, BindError) as exc:
+            errors.append(f"{address}: {exc}")
+    host.refresh()
+    if errors:
+        raise BindError("; ".join(errors))
+    return results

@@ -1,0 +1,268 @@
+"""``pyvfio ls``, ``groups``, ``check``, ``bind``, ``restore``.
+
+Exit codes: 0 success (``check``: every named device ready); 1 the command ran
+and the answer is no (a device not ready, a bind refused or rolled back, a
+restore that failed); 2 bad usage, a missing device, no IOMMU (one line on
+stderr, from :func:`pyvfio.cli.main`).
+
+``ls --json`` and ``groups --json`` print a JSON array with one object per
+line: the C-accelerated encoder only runs without ``indent``, and on a host
+with thousands of devices the indenting encoder would cost more than reading
+sysfs does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pyvfio.cli import CommandFailed, add_json_flag, print_json
+from pyvfio.errors import HostStateError
+from pyvfio.host.binding import BindResult, bind, restore
+from pyvfio.host.diagnosis import VIABLE_KINDS, Diagnosis, diagnose_many
+from pyvfio.host.model import Host, IommuGroup, normalize_bdf
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ls", help="list PCI devices (IDs, names, driver, IOMMU group)")
+    p.add_argument("devices", nargs="*", metavar="BDF", help="only these devices")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("groups", help="list IOMMU groups, their members and viability")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_groups)
+
+    p = sub.add_parser(
+        "check",
+        help="diagnose devices: viable, in use, driver kind, best driver, ready (exit 0 only if all ready)",
+    )
+    p.add_argument("devices", nargs="+", metavar="BDF")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bind", help="bind devices to a vfio driver, recording how to restore them")
+    p.add_argument("devices", nargs="+", metavar="BDF")
+    p.add_argument("--driver", metavar="NAME", help="driver to bind to (default: the best vfio driver)")
+    p.add_argument("--group", action="store_true", help="bind every endpoint of the devices' IOMMU groups")
+    p.add_argument("--dry-run", action="store_true", help="print the sysfs writes, change nothing")
+    _state_dir_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_bind)
+
+    p = sub.add_parser("restore", help="return bound devices to their original driver")
+    p.add_argument("devices", nargs="*", metavar="BDF")
+    p.add_argument("--all", action="store_true", help="restore every recorded device")
+    p.add_argument("--dry-run", action="store_true", help="print the sysfs writes, change nothing")
+    _state_dir_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_restore)
+
+
+def _state_dir_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir", metavar="DIR",
+        help="where bind records live (default: $PYVFIO_STATE_DIR or ROOT/run/pyvfio/bind)",
+    )
+
+
+def _print_json_lines(items: list[dict[str, Any]]) -> None:
+    out = sys.stdout
+    if not items:
+        out.write("[]\n")
+        return
+    out.write("[\n" + ",\n".join(json.dumps(item) for item in items) + "\n]\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [len(h) for h in header]
+    for row in rows:
+        for i, cell in enumerate(row[:-1]):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+# ---- ls ----
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    host = Host(args.root)
+    if args.devices:
+        devices = [host.device(normalize_bdf(a)) for a in args.devices]
+    else:
+        devices = host.devices()
+    ids = host.ids
+    if args.json:
+        _print_json_lines([d.as_dict(ids) for d in devices])
+        return 0
+    rows = []
+    for dev in devices:
+        info = dev.as_dict(ids)
+        name = " ".join(x for x in (info["vendor_name"], info["device_name"]) if x)
+        rows.append([
+            dev.address,
+            f"{info['vendor_id']}:{info['device_id']}",
+            info["class_name"] or info["class"],
+            dev.driver or "-",
+            "-" if dev.iommu_group is None else str(dev.iommu_group),
+            dev.vfio_cdev or "-",
+            name,
+        ])
+    print(_table(rows, ["DEVICE", "IDS", "CLASS", "DRIVER", "GROUP", "CDEV", "NAME"]))
+    return 0
+
+
+# ---- groups ----
+
+def group_dict(host: Host, group: IommuGroup) -> dict[str, Any]:
+    """The ``pyvfio groups --json`` object for one group."""
+    members = []
+    viable = True
+    for address in group.devices:
+        try:
+            dev = host.device(address)
+        except Exception:
+            continue
+        kind = host.driver_kind(dev)
+        viable = viable and kind in VIABLE_KINDS
+        members.append({
+            "device": address, "driver": dev.driver, "driver_kind": kind, "is_bridge": dev.is_bridge,
+        })
+    return {
+        "group": group.number,
+        "devices": list(group.devices),
+        "viable": viable,
+        "type": group.type,
+        "noiommu": group.noiommu,
+        "node": host.group_node(group.number),
+        "reserved_regions": [r.as_dict() for r in group.reserved_regions],
+        "members": members,
+    }
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    host = Host(args.root)
+    host.devices()  # one pass over the devices, so members come from the cache
+    groups = [group_dict(host, g) for g in host.groups()]
+    if args.json:
+        _print_json_lines(groups)
+        return 0
+    rows = []
+    for g in groups:
+        members = ", ".join(
+            f"{m['device']} ({m['driver'] or 'no driver'}, {m['driver_kind']})" for m in g["members"]
+        )
+        rows.append([str(g["group"]), _yes(g["viable"]), g["type"] or "-", g["node"] or "-", members])
+    print(_table(rows, ["GROUP", "VIABLE", "TYPE", "NODE", "DEVICES"]))
+    if not host.iommu_present():
+        mode = "on" if host.noiommu_enabled() else "off"
+        print(f"note: no IOMMU present; vfio no-IOMMU mode is {mode}", file=sys.stderr)
+    return 0
+
+
+# ---- check ----
+
+def _print_diagnoses(diags: list[Diagnosis]) -> None:
+    rows = []
+    for d in diags:
+        users = ", ".join(f"{h['pid']} ({h['comm']})" for h in d.in_use) or "-"
+        rows.append([
+            d.device, "-" if d.group is None else str(d.group), d.driver or "-", d.driver_kind,
+            d.best_driver, _yes(d.viable), users, _yes(d.ready),
+        ])
+    print(_table(rows, ["DEVICE", "GROUP", "DRIVER", "KIND", "BEST", "VIABLE", "IN-USE", "READY"]))
+    for d in diags:
+        for p in d.problems:
+            print(f"{d.device}: {p.reason}\n    fix: {p.fix}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    host = Host(args.root)
+    addresses = [normalize_bdf(a) for a in args.devices]
+    diags = diagnose_many(host, addresses)
+    if args.json:
+        print_json([d.as_dict() for d in diags])
+    else:
+        _print_diagnoses(diags)
+    return 0 if all(d.ready for d in diags) else 1
+
+
+# ---- bind / restore ----
+
+def _refused(args: argparse.Namespace, what: str, exc: HostStateError) -> CommandFailed:
+    if args.json:
+        print_json({"error": str(exc), "problems": exc.problems})
+    return CommandFailed(f"{what}: {exc}", 1)
+
+
+def _print_results(results: list[BindResult], dry_run: bool) -> None:
+    for r in results:
+        if not r.changed:
+            print(f"{r.device}: already on {r.driver or 'no driver'}")
+            continue
+        verb = "would go" if dry_run else "now on"
+        print(f"{r.device}: {r.original_driver or 'no driver'} -> {verb} {r.driver or 'no driver'}"
+              if not dry_run else
+              f"{r.device}: {r.original_driver or 'no driver'} {verb} to {r.driver or 'no driver'}")
+        if dry_run:
+            for step in r.steps:
+                print(f"    {step}")
+
+
+def cmd_bind(args: argparse.Namespace) -> int:
+    host = Host(args.root)
+    try:
+        results = bind(
+            args.devices, driver=args.driver, group=args.group, dry_run=args.dry_run,
+            state_dir=args.state_dir, host=host,
+        )
+    except HostStateError as exc:
+        raise _refused(args, "bind", exc) from exc
+    diags = [] if args.dry_run else diagnose_many(host, [normalize_bdf(a) for a in args.devices])
+    if args.json:
+        print_json({
+            "dry_run": args.dry_run,
+            "devices": [r.as_dict() for r in results],
+            "check": [d.as_dict() for d in diags],
+        })
+    else:
+        _print_results(results, args.dry_run)
+        for d in diags:
+            if not d.ready:
+                for p in d.problems:
+                    print(f"{d.device}: not ready: {p.reason}\n    fix: {p.fix}")
+    return 0 if all(d.ready for d in diags) else 1
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    host = Host(args.root)
+    if not args.all and not args.devices:
+        raise CommandFailed("restore: name the devices to restore, or use --all", 2)
+    try:
+        results = restore(
+            args.devices, all_devices=args.all, dry_run=args.dry_run, state_dir=args.state_dir,
+            host=host,
+        )
+    except HostStateError as exc:
+        raise _refused(args, "restore", exc) from exc
+    if args.json:
+        print_json({"dry_run": args.dry_run, "devices": [r.as_dict() for r in results]})
+    else:
+        for r in results:
+            print(f"{r.device}: restored to {r.driver or 'no driver'}"
+                  + (" (unchanged)" if not r.changed else ""))
+            if args.dry_run:
+                for step in r.steps:
+                    print(f"    {step}")
+        if not results:
+            print("nothing to restore")
+    return 0

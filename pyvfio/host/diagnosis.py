@@ -1,0 +1,346 @@
+"""Can this device be assigned, and if not, why not and what to do.
+
+The rules (issue 2, seed 004):
+
+- **viable**: every member of the device's IOMMU group is on a vfio driver,
+  on ``pci-stub``, has no driver, or is a bridge on ``pcieport``/``shpchp``.
+  Any other member is a problem named with its driver (libvirt's missed
+  case 2).
+- **in use**: the group node ``/dev/vfio/N`` or a member's cdev
+  ``/dev/vfio/devices/vfioX`` is held open by a process (libvirt's case 1).
+- **driver kind**: see :meth:`pyvfio.host.model.Host.driver_kind`; a variant is
+  recognised by ``modules.alias`` and cross-checked against ``/dev/vfio/N``,
+  which exists once any member is registered with vfio.  When the two
+  disagree, the disagreement is a problem of its own.
+- **ready**: viable, not in use, the device on a vfio driver, the node present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvfio.errors import (
+    DeviceInUse,
+    HostStateError,
+    NoIommu,
+    NotBoundToVfio,
+    NotViable,
+)
+from pyvfio.host.model import (
+    BRIDGE_DRIVERS,
+    KIND_BRIDGE,
+    KIND_NONE,
+    KIND_STUB,
+    KIND_VARIANT,
+    KIND_VFIO,
+    Host,
+    PciDevice,
+    normalize_bdf,
+)
+
+VIABLE_KINDS = (KIND_VFIO, KIND_VARIANT, KIND_STUB, KIND_NONE, KIND_BRIDGE)
+VFIO_KINDS = (KIND_VFIO, KIND_VARIANT)
+
+# Problem kinds (the "kind" field of each problem object).
+P_HOST_DRIVER = "host-driver"  # a member is on a host driver: group not viable
+P_NOT_VFIO = "not-vfio"  # the device itself is not on a vfio driver
+P_BRIDGE = "bridge"  # the device is a bridge: nothing to assign
+P_IN_USE = "in-use"  # a process holds the group or a cdev open
+P_NO_NODE = "no-group-node"  # a vfio driver is bound, /dev/vfio/N is missing
+P_DISAGREE = "variant-disagreement"  # /dev/vfio/N exists, modules.alias names no vfio driver
+P_NO_GROUP = "no-iommu-group"
+
+
+@dataclass
+class Problem:
+    device: str
+    driver: str | None
+    reason: str
+    fix: str
+    kind: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "driver": self.driver,
+            "reason": self.reason,
+            "fix": self.fix,
+            "kind": self.kind,
+        }
+
+
+@dataclass
+class Member:
+    device: str
+    driver: str | None
+    driver_kind: str
+    is_bridge: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "driver": self.driver,
+            "driver_kind": self.driver_kind,
+            "is_bridge": self.is_bridge,
+        }
+
+
+@dataclass
+class Diagnosis:
+    """The ``pyvfio check`` verdict for one device."""
+
+    device: str
+    group: int | None
+    driver: str | None
+    driver_kind: str
+    best_driver: str
+    viable: bool
+    in_use: list[dict[str, Any]]
+    group_node: str | None
+    vfio_cdev: str | None
+    members: list[Member] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    noiommu: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.group is not None
+            and self.viable
+            and not self.in_use
+            and self.driver_kind in VFIO_KINDS
+            and self.group_node is not None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``pyvfio check --json`` object."""
+        return {
+            "device": self.device,
+            "group": self.group,
+            "driver": self.driver,
+            "driver_kind": self.driver_kind,
+            "best_driver": self.best_driver,
+            "viable": self.viable,
+            "in_use": [dict(h) for h in self.in_use],
+            "ready": self.ready,
+            "problems": [p.as_dict() for p in self.problems],
+            "group_node": self.group_node,
+            "vfio_cdev": f"/dev/vfio/devices/{self.vfio_cdev}" if self.vfio_cdev else None,
+            "noiommu": self.noiommu,
+            "members": [m.as_dict() for m in self.members],
+        }
+
+    def summary(self) -> str:
+        """One line naming the first problem (and how many more)."""
+        if not self.problems:
+            return f"{self.device} is ready (group {self.group}, {self.driver})"
+        first = self.problems[0]
+        more = len(self.problems) - 1
+        tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+        return f"{self.device} is not ready: {first.reason}; fix: {first.fix}{tail}"
+
+
+def _drv(driver: str | None) -> str:
+    return driver if driver else "no driver"
+
+
+def _member_problem(host: Host, target: PciDevice, member: PciDevice, group: int) -> Problem:
+    drv = member.driver or ""
+    if member.address == target.address:
+        best = host.best_driver(target)
+        return Problem(
+            member.address, drv,
+            f"{member.address} is bound to the host driver {drv}, not to a vfio driver",
+            f"bind {member.address} ({drv}) to {best}: pyvfio bind {member.address}",
+            P_HOST_DRIVER,
+        )
+    if member.is_bridge:
+        return Problem(
+            member.address, drv,
+            f"bridge {member.address} in IOMMU group {group} is bound to {drv}, "
+            f"which is not a bridge driver ({', '.join(BRIDGE_DRIVERS)}), so the group is not viable",
+            f"unbind {member.address} ({drv}): a bridge may stay driverless or on pcieport",
+            P_HOST_DRIVER,
+        )
+    return Problem(
+        member.address, drv,
+        f"{member.address} in the same IOMMU group {group} is bound to the host driver {drv}, "
+        "so the group is not viable",
+        f"bind {member.address} ({drv}) to vfio-pci, or use --group",
+        P_HOST_DRIVER,
+    )
+
+
+def diagnose_many(host: Host, addresses: Iterable[str]) -> list[Diagnosis]:
+    """Diagnose several devices with one scan of ``/proc``."""
+    targets = [host.device(a) for a in addresses]
+    prepared = [_prepare(host, dev) for dev in targets]
+    paths: set[str] = set()
+    for _diag, wanted in prepared:
+        paths |= wanted
+    holders = host.holders(paths) if paths else {}
+    for diag, wanted in prepared:
+        seen: set[tuple[int, str]] = set()
+        for path in sorted(wanted):
+            for h in holders.get(path, []):
+                if (h["pid"], path) in seen:
+                    continue
+                seen.add((h["pid"], path))
+                diag.in_use.append({"pid": h["pid"], "comm": h["comm"], "path": path})
+        for h in diag.in_use:
+            what = f"IOMMU group {diag.group}" if not h["path"].startswith("/dev/vfio/devices/") else "the device"
+            diag.problems.append(Problem(
+                diag.device, diag.driver,
+                f"{what} is in use: {h['path']} is held open by pid {h['pid']} ({h['comm']})",
+                f"stop pid {h['pid']} ({h['comm']}) or wait until it closes {h['path']}",
+                P_IN_USE,
+            ))
+    return [d for d, _ in prepared]
+
+
+def diagnose(host: Host, address: str) -> Diagnosis:
+    return diagnose_many(host, [address])[0]
+
+
+def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
+    """Everything but the /proc scan; returns the device paths whose holders
+    make the device in use."""
+    kind = host.driver_kind(dev)
+    diag = Diagnosis(
+        device=dev.address,
+        group=dev.iommu_group,
+        driver=dev.driver,
+        driver_kind=kind,
+        best_driver=host.best_driver(dev),
+        viable=False,
+        in_use=[],
+        group_node=None,
+        vfio_cdev=dev.vfio_cdev,
+    )
+    wanted: set[str] = set()
+    if dev.iommu_group is None:
+        if host.noiommu_enabled():
+            diag.noiommu = True
+            diag.problems.append(Problem(
+                dev.address, dev.driver,
+                f"{dev.address} has no IOMMU group yet: in vfio's no-IOMMU mode the group "
+                "appears when the device binds to vfio-pci",
+                f"pyvfio bind {dev.address}",
+                P_NO_GROUP,
+            ))
+        elif not host.iommu_present():
+            raise NoIommu(
+                f"no IOMMU: {dev.address} has no IOMMU group and {host.path('sys/kernel/iommu_groups')} "
+                "is empty; boot with intel_iommu=on (or amd_iommu=on) and enable VT-d/AMD-Vi in firmware"
+            )
+        else:
+            diag.problems.append(Problem(
+                dev.address, dev.driver,
+                f"{dev.address} has no IOMMU group although an IOMMU is present",
+                "check dmesg for why the IOMMU driver did not take the device",
+                P_NO_GROUP,
+            ))
+        if dev.vfio_cdev:
+            wanted.add(f"/dev/vfio/devices/{dev.vfio_cdev}")
+        return diag, wanted
+
+    number = dev.iommu_group
+    group = host.group(number)
+    diag.noiommu = group.noiommu
+    diag.group_node = host.group_node(number)
+    wanted.add(diag.group_node or f"/dev/vfio/{number}")
+    member_problems: list[Problem] = []
+    vfio_members: list[PciDevice] = []
+    host_members: list[PciDevice] = []
+    for address in group.devices:
+        try:
+            member = dev if address == dev.address else host.device(address)
+        except Exception:  # a member vanished between listing and reading
+            continue
+        mkind = host.driver_kind(member)
+        diag.members.append(Member(member.address, member.driver, mkind, member.is_bridge))
+        if member.vfio_cdev:
+            wanted.add(f"/dev/vfio/devices/{member.vfio_cdev}")
+        if mkind in VFIO_KINDS:
+            vfio_members.append(member)
+        if mkind not in VIABLE_KINDS:
+            host_members.append(member)
+            member_problems.append(_member_problem(host, dev, member, number))
+    diag.viable = not member_problems
+    # The device's own state first, then the rest of its group.
+    member_problems.sort(key=lambda p: p.device != dev.address)
+    diag.problems.extend(member_problems)
+    if kind == KIND_BRIDGE or (dev.is_bridge and kind not in VFIO_KINDS):
+        diag.problems.insert(0, Problem(
+            dev.address, dev.driver,
+            f"{dev.address} is a PCI bridge; vfio-pci does not take bridges",
+            "assign the endpoints behind the bridge instead",
+            P_BRIDGE,
+        ))
+    elif kind in (KIND_NONE, KIND_STUB):
+        diag.problems.insert(0, Problem(
+            dev.address, dev.driver,
+            f"{dev.address} is not bound to a vfio driver ({_drv(dev.driver)})",
+            f"bind it to {diag.best_driver}: pyvfio bind {dev.address}",
+            P_NOT_VFIO,
+        ))
+
+    # Cross-check modules.alias against the kernel's own word, /dev/vfio/N.
+    node = f"/dev/vfio/{number}"
+    if vfio_members and diag.group_node is None:
+        for member in vfio_members:
+            how = "vfio-pci" if member.driver == "vfio-pci" else "a vfio variant driver per modules.alias"
+            diag.problems.append(Problem(
+                member.address, member.driver,
+                f"{member.address} is on {member.driver} ({how}) but {node} does not exist",
+                "the driver did not register the device with vfio: check dmesg, or rebind "
+                f"with pyvfio bind {member.address}",
+                P_NO_NODE,
+            ))
+    elif not vfio_members and diag.group_node is not None:
+        suspects = host_members or [dev]
+        for member in suspects:
+            module = host.driver_module(member.driver) if member.driver else "?"
+            diag.problems.append(Problem(
+                member.address, member.driver,
+                f"{diag.group_node} exists, so a driver in group {number} registered with vfio, "
+                f"but modules.alias lists no vfio_pci alias for {_drv(member.driver)} "
+                f"(module {module})",
+                f"if {_drv(member.driver)} is a vfio variant driver, its vfio_pci: aliases are "
+                f"missing (run depmod; check modinfo {module}); otherwise the node is stale",
+                P_DISAGREE,
+            ))
+    return diag, wanted
+
+
+def require_ready(address: str, root: str = "/", host: Host | None = None) -> Diagnosis:
+    """Return the diagnosis if the device is ready, else raise:
+    :class:`NotBoundToVfio` (the device itself is not on a vfio driver),
+    :class:`DeviceInUse` (a process holds its group or cdev),
+    :class:`NotViable` (another member is on a host driver), or
+    :class:`HostStateError` (the vfio node is missing or disputed).
+    Each carries ``problems`` and names the offending device and driver."""
+    host = host or Host(root)
+    diag = diagnose(host, normalize_bdf(address))
+    if diag.ready:
+        return diag
+    problems = [p.as_dict() for p in diag.problems]
+
+    def message(kinds: tuple[str, ...]) -> str:
+        chosen = next((p for p in diag.problems if p.kind in kinds), None)
+        if chosen is None:
+            return diag.summary()
+        more = len(diag.problems) - 1
+        tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+        return f"cannot use {diag.device}: {chosen.reason}; fix: {chosen.fix}{tail}"
+
+    kinds = {p.kind for p in diag.problems}
+    if diag.driver_kind not in VFIO_KINDS:
+        raise NotBoundToVfio(message((P_HOST_DRIVER, P_NOT_VFIO, P_BRIDGE, P_NO_GROUP)), problems)
+    if P_IN_USE in kinds:
+        raise DeviceInUse(message((P_IN_USE,)), problems)
+    if P_HOST_DRIVER in kinds or not diag.viable:
+        raise NotViable(message((P_HOST_DRIVER,)), problems)
+    raise HostStateError(message((P_NO_NODE, P_DISAGREE)), problems)

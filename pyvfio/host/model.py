@@ -1,0 +1,456 @@
+"""PCI devices and IOMMU groups as sysfs shows them, read under a root.
+
+Layout read (all under ``root``)::
+
+    sys/bus/pci/devices/<bdf>/        uevent (DRIVER, PCI_CLASS, PCI_ID, PCI_SUBSYS_ID,
+                                      MODALIAS), revision, driver_override, numa_node,
+                                      reset_method, iommu_group -> .../iommu_groups/N,
+                                      vfio-dev/vfioX (the vfio device cdev, Linux 6.6+)
+    sys/bus/pci/drivers/<name>/module -> .../module/<module>
+    sys/kernel/iommu_groups/N/        devices/<bdf>, type, reserved_regions
+    sys/class/iommu/                  one entry per IOMMU unit (dmar0, ivhd0, ...)
+    sys/module/vfio/parameters/enable_unsafe_noiommu_mode
+    dev/vfio/N, dev/vfio/noiommu-N, dev/vfio/devices/vfioX
+    proc/sys/kernel/osrelease         the release whose lib/modules/<release>/modules.alias applies
+
+One ``uevent`` read gives the IDs, class, driver and modalias that would
+otherwise take seven reads: the kernel regenerates it on every read
+(``dev_uevent()`` + ``pci_uevent()``), so it is as fresh as the single files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pyvfio.errors import DeviceNotFound, UsageError
+from pyvfio.host.modules import VFIO_PCI_MODULE, VfioAliases
+from pyvfio.host.sysfs import (
+    SysfsWriter,
+    list_dir,
+    read_bytes,
+    read_link_name,
+    read_str,
+    writer_for,
+)
+from pyvfio.pci.ids import PciIds
+
+if TYPE_CHECKING:
+    from pyvfio.host.diagnosis import Diagnosis
+
+_BDF = re.compile(
+    r"^(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$"
+)
+
+# Driver kinds (the ``driver_kind`` field of ``pyvfio check --json``).
+KIND_VFIO = "vfio"
+KIND_VARIANT = "vfio-variant"
+KIND_STUB = "stub"
+KIND_HOST = "host"
+KIND_BRIDGE = "bridge"
+KIND_NONE = "none"
+DRIVER_KINDS = (KIND_VFIO, KIND_VARIANT, KIND_STUB, KIND_HOST, KIND_BRIDGE, KIND_NONE)
+
+VFIO_PCI = "vfio-pci"
+PCI_STUB = "pci-stub"
+# Drivers a bridge may keep without breaking its group's viability: they never
+# do DMA on behalf of the bridge (the kernel marks pcieport driver_managed_dma).
+BRIDGE_DRIVERS = ("pcieport", "shpchp")
+
+
+def normalize_bdf(text: str) -> str:
+    """``"1:0.0"``, ``"01:00.0"``, ``"0000:01:00.0"`` -> ``"0000:01:00.0"``.
+
+    Raises :class:`UsageError` for anything that is not a PCI address."""
+    m = _BDF.match(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise UsageError(f"not a PCI address: {text!r} (expected DDDD:BB:DD.F or BB:DD.F)")
+    domain, bus, dev, fn = m.groups()
+    if int(dev, 16) > 0x1F:
+        raise UsageError(f"not a PCI address: {text!r} (device number above 1f)")
+    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn}"
+
+
+def _hex_or_none(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value, 16)
+    except ValueError:
+        return None
+
+
+@dataclass
+class PciDevice:
+    """One PCI function.  IDs are ints; ``None`` means sysfs did not say."""
+
+    address: str
+    vendor_id: int
+    device_id: int
+    subsystem_vendor_id: int | None
+    subsystem_device_id: int | None
+    class_code: int
+    revision: int | None
+    driver: str | None
+    driver_override: str | None
+    modalias: str | None
+    numa_node: int | None
+    iommu_group: int | None
+    vfio_cdev: str | None
+    reset_methods: list[str] | None
+
+    @property
+    def is_bridge(self) -> bool:
+        """PCI-to-PCI (06 04), CardBus (06 07) or semi-transparent (06 09)
+        bridge: the classes whose header is a bridge header."""
+        return self.class_code >> 16 == 0x06 and (self.class_code >> 8) & 0xFF in (0x04, 0x07, 0x09)
+
+    def as_dict(self, ids: PciIds | None = None) -> dict[str, Any]:
+        """The ``pyvfio ls --json`` object for this device."""
+        d: dict[str, Any] = {
+            "device": self.address,
+            "vendor_id": f"{self.vendor_id:04x}",
+            "device_id": f"{self.device_id:04x}",
+            "subsystem_vendor_id": None if self.subsystem_vendor_id is None else f"{self.subsystem_vendor_id:04x}",
+            "subsystem_device_id": None if self.subsystem_device_id is None else f"{self.subsystem_device_id:04x}",
+            "class": f"{self.class_code:06x}",
+            "revision": None if self.revision is None else f"{self.revision:02x}",
+            "vendor_name": None,
+            "device_name": None,
+            "subsystem_name": None,
+            "class_name": None,
+            "driver": self.driver,
+            "driver_override": self.driver_override,
+            "modalias": self.modalias,
+            "numa_node": self.numa_node,
+            "iommu_group": self.iommu_group,
+            "is_bridge": self.is_bridge,
+            "vfio_cdev": self.vfio_cdev,
+            "reset_methods": self.reset_methods,
+        }
+        if ids is not None:
+            d["vendor_name"] = ids.vendor(self.vendor_id)
+            d["device_name"] = ids.device(self.vendor_id, self.device_id)
+            if self.subsystem_vendor_id is not None and self.subsystem_device_id is not None:
+                d["subsystem_name"] = ids.subsystem(
+                    self.vendor_id, self.device_id, self.subsystem_vendor_id, self.subsystem_device_id
+                )
+            d["class_name"] = ids.class_name(self.class_code)
+        return d
+
+
+@dataclass
+class ReservedRegion:
+    """One line of ``iommu_groups/N/reserved_regions``: ``start end type``."""
+
+    start: int
+    end: int
+    type: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": f"{self.start:#018x}", "end": f"{self.end:#018x}", "type": self.type}
+
+
+@dataclass
+class IommuGroup:
+    number: int
+    devices: list[str]
+    type: str | None
+    reserved_regions: list[ReservedRegion] = field(default_factory=list)
+    noiommu: bool = False
+
+
+def load_device(sys_dir: str, address: str) -> PciDevice | None:
+    """Read one device; ``None`` if ``sys/bus/pci/devices/<address>`` is absent."""
+    base = f"{sys_dir}/bus/pci/devices/{address}/"
+    uevent = read_bytes(base + "uevent")
+    if uevent is None:
+        return None
+    info: dict[bytes, bytes] = {}
+    for line in uevent.split(b"\n"):
+        key, _, value = line.partition(b"=")
+        info[key] = value
+    pci_id = info.get(b"PCI_ID")
+    if pci_id is not None:
+        vendor, _, device = pci_id.partition(b":")
+        vendor_id, device_id = int(vendor, 16), int(device, 16)
+    else:  # not a kernel uevent: fall back to the single files
+        vendor_id = _hex_or_none(read_str(base + "vendor")) or 0
+        device_id = _hex_or_none(read_str(base + "device")) or 0
+    subsys = info.get(b"PCI_SUBSYS_ID")
+    if subsys is not None:
+        sv, _, sd = subsys.partition(b":")
+        sub_vendor: int | None = int(sv, 16)
+        sub_device: int | None = int(sd, 16)
+    else:
+        sub_vendor = _hex_or_none(read_str(base + "subsystem_vendor"))
+        sub_device = _hex_or_none(read_str(base + "subsystem_device"))
+    cls = info.get(b"PCI_CLASS")
+    class_code = int(cls, 16) if cls is not None else (_hex_or_none(read_str(base + "class")) or 0)
+    drv = info.get(b"DRIVER")
+    driver = drv.decode() if drv is not None else read_link_name(base + "driver")
+    modalias_b = info.get(b"MODALIAS")
+    modalias = modalias_b.decode() if modalias_b is not None else read_str(base + "modalias")
+    override = read_str(base + "driver_override")
+    if override == "(null)" or override == "":
+        override = None
+    numa = read_str(base + "numa_node")
+    numa_node = int(numa) if numa and numa.lstrip("-").isdigit() and numa != "-1" else None
+    group_name = read_link_name(base + "iommu_group")
+    reset = read_str(base + "reset_method")
+    cdevs = list_dir(base + "vfio-dev")
+    return PciDevice(
+        address=address,
+        vendor_id=vendor_id,
+        device_id=device_id,
+        subsystem_vendor_id=sub_vendor,
+        subsystem_device_id=sub_device,
+        class_code=class_code,
+        revision=_hex_or_none(read_str(base + "revision")),
+        driver=driver,
+        driver_override=override,
+        modalias=modalias,
+        numa_node=numa_node,
+        iommu_group=int(group_name) if group_name and group_name.isdigit() else None,
+        vfio_cdev=cdevs[0] if cdevs else None,
+        reset_methods=reset.split() if reset is not None else None,
+    )
+
+
+def _parse_reserved(text: str | None) -> list[ReservedRegion]:
+    regions = []
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            try:
+                regions.append(ReservedRegion(int(parts[0], 16), int(parts[1], 16), parts[2]))
+            except ValueError:
+                continue
+    return regions
+
+
+class Host:
+    """The host under ``root``: a snapshot, cached on first read.  Call
+    :meth:`refresh` after changing bindings to read the kernel's state again.
+
+    ``writer`` is how sysfs writes happen (see :mod:`pyvfio.host.sysfs`);
+    by default the one installed for ``root``, else real file writes."""
+
+    def __init__(self, root: str = "/", *, writer: SysfsWriter | None = None) -> None:
+        self.root = os.fspath(root)
+        self.sys = os.path.join(self.root, "sys")
+        self.writer: SysfsWriter = writer if writer is not None else writer_for(self.root)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._devices: dict[str, PciDevice] = {}
+        self._all: list[PciDevice] | None = None
+        self._groups: dict[int, IommuGroup] = {}
+        self._all_groups: list[IommuGroup] | None = None
+        self._driver_modules: dict[str, str] = {}
+        if not hasattr(self, "_ids_loaded"):
+            self._ids_loaded = False
+            self._ids: PciIds | None = None
+            self._aliases: VfioAliases | None = None
+
+    def path(self, relative: str) -> str:
+        """``relative`` (``"sys/bus/pci"`` or ``"/dev/vfio/3"``) under the root."""
+        return os.path.join(self.root, relative.lstrip("/"))
+
+    # ---- support files ----
+
+    @property
+    def ids(self) -> PciIds | None:
+        if not self._ids_loaded:
+            self._ids = PciIds.find(self.root)
+            self._ids_loaded = True
+        return self._ids
+
+    @property
+    def release(self) -> str | None:
+        return read_str(self.path("proc/sys/kernel/osrelease"))
+
+    @property
+    def aliases(self) -> VfioAliases:
+        if self._aliases is None:
+            self._aliases = VfioAliases.for_root(self.root, self.release)
+        return self._aliases
+
+    # ---- devices ----
+
+    def device(self, address: str) -> PciDevice:
+        """One device by PCI address (any form :func:`normalize_bdf` takes);
+        raises :class:`DeviceNotFound`."""
+        bdf = normalize_bdf(address)
+        dev = self._devices.get(bdf)
+        if dev is None:
+            dev = load_device(self.sys, bdf)
+            if dev is None:
+                raise DeviceNotFound(f"no PCI device {bdf} (no {self.path('sys/bus/pci/devices')}/{bdf})")
+            self._devices[bdf] = dev
+        return dev
+
+    def devices(self) -> list[PciDevice]:
+        """Every PCI device, sorted by address."""
+        if self._all is None:
+            found = []
+            for name in sorted(list_dir(self.path("sys/bus/pci/devices"))):
+                dev = self._devices.get(name) or load_device(self.sys, name)
+                if dev is not None:
+                    self._devices[name] = dev
+                    found.append(dev)
+            self._all = found
+        return self._all
+
+    # ---- IOMMU ----
+
+    def iommu_present(self) -> bool:
+        """Whether the kernel runs with an IOMMU: an IOMMU unit is registered
+        (``/sys/class/iommu``) or a real (not no-IOMMU) group exists."""
+        if list_dir(self.path("sys/class/iommu")):
+            return True
+        return any(not g.noiommu for g in self.groups())
+
+    def noiommu_enabled(self) -> bool:
+        """vfio's ``enable_unsafe_noiommu_mode`` parameter (``Y``/``N``)."""
+        value = read_str(self.path("sys/module/vfio/parameters/enable_unsafe_noiommu_mode"))
+        return value in ("Y", "y", "1")
+
+    def _load_group(self, number: int) -> IommuGroup | None:
+        base = self.path(f"sys/kernel/iommu_groups/{number}")
+        if not os.path.isdir(base):
+            return None
+        members = sorted(list_dir(base + "/devices"))
+        noiommu = read_str(base + "/name") == "vfio-noiommu" or os.path.exists(
+            self.path(f"dev/vfio/noiommu-{number}")
+        )
+        return IommuGroup(
+            number=number,
+            devices=members,
+            type=read_str(base + "/type"),
+            reserved_regions=_parse_reserved(read_str(base + "/reserved_regions")),
+            noiommu=noiommu,
+        )
+
+    def group(self, number: int) -> IommuGroup:
+        """One IOMMU group; raises :class:`DeviceNotFound` if it does not exist."""
+        grp = self._groups.get(number)
+        if grp is None:
+            grp = self._load_group(number)
+            if grp is None:
+                raise DeviceNotFound(f"no IOMMU group {number}")
+            self._groups[number] = grp
+        return grp
+
+    def groups(self) -> list[IommuGroup]:
+        """Every IOMMU group, by number."""
+        if self._all_groups is None:
+            numbers = sorted(int(n) for n in list_dir(self.path("sys/kernel/iommu_groups")) if n.isdigit())
+            self._all_groups = [self.group(n) for n in numbers]
+        return self._all_groups
+
+    def group_node(self, number: int) -> str | None:
+        """The group's character device as a process sees it (``/dev/vfio/N``
+        or ``/dev/vfio/noiommu-N``) if it exists.  vfio creates it when the
+        first member binds to a vfio driver."""
+        for name in (str(number), f"noiommu-{number}"):
+            node = f"/dev/vfio/{name}"
+            if os.path.exists(self.path(node)):
+                return node
+        return None
+
+    # ---- drivers ----
+
+    def driver_loaded(self, driver: str) -> bool:
+        return os.path.isdir(self.path(f"sys/bus/pci/drivers/{driver}"))
+
+    def driver_module(self, driver: str) -> str:
+        """The module behind a driver (``drivers/<name>/module`` link), else
+        the driver name spelled as a module name."""
+        module = self._driver_modules.get(driver)
+        if module is None:
+            module = read_link_name(self.path(f"sys/bus/pci/drivers/{driver}/module"))
+            if module is None:
+                module = driver.replace("-", "_")
+            self._driver_modules[driver] = module
+        return module
+
+    def module_driver(self, module: str) -> str:
+        """The PCI driver name a module registers: found through the loaded
+        drivers' module links, else the module name (``vfio_pci`` registers
+        ``vfio-pci``, most variants keep their module name)."""
+        for driver in list_dir(self.path("sys/bus/pci/drivers")):
+            if self.driver_module(driver) == module:
+                return driver
+        return VFIO_PCI if module == VFIO_PCI_MODULE else module
+
+    def driver_kind(self, dev: PciDevice) -> str:
+        """``vfio``, ``vfio-variant``, ``stub``, ``host``, ``bridge`` or ``none``
+        from the bound driver and ``modules.alias`` (the /dev/vfio cross-check
+        is the diagnosis's job: it needs the whole group)."""
+        driver = dev.driver
+        if driver is None:
+            return KIND_NONE
+        if driver == VFIO_PCI:
+            return KIND_VFIO
+        if driver == PCI_STUB:
+            return KIND_STUB
+        if driver in BRIDGE_DRIVERS and dev.is_bridge:
+            return KIND_BRIDGE
+        module = self.driver_module(driver)
+        if module == VFIO_PCI_MODULE:
+            return KIND_VFIO
+        if self.aliases.is_vfio_module(module):
+            return KIND_VARIANT
+        return KIND_HOST
+
+    def best_driver(self, dev: PciDevice) -> str:
+        """The vfio variant whose ``vfio_pci:`` alias matches the device with
+        the fewest wildcards, else ``vfio-pci``."""
+        found = self.aliases.best_module(dev.modalias)
+        if found is None:
+            return VFIO_PCI
+        return self.module_driver(found[0])
+
+    # ---- diagnosis ----
+
+    def diagnose(self, address: str) -> Diagnosis:
+        """The :class:`~pyvfio.host.diagnosis.Diagnosis` of one device."""
+        from pyvfio.host.diagnosis import diagnose
+
+        return diagnose(self, address)
+
+    def diagnose_many(self, addresses: list[str]) -> list[Diagnosis]:
+        from pyvfio.host.diagnosis import diagnose_many
+
+        return diagnose_many(self, addresses)
+
+    # ---- processes ----
+
+    def holders(self, paths: set[str]) -> dict[str, list[dict[str, Any]]]:
+        """Which processes hold each of ``paths`` (as the processes see them,
+        e.g. ``/dev/vfio/12``) open: ``{path: [{"pid", "comm"}, ...]}``.
+
+        Scans ``proc/*/fd`` once; processes we may not inspect are skipped
+        (only root sees every process's fds)."""
+        found: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
+        if not paths:
+            return found
+        proc = self.path("proc")
+        for pid in list_dir(proc):
+            if not pid.isdigit():
+                continue
+            fd_dir = f"{proc}/{pid}/fd"
+            seen: set[str] = set()
+            for fd in list_dir(fd_dir):
+                try:
+                    target = os.readlink(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                if target in found and target not in seen:
+                    seen.add(target)
+                    comm = read_str(f"{proc}/{pid}/comm") or "?"
+                    found[target].append({"pid": int(pid), "comm": comm})
+        return found
