@@ -167,6 +167,8 @@ class RegionInfo:
     ``mmap_areas`` lists where mmap is allowed: the whole region when the
     region is mmap-able and has no sparse capability, nothing when it is not.
     ``type`` is ``(type, subtype)`` from ``VFIO_REGION_INFO_CAP_TYPE``.
+    ``caps`` lists the IDs of every capability the region reported
+    (``VFIO_REGION_INFO_CAP_*``: 1 sparse mmap, 2 type, 3 MSI-X mappable).
     """
 
     index: int
@@ -175,6 +177,7 @@ class RegionInfo:
     offset: int = 0
     mmap_areas: tuple[SparseArea, ...] = ()
     type: tuple[int, int] | None = None
+    caps: tuple[int, ...] = ()
 
     @property
     def readable(self) -> bool:
@@ -197,6 +200,7 @@ class RegionInfo:
             "flag_names": _flag_names(self.flags),
             "mmap_areas": [{"offset": a.offset, "size": a.size} for a in self.mmap_areas],
             "type": list(self.type) if self.type else None,
+            "caps": list(self.caps),
         }
 
 
