@@ -1,0 +1,439 @@
+"""Boot a real Linux kernel under QEMU and run a command in it.
+
+The guest is a q35 machine with an Intel vIOMMU (interrupt remapping on,
+``intel_iommu=on``), so it has real IOMMU groups, vfio-pci and ``/dev/vfio``.
+It sees the host's ``/`` read-only over virtio 9p and ``chroot``s into it, so
+the command runs this machine's Python on this checkout, unchanged.  Writable
+in the guest: tmpfs on ``/tmp``, ``/run``, ``/var/tmp`` and ``/dev/shm``, and
+the run share: a host directory mounted at ``/run/pyvfio`` whose ``out/``
+subdirectory the command finds in ``$PYVFIO_GUEST_OUT`` and the host finds in
+:attr:`GuestResult.out_dir` afterwards.
+
+Example::
+
+    from pyvfio.testing import guest, topology
+
+    g = guest.Guest(guest.debian_kernel(), devices=topology.standard())
+    result = g.run(["python3", "-c", "import os; print(os.listdir('/dev/vfio'))"])
+    print(result.returncode, result.output)
+
+The accelerator is KVM when a tiny timed boot under KVM works on this machine
+(the verdict is cached), TCG otherwise; ``PYVFIO_GUEST_ACCEL=kvm|tcg`` forces one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pyvfio.errors import PyvfioError, UsageError
+from pyvfio.testing import debian
+from pyvfio.testing.initramfs import (
+    EXIT_MARKER,
+    GUEST_RUN_DIR,
+    HOSTROOT_TAG,
+    RUN_TAG,
+    START_MARKER,
+    build_initramfs,
+    cache_dir,
+)
+
+QEMU = "qemu-system-x86_64"
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+# PCI slots on the root bus the harness itself uses (the 9p shares); topologies
+# must leave them free.
+HARNESS_SLOTS = (0x1D, 0x1E)
+
+# Host paths the guest hides under its own mounts: a command cannot run there.
+_GUEST_MOUNTS = ("/tmp", "/run", "/var/tmp", "/proc", "/sys", "/dev")
+
+# The guest's environment: nothing leaks in from the host except what run(env=) adds.
+_BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+    "PYTHONDONTWRITEBYTECODE": "1",  # the checkout is read-only in the guest
+    "PYTHONUNBUFFERED": "1",
+    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/.hypothesis",
+    "PYVFIO_GUEST": "1",
+    "PYVFIO_GUEST_OUT": f"{GUEST_RUN_DIR}/out",
+}
+
+
+class GuestError(PyvfioError):
+    """Raised when the guest did not run the command to completion: QEMU failed
+    to start, the kernel or init failed, or the guest died before reporting an
+    exit status.  ``console`` holds what the serial console showed."""
+
+    def __init__(self, message: str, console: str = "", run_dir: Path | None = None) -> None:
+        tail = "\n".join(console.rstrip().splitlines()[-30:])
+        super().__init__(message + (f"\n--- last console lines ---\n{tail}" if tail else ""))
+        self.console = console
+        self.run_dir = run_dir
+
+
+class GuestTimeout(GuestError):
+    """Raised when the guest was still running at the deadline (it was killed)."""
+
+
+# --- kernels -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel image the guest can boot.
+
+    ``modules_dir`` is ``/lib/modules/<release>`` for a modular kernel (the
+    initramfs carries the modules it needs) and ``None`` for an all-built-in one.
+    """
+
+    name: str
+    image: Path
+    modules_dir: Path | None = None
+
+
+def _version_key(text: str) -> list[int | str]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+def debian_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules"),
+                  series: str = "6.1.0-") -> Kernel:
+    """Debian's own kernel (``linux-image-amd64``, 6.1 on bookworm): the newest
+    ``vmlinuz-<series>*`` in ``boot`` with its module tree."""
+    images = sorted(boot.glob(f"vmlinuz-{series}*"), key=lambda p: _version_key(p.name))
+    if not images and boot == Path("/boot"):
+        debian.ensure_packages(["linux-image-amd64"])
+        images = sorted(boot.glob(f"vmlinuz-{series}*"), key=lambda p: _version_key(p.name))
+    if not images:
+        raise GuestError(f"no {boot}/vmlinuz-{series}*: install linux-image-amd64")
+    image = images[-1]
+    release = image.name[len("vmlinuz-"):]
+    modules_dir = modules / release
+    if not (modules_dir / "modules.dep").is_file():
+        raise GuestError(f"{image} has no module tree at {modules_dir}")
+    return Kernel("debian", image, modules_dir)
+
+
+def kernel_by_name(name: str) -> Kernel:
+    """``debian``, ``pyvfio-6.12`` (built on first use, see :mod:`pyvfio.testing.kernel`),
+    or the path of a bzImage (modules from /lib/modules/<release> when its name is
+    ``vmlinuz-<release>`` and that tree exists)."""
+    if name == "debian":
+        return debian_kernel()
+    if name == "pyvfio-6.12":
+        # Imported here: building a kernel is rare and its module is large.
+        kernel_build = importlib.import_module("pyvfio.testing.kernel")
+        built: Kernel = kernel_build.pyvfio_kernel()
+        return built
+    path = Path(name)
+    if path.is_file():
+        release = path.name[len("vmlinuz-"):] if path.name.startswith("vmlinuz-") else ""
+        modules_dir = Path("/lib/modules") / release if release else None
+        if modules_dir is not None and not (modules_dir / "modules.dep").is_file():
+            modules_dir = None
+        return Kernel(path.name, path.resolve(), modules_dir)
+    raise UsageError(f"unknown kernel {name!r}: use debian, pyvfio-6.12 or a bzImage path")
+
+
+# --- the accelerator -----------------------------------------------------------------------
+
+_accel_verdict: str | None = None
+
+
+def _qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def kvm_probe_key(qemu: str = QEMU) -> str:
+    """What the KVM verdict depends on: the host kernel and the QEMU build."""
+    return f"{os.uname().release} | {_qemu_version(qemu)}"
+
+
+def choose_accel(qemu: str = QEMU, *, cache: Path | None = None,
+                 probe_timeout: float = 30.0) -> str:
+    """``kvm`` or ``tcg`` for this machine.
+
+    ``/dev/kvm`` existing is not enough: under nested virtualisation a KVM
+    guest was seen hanging at boot.  So a tiny guest is booted once under KVM
+    with a deadline; the verdict is cached in ``~/.cache/pyvfio/accel.json``
+    keyed by host kernel and QEMU version.
+    """
+    global _accel_verdict
+    forced = os.environ.get("PYVFIO_GUEST_ACCEL", "auto")
+    if forced in ("kvm", "tcg"):
+        return forced
+    if forced != "auto":
+        raise UsageError(f"PYVFIO_GUEST_ACCEL={forced!r}: use kvm, tcg or auto")
+    if _accel_verdict is not None:
+        return _accel_verdict
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        _accel_verdict = "tcg"
+        return "tcg"
+    cache_file = (cache or cache_dir()) / "accel.json"
+    key = kvm_probe_key(qemu)
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key and cached.get("accel") in ("kvm", "tcg"):
+            _accel_verdict = str(cached["accel"])
+            return _accel_verdict
+    except (OSError, ValueError):
+        pass
+    verdict, detail = probe_kvm(qemu, timeout=probe_timeout)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".accel.{os.getpid()}.json")
+    tmp.write_text(json.dumps({"key": key, "accel": verdict, "detail": detail,
+                               "probed": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    os.replace(tmp, cache_file)
+    _accel_verdict = verdict
+    return verdict
+
+
+def probe_kvm(qemu: str = QEMU, *, timeout: float = 30.0) -> tuple[str, str]:
+    """Boot Debian's kernel under KVM running ``true``; ``("kvm", why)`` if it
+    reported success before ``timeout``, else ``("tcg", why)``."""
+    try:
+        probe = Guest(debian_kernel(), accel="kvm", iommu=False, qemu=qemu)
+        started = time.monotonic()
+        result = probe.run(["true"], timeout=timeout, cwd=Path("/"))
+        result.cleanup()
+    except GuestError as exc:
+        return "tcg", f"KVM boot failed: {str(exc).splitlines()[0]}"
+    if result.returncode != 0:
+        return "tcg", f"KVM probe command exited {result.returncode}"
+    return "kvm", f"KVM guest ran a command in {time.monotonic() - started:.1f} s"
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+@dataclass
+class GuestResult:
+    """What one guest run left behind."""
+
+    returncode: int
+    output: str  # the command's console output (between the start and exit markers)
+    console: str  # the whole serial console, boot messages included
+    run_dir: Path  # the host side of the run share (run.sh, status, out/)
+    boot_seconds: float | None = None  # guest uptime when the command started
+    wall_seconds: float = 0.0
+    accel: str = ""
+    qemu_stderr: str = ""  # QEMU's own warnings
+    qemu_argv: list[str] = field(default_factory=list)
+
+    @property
+    def out_dir(self) -> Path:
+        """Files the command wrote to ``$PYVFIO_GUEST_OUT`` in the guest."""
+        return self.run_dir / "out"
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class Guest:
+    """A QEMU guest description; :meth:`run` boots it once per command.
+
+    ``devices`` are extra QEMU arguments (see :mod:`pyvfio.testing.topology`);
+    ``iommu=False`` leaves out the Intel vIOMMU and ``intel_iommu=on`` (for
+    vfio's no-IOMMU mode add ``vfio.enable_unsafe_noiommu_mode=1`` to
+    ``cmdline_extra``).
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        devices: Sequence[str] = (),
+        *,
+        iommu: bool = True,
+        cmdline_extra: Sequence[str] = (),
+        memory_mib: int = 1024,
+        smp: int = 2,
+        accel: str | None = None,
+        qemu: str = QEMU,
+    ) -> None:
+        if memory_mib < 256:
+            raise UsageError(f"guest memory {memory_mib} MiB: at least 256 MiB is needed")
+        if smp < 1:
+            raise UsageError(f"guest smp {smp}: at least 1 CPU")
+        if accel not in (None, "kvm", "tcg"):
+            raise UsageError(f"accel {accel!r}: use kvm, tcg or None (probe)")
+        self.kernel = kernel
+        self.devices = list(devices)
+        self.iommu = iommu
+        self.cmdline_extra = list(cmdline_extra)
+        self.memory_mib = memory_mib
+        self.smp = smp
+        self.accel = accel
+        self.qemu = qemu
+
+    def cmdline(self) -> str:
+        words = ["console=ttyS0", "quiet", "loglevel=4", "panic=-1", "rdinit=/init",
+                 "8250.nr_uarts=1"]
+        if self.iommu:
+            words.append("intel_iommu=on")
+        return " ".join(words + self.cmdline_extra)
+
+    def qemu_argv(self, initramfs: Path, run_dir: Path, accel: str) -> list[str]:
+        """The full QEMU command line for one run."""
+        machine = "q35,kernel-irqchip=split" if self.iommu else "q35"
+        argv = [
+            self.qemu, "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", machine, "-accel", accel,
+            "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(self.smp), "-m", str(self.memory_mib),
+            "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-kernel", str(self.kernel.image), "-initrd", str(initramfs),
+            "-append", self.cmdline(),
+        ]
+        if self.iommu:
+            # Must come before the PCI devices it translates for.
+            argv += ["-device", "intel-iommu,intremap=on"]
+        argv += [
+            "-fsdev", f"local,id=fs-{HOSTROOT_TAG},path=/,security_model=none,readonly=on,"
+                      "multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=fs-{HOSTROOT_TAG},mount_tag={HOSTROOT_TAG},"
+                       f"bus=pcie.0,addr={HARNESS_SLOTS[0]:#x}",
+            "-fsdev", f"local,id=fs-{RUN_TAG},path={run_dir},security_model=none,"
+                      "multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=fs-{RUN_TAG},mount_tag={RUN_TAG},"
+                       f"bus=pcie.0,addr={HARNESS_SLOTS[1]:#x}",
+        ]
+        return argv + self.devices
+
+    def run_script(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
+        """The shell script the guest runs in the host root (``/run/pyvfio/run.sh``)."""
+        lines = ["# written by pyvfio.testing.guest for one run"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        lines.append(f"cd {shlex.quote(str(cwd))} || exit 125")
+        lines.append("exec " + shlex.join(argv))
+        return "\n".join(lines) + "\n"
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 300.0,
+        cwd: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        run_dir: Path | None = None,
+        echo: IO[str] | None = None,
+    ) -> GuestResult:
+        """Boot, run ``argv`` in ``cwd`` (default: the checkout) and power off.
+
+        Returns the command's exit status and output; raises :class:`GuestError`
+        (or :class:`GuestTimeout`) if the guest never reported one.  ``echo``
+        receives the console as it arrives.  The run directory is left for the
+        caller (``result.cleanup()``).
+        """
+        if not argv:
+            raise UsageError("no command to run in the guest")
+        cwd = Path(cwd) if cwd is not None else CHECKOUT
+        if not cwd.is_absolute():
+            cwd = cwd.resolve()
+        for hidden in _GUEST_MOUNTS:
+            if cwd == Path(hidden) or Path(hidden) in cwd.parents:
+                raise UsageError(f"cannot run in {cwd}: the guest mounts its own {hidden}")
+        debian.ensure_packages(HOST_PACKAGES)
+        initramfs = build_initramfs(self.kernel.modules_dir)
+        accel = self.accel or choose_accel(self.qemu)
+        if run_dir is None:
+            run_dir = Path(tempfile.mkdtemp(prefix="pyvfio-guest-"))
+        (run_dir / "out").mkdir(parents=True, exist_ok=True)
+        (run_dir / "status").unlink(missing_ok=True)
+        full_env = {**_BASE_ENV, "PYVFIO_GUEST_KERNEL": self.kernel.name, **(env or {})}
+        (run_dir / "run.sh").write_text(self.run_script(argv, cwd, full_env))
+        qemu_argv = self.qemu_argv(initramfs, run_dir, accel)
+
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(qemu_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise GuestError(f"cannot start {self.qemu}: {exc}", run_dir=run_dir) from exc
+        console_parts: list[str] = []
+        stderr_parts: list[bytes] = []
+        assert proc.stdout is not None and proc.stderr is not None
+
+        def pump_console(stream: IO[bytes]) -> None:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+                console_parts.append(line)
+                if echo is not None:
+                    echo.write(line)
+                    echo.flush()
+
+        readers = [
+            threading.Thread(target=pump_console, args=(proc.stdout,), daemon=True),
+            threading.Thread(target=lambda: stderr_parts.append(proc.stderr.read()),  # type: ignore[union-attr]
+                             daemon=True),
+        ]
+        for t in readers:
+            t.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        for t in readers:
+            t.join(timeout=5)
+        wall = time.monotonic() - started
+        console = "".join(console_parts)
+        qemu_stderr = b"".join(stderr_parts).decode("utf-8", "replace").strip()
+        if timed_out:
+            raise GuestTimeout(f"guest ({self.kernel.name}, {accel}) still running after "
+                               f"{timeout:.0f} s; killed", console, run_dir)
+        return self._result(console, qemu_stderr, proc.returncode, run_dir, wall, accel,
+                            qemu_argv)
+
+    def _result(self, console: str, qemu_stderr: str, qemu_rc: int, run_dir: Path,
+                wall: float, accel: str, qemu_argv: list[str]) -> GuestResult:
+        start = re.search(rf"^{START_MARKER} uptime=([\d.]+)", console, re.M)
+        exit_match = re.search(rf"^{EXIT_MARKER}(\S+)", console, re.M)
+        status_file = run_dir / "status"
+        status = status_file.read_text().strip() if status_file.is_file() else None
+        if status is None and exit_match:
+            status = exit_match.group(1)
+        if status is None or not status.isdigit():
+            why = f"QEMU exited {qemu_rc}" + (f": {qemu_stderr}" if qemu_stderr else "")
+            if status == "init-failed":
+                why = "the guest's init failed"
+            elif start:
+                why = "the guest died while running the command (" + why + ")"
+            else:
+                why = "the guest did not get to run the command (" + why + ")"
+            raise GuestError(f"guest ({self.kernel.name}, {accel}): {why}", console, run_dir)
+        if start:
+            body = console[start.end():].split("\n", 1)[1] if "\n" in console[start.end():] else ""
+            output = body[:body.find(EXIT_MARKER)] if EXIT_MARKER in body else body
+        else:
+            output = ""
+        return GuestResult(
+            returncode=int(status), output=output, console=console, run_dir=run_dir,
+            boot_seconds=float(start.group(1)) if start else None, wall_seconds=wall,
+            accel=accel, qemu_stderr=qemu_stderr, qemu_argv=qemu_argv,
+        )
