@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyvfio.device import (
     Device,
@@ -37,6 +37,9 @@ from pyvfio.device import (
 from pyvfio.errors import KernelError, UsageError
 from pyvfio.uapi import vfio as V
 from pyvfio.uapi.ioctl import call_with_argsz, ioctl, iter_caps
+
+if TYPE_CHECKING:
+    from pyvfio.kernel.migration import KernelMigration
 
 __all__ = ["DependentDevice", "FdOwner", "KernelDevice"]
 
@@ -311,6 +314,13 @@ class KernelDevice(Device):
                              req)
         fd = int(V.vfio_device_feature_mig_state.from_buffer_copy(reply).data_fd)
         return fd if fd >= 0 else None
+
+    def migration(self) -> KernelMigration:
+        """This device's migration v2 interface (:mod:`pyvfio.migration`); the
+        caller closes it (it owns the migration data fd while a session is open)."""
+        from pyvfio.kernel.migration import KernelMigration
+
+        return KernelMigration(self)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
