@@ -376,12 +376,12 @@ def open_from_args(args: argparse.Namespace) -> Device:
         from importlib import import_module
 
         client = import_module("pyvfio.user.client")
-        return client.connect(args.vfio_user)  # type: ignore[no-any-return]
+        return client.connect(args.vfio_user)  # type: ignore[no-any-return,unused-ignore]
     if getattr(args, "broker", None):
         from importlib import import_module
 
         broker = import_module("pyvfio.broker.client")
-        return broker.open_device(args.broker, args.bdf)  # type: ignore[no-any-return]
+        return broker.open_device(args.broker, args.bdf)  # type: ignore[no-any-return,unused-ignore]
     if not args.bdf:
         raise SystemExit("a PCI address is needed (or --vfio-user PATH)")
     from pyvfio.kernel import open_device
