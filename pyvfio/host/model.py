@@ -30,7 +30,6 @@ from pyvfio.host.modules import VFIO_PCI_MODULE, VfioAliases
 from pyvfio.host.sysfs import (
     SysfsWriter,
     list_dir,
-    read_bytes,
     read_link_name,
     read_str,
     writer_for,
@@ -162,45 +161,105 @@ class IommuGroup:
     noiommu: bool = False
 
 
-def load_device(sys_dir: str, address: str) -> PciDevice | None:
-    """Read one device; ``None`` if ``sys/bus/pci/devices/<address>`` is absent."""
-    base = f"{sys_dir}/bus/pci/devices/{address}/"
-    uevent = read_bytes(base + "uevent")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_CLOEXEC
+
+
+def _read_at(dir_fd: int, name: str) -> str | None:
+    """An attribute of the directory ``dir_fd`` as text, ``None`` if absent.
+    Opening relative to the device's directory fd saves the kernel walking
+    the long (symlinked) sysfs path again for every attribute."""
+    try:
+        fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace").rstrip("\n")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _link_name_at(dir_fd: int, name: str) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=dir_fd).rstrip("/").rpartition("/")[2]
+    except OSError:
+        return None
+
+
+def load_device(
+    sys_dir: str, address: str, cdevs_by_device: dict[str, str] | None = None
+) -> PciDevice | None:
+    """Read one device; ``None`` if ``sys/bus/pci/devices/<address>`` is absent.
+
+    ``cdevs_by_device``: the vfio cdevs of all devices, from one listing of
+    ``sys/class/vfio-dev`` (saves a directory lookup per device when reading
+    them all); without it the device's ``vfio-dev`` directory is listed."""
+    try:
+        dfd = os.open(f"{sys_dir}/bus/pci/devices/{address}", _O_DIR)
+    except OSError:
+        return None
+    try:
+        return _load_device_at(dfd, address, cdevs_by_device)
+    finally:
+        os.close(dfd)
+
+
+def _load_device_at(
+    dfd: int, address: str, cdevs_by_device: dict[str, str] | None
+) -> PciDevice | None:
+    uevent = _read_at(dfd, "uevent")
     if uevent is None:
         return None
-    info: dict[bytes, bytes] = {}
-    for line in uevent.split(b"\n"):
-        key, _, value = line.partition(b"=")
+    info: dict[str, str] = {}
+    for line in uevent.split("\n"):
+        key, _, value = line.partition("=")
         info[key] = value
-    pci_id = info.get(b"PCI_ID")
+    pci_id = info.get("PCI_ID")
     if pci_id is not None:
-        vendor, _, device = pci_id.partition(b":")
+        vendor, _, device = pci_id.partition(":")
         vendor_id, device_id = int(vendor, 16), int(device, 16)
     else:  # not a kernel uevent: fall back to the single files
-        vendor_id = _hex_or_none(read_str(base + "vendor")) or 0
-        device_id = _hex_or_none(read_str(base + "device")) or 0
-    subsys = info.get(b"PCI_SUBSYS_ID")
+        vendor_id = _hex_or_none(_read_at(dfd, "vendor")) or 0
+        device_id = _hex_or_none(_read_at(dfd, "device")) or 0
+    subsys = info.get("PCI_SUBSYS_ID")
     if subsys is not None:
-        sv, _, sd = subsys.partition(b":")
+        sv, _, sd = subsys.partition(":")
         sub_vendor: int | None = int(sv, 16)
         sub_device: int | None = int(sd, 16)
     else:
-        sub_vendor = _hex_or_none(read_str(base + "subsystem_vendor"))
-        sub_device = _hex_or_none(read_str(base + "subsystem_device"))
-    cls = info.get(b"PCI_CLASS")
-    class_code = int(cls, 16) if cls is not None else (_hex_or_none(read_str(base + "class")) or 0)
-    drv = info.get(b"DRIVER")
-    driver = drv.decode() if drv is not None else read_link_name(base + "driver")
-    modalias_b = info.get(b"MODALIAS")
-    modalias = modalias_b.decode() if modalias_b is not None else read_str(base + "modalias")
-    override = read_str(base + "driver_override")
+        sub_vendor = _hex_or_none(_read_at(dfd, "subsystem_vendor"))
+        sub_device = _hex_or_none(_read_at(dfd, "subsystem_device"))
+    cls = info.get("PCI_CLASS")
+    class_code = int(cls, 16) if cls is not None else (_hex_or_none(_read_at(dfd, "class")) or 0)
+    driver = info.get("DRIVER")
+    if driver is None:
+        driver = _link_name_at(dfd, "driver")
+    modalias = info.get("MODALIAS")
+    if modalias is None:
+        modalias = _read_at(dfd, "modalias")
+    override = _read_at(dfd, "driver_override")
     if override == "(null)" or override == "":
         override = None
-    numa = read_str(base + "numa_node")
+    numa = _read_at(dfd, "numa_node")
     numa_node = int(numa) if numa and numa.lstrip("-").isdigit() and numa != "-1" else None
-    group_name = read_link_name(base + "iommu_group")
-    reset = read_str(base + "reset_method")
-    cdevs = list_dir(base + "vfio-dev")
+    group_name = _link_name_at(dfd, "iommu_group")
+    reset = _read_at(dfd, "reset_method")
+    if cdevs_by_device is not None:
+        cdev = cdevs_by_device.get(address)
+    else:
+        cdevs: list[str] = []
+        try:
+            cdev_fd = os.open("vfio-dev", _O_DIR, dir_fd=dfd)
+        except OSError:
+            pass
+        else:
+            try:
+                cdevs = os.listdir(cdev_fd)
+            finally:
+                os.close(cdev_fd)
+        cdev = cdevs[0] if cdevs else None
     return PciDevice(
         address=address,
         vendor_id=vendor_id,
@@ -208,13 +267,13 @@ def load_device(sys_dir: str, address: str) -> PciDevice | None:
         subsystem_vendor_id=sub_vendor,
         subsystem_device_id=sub_device,
         class_code=class_code,
-        revision=_hex_or_none(read_str(base + "revision")),
+        revision=_hex_or_none(_read_at(dfd, "revision")),
         driver=driver,
         driver_override=override,
         modalias=modalias,
         numa_node=numa_node,
         iommu_group=int(group_name) if group_name and group_name.isdigit() else None,
-        vfio_cdev=cdevs[0] if cdevs else None,
+        vfio_cdev=cdev,
         reset_methods=reset.split() if reset is not None else None,
     )
 
@@ -240,7 +299,8 @@ class Host:
 
     def __init__(self, root: str = "/", *, writer: SysfsWriter | None = None) -> None:
         self.root = os.fspath(root)
-        self.sys = os.path.join(self.root, "sys")
+        self._prefix = self.root.rstrip("/") + "/"
+        self.sys = self._prefix + "sys"
         self.writer: SysfsWriter = writer if writer is not None else writer_for(self.root)
         self.refresh()
 
@@ -250,6 +310,7 @@ class Host:
         self._groups: dict[int, IommuGroup] = {}
         self._all_groups: list[IommuGroup] | None = None
         self._driver_modules: dict[str, str] = {}
+        self._vfio_nodes: set[str] | None = None
         if not hasattr(self, "_ids_loaded"):
             self._ids_loaded = False
             self._ids: PciIds | None = None
@@ -257,7 +318,7 @@ class Host:
 
     def path(self, relative: str) -> str:
         """``relative`` (``"sys/bus/pci"`` or ``"/dev/vfio/3"``) under the root."""
-        return os.path.join(self.root, relative.lstrip("/"))
+        return self._prefix + relative.lstrip("/")
 
     # ---- support files ----
 
@@ -283,6 +344,9 @@ class Host:
     def device(self, address: str) -> PciDevice:
         """One device by PCI address (any form :func:`normalize_bdf` takes);
         raises :class:`DeviceNotFound`."""
+        dev = self._devices.get(address)
+        if dev is not None:
+            return dev
         bdf = normalize_bdf(address)
         dev = self._devices.get(bdf)
         if dev is None:
@@ -296,13 +360,29 @@ class Host:
         """Every PCI device, sorted by address."""
         if self._all is None:
             found = []
+            cdevs = self._cdevs_by_device()
             for name in sorted(list_dir(self.path("sys/bus/pci/devices"))):
-                dev = self._devices.get(name) or load_device(self.sys, name)
+                dev = self._devices.get(name) or load_device(self.sys, name, cdevs)
                 if dev is not None:
                     self._devices[name] = dev
                     found.append(dev)
             self._all = found
         return self._all
+
+    def _cdevs_by_device(self) -> dict[str, str]:
+        """``{address: "vfioX"}`` from ``sys/class/vfio-dev/vfioX`` links
+        (``.../<address>/vfio-dev/vfioX``)."""
+        found: dict[str, str] = {}
+        class_dir = self.path("sys/class/vfio-dev")
+        for name in list_dir(class_dir):
+            try:
+                target = os.readlink(f"{class_dir}/{name}")
+            except OSError:
+                continue
+            parts = target.rstrip("/").split("/")
+            if len(parts) >= 3 and parts[-2] == "vfio-dev":
+                found[parts[-3]] = name
+        return found
 
     # ---- IOMMU ----
 
@@ -318,20 +398,25 @@ class Host:
         value = read_str(self.path("sys/module/vfio/parameters/enable_unsafe_noiommu_mode"))
         return value in ("Y", "y", "1")
 
-    def _load_group(self, number: int) -> IommuGroup | None:
+    def _load_group(self, number: int, members: list[str] | None = None) -> IommuGroup | None:
         base = self.path(f"sys/kernel/iommu_groups/{number}")
-        if not os.path.isdir(base):
-            return None
-        members = sorted(list_dir(base + "/devices"))
-        noiommu = read_str(base + "/name") == "vfio-noiommu" or os.path.exists(
-            self.path(f"dev/vfio/noiommu-{number}")
-        )
+        if members is None:
+            try:
+                members = sorted(os.listdir(base + "/devices"))
+            except FileNotFoundError:
+                if not os.path.isdir(base):
+                    return None
+                members = []
+            except OSError:
+                members = []
         return IommuGroup(
             number=number,
             devices=members,
             type=read_str(base + "/type"),
             reserved_regions=_parse_reserved(read_str(base + "/reserved_regions")),
-            noiommu=noiommu,
+            # vfio's no-IOMMU groups exist only while a device is bound, and
+            # their node is named noiommu-N.
+            noiommu=f"noiommu-{number}" in self._nodes(),
         )
 
     def group(self, number: int) -> IommuGroup:
@@ -348,17 +433,40 @@ class Host:
         """Every IOMMU group, by number."""
         if self._all_groups is None:
             numbers = sorted(int(n) for n in list_dir(self.path("sys/kernel/iommu_groups")) if n.isdigit())
-            self._all_groups = [self.group(n) for n in numbers]
+            members: dict[int, list[str]] | None = None
+            if self._all is not None:
+                # Every device's iommu_group link is already read: the same
+                # membership as the groups' devices/ directories, without
+                # listing thousands of them.
+                members = {n: [] for n in numbers}
+                for dev in self._all:
+                    if dev.iommu_group is not None:
+                        members.setdefault(dev.iommu_group, []).append(dev.address)
+            groups = []
+            for n in numbers:
+                grp = self._groups.get(n)
+                if grp is None:
+                    grp = self._load_group(n, members[n] if members is not None else None)
+                    if grp is None:
+                        continue
+                    self._groups[n] = grp
+                groups.append(grp)
+            self._all_groups = groups
         return self._all_groups
+
+    def _nodes(self) -> set[str]:
+        if self._vfio_nodes is None:
+            self._vfio_nodes = set(list_dir(self.path("dev/vfio")))
+        return self._vfio_nodes
 
     def group_node(self, number: int) -> str | None:
         """The group's character device as a process sees it (``/dev/vfio/N``
         or ``/dev/vfio/noiommu-N``) if it exists.  vfio creates it when the
         first member binds to a vfio driver."""
+        nodes = self._nodes()
         for name in (str(number), f"noiommu-{number}"):
-            node = f"/dev/vfio/{name}"
-            if os.path.exists(self.path(node)):
-                return node
+            if name in nodes:
+                return f"/dev/vfio/{name}"
         return None
 
     # ---- drivers ----

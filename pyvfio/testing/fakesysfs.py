@@ -387,6 +387,9 @@ class FakeSysfs:
                 os.makedirs(self.p(f"{dev.sysfs_dir}/vfio-dev/{name}"), exist_ok=True)
                 os.makedirs(self.p("dev/vfio/devices"), exist_ok=True)
                 _write(self.p(f"dev/vfio/devices/{name}"), "")
+                os.makedirs(self.p("sys/class/vfio-dev"), exist_ok=True)
+                _symlink(f"../../{dev.sysfs_dir[len('sys/'):]}/vfio-dev/{name}",
+                         self.p(f"sys/class/vfio-dev/{name}"))
                 dev.vfio_cdev = name
 
     def _detach(self, dev: FakeDevice) -> None:
@@ -401,6 +404,7 @@ class FakeSysfs:
                 os.rmdir(self.p(f"{dev.sysfs_dir}/vfio-dev/{dev.vfio_cdev}"))
                 os.rmdir(self.p(f"{dev.sysfs_dir}/vfio-dev"))
                 os.unlink(self.p(f"dev/vfio/devices/{dev.vfio_cdev}"))
+                os.unlink(self.p(f"sys/class/vfio-dev/{dev.vfio_cdev}"))
                 dev.vfio_cdev = None
             if dev.group is not None and not any(
                 d.group == dev.group and d.driver and self.drivers[d.driver].vfio

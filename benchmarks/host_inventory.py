@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Host inventory speed: ``pyvfio ls --json`` and ``pyvfio groups --json``
+against ``lspci -A linux-sysfs -O sysfs.path=DIR/sys/bus/pci -vmmnnk`` on the
+same generated sysfs tree (pyvfio.testing.fakesysfs: devices with uevent,
+config, resource, driver and iommu_group links, the system's pci.ids linked in).
+
+Each command runs as its own process (interpreter start-up included for
+pyvfio, as an operator would see it); the figure is the median of several
+runs.  Before timing, the script checks that lspci really read the tree: it
+must print one ``Slot:`` record per generated device.
+
+    python3 benchmarks/host_inventory.py [--sizes 1000,2500,5000,10000] [--runs 5]
+
+Output: per size, the median wall time of each command, the ratio
+pyvfio/lspci (below 1.0 means pyvfio is faster) and microseconds per device
+(flat across sizes means the cost grows linearly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pyvfio.pci.ids import PciIds  # noqa: E402
+from pyvfio.testing.fakesysfs import FakeSysfs  # noqa: E402
+
+
+def build_tree(directory: str, count: int) -> None:
+    ids = PciIds.find("/")
+    fake = FakeSysfs(directory, pci_ids=ids.path if ids else None, noiommu=False)
+    fake.add_standard_drivers()
+    fake.populate(count)
+
+
+def timed(cmd: list[str], runs: int) -> tuple[float, bytes]:
+    times = []
+    out = b""
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False, timeout=300)
+        times.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}")
+        out = proc.stdout
+    return statistics.median(times), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1000,2500,5000,10000")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--keep", metavar="DIR", help="build the trees under DIR and keep them")
+    args = ap.parse_args()
+    if shutil.which("lspci") is None:
+        raise SystemExit("lspci (pciutils) is not installed")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    base = args.keep or tempfile.mkdtemp(prefix="pyvfio-bench-")
+    pyvfio = [sys.executable, "-m", "pyvfio"]
+    rows = []
+    try:
+        for n in sizes:
+            root = os.path.join(base, f"tree-{n}")
+            if not os.path.isdir(os.path.join(root, "sys")):
+                t0 = time.perf_counter()
+                build_tree(root, n)
+                print(f"built {n} devices in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            lspci_cmd = ["lspci", "-A", "linux-sysfs", "-O", f"sysfs.path={root}/sys/bus/pci", "-vmmnnk"]
+            t_lspci, out = timed(lspci_cmd, args.runs)
+            slots = out.count(b"\nSlot:") + out.startswith(b"Slot:")
+            if slots != n:
+                raise SystemExit(f"lspci read {slots} devices from {root}, expected {n}")
+            t_ls, out = timed([*pyvfio, "--root", root, "ls", "--json"], args.runs)
+            if out.count(b'"device": ') != n:
+                raise SystemExit("pyvfio ls --json did not list every device")
+            t_groups, _ = timed([*pyvfio, "--root", root, "groups", "--json"], args.runs)
+            rows.append((n, t_lspci, t_ls, t_groups))
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"{'devices':>8} {'lspci s':>8} {'ls s':>8} {'groups s':>9} {'ls/lspci':>9} "
+          f"{'groups/lspci':>13} {'lspci us/dev':>13} {'ls us/dev':>10} {'groups us/dev':>14}")
+    for n, t_lspci, t_ls, t_groups in rows:
+        print(f"{n:>8} {t_lspci:>8.3f} {t_ls:>8.3f} {t_groups:>9.3f} {t_ls / t_lspci:>9.2f} "
+              f"{t_groups / t_lspci:>13.2f} {t_lspci / n * 1e6:>13.1f} {t_ls / n * 1e6:>10.1f} "
+              f"{t_groups / n * 1e6:>14.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
