@@ -1,0 +1,642 @@
+"""The vfio-user client against a hostile (or broken) server.
+
+A tiny scripted server runs in a thread: it answers VERSION as told, then
+hands each message it receives to the test's ``handler``, which returns the
+raw bytes (and fds) to send back.  That lets a test send what no correct
+server would: wrong ids, wrong sizes, absurd counts, capability loops, fds
+where none belong, a close in the middle of a message.  Each test checks the
+client raises the documented error, that the connection is then dropped, and
+that no fd leaked.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvfio.device import IrqAction, IrqIndex, SharedMemory
+from pyvfio.errors import ConnectionClosed, PeerError, ProtocolError
+from pyvfio.user import protocol as P
+from pyvfio.user.client import connect
+from pyvfio.user.protocol import HEADER, Command, Message, MessageReader, send_message
+
+REPLY = 1
+ERROR = 0x20
+
+Reply = bytes | tuple[bytes, list[int]] | None
+Handler = Callable[[Message], Reply]
+
+
+def reply_to(msg: Message, payload: bytes = b"", *, flags: int = REPLY, error: int = 0,
+             msg_id: int | None = None, command: int | None = None,
+             size: int | None = None) -> bytes:
+    """A reply to ``msg``; any header field can be forced to a wrong value."""
+    return HEADER.pack(msg.msg_id if msg_id is None else msg_id,
+                       msg.command if command is None else command,
+                       16 + len(payload) if size is None else size, flags, error) + payload
+
+
+def version_reply(msg: Message, caps: dict[str, Any] | None = None, major: int = 0,
+                  minor: int = 2) -> bytes:
+    body = struct.pack("=HH", major, minor)
+    if caps is not None:
+        body += json.dumps({"capabilities": caps}).encode() + b"\0"
+    return reply_to(msg, body)
+
+
+class FakeServer:
+    """One connection, answered by ``handler`` (VERSION by ``version``)."""
+
+    def __init__(self, path: Path, handler: Handler,
+                 version: Callable[[Message], Reply] | None = None) -> None:
+        self.path = str(path)
+        self.handler = handler
+        self.version = version or (lambda m: version_reply(m, {"max_msg_fds": 8}))
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.received: list[Message] = []
+        self.conn: socket.socket | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _send(self, out: Reply) -> None:
+        assert self.conn is not None
+        if out is None:
+            return
+        data, fds = out if isinstance(out, tuple) else (out, [])
+        if data:
+            send_message(self.conn, data, fds)
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            self.conn = conn
+            reader = MessageReader(conn, max_msg_size=(2 << 20), max_fds=64)
+            first = True
+            while True:
+                msg = reader.read()
+                if msg is None:
+                    return
+                self.received.append(msg)
+                out = self.version(msg) if first else self.handler(msg)
+                first = False
+                if out == b"CLOSE":
+                    conn.close()
+                    return
+                self._send(out)
+        except OSError:
+            pass
+        except BaseException as exc:  # surfaced by close()
+            self.error = exc
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.conn is not None:
+            try:
+                self.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(timeout=5)
+        if self.conn is not None:
+            self.conn.close()
+        for m in self.received:
+            m.close_fds()
+        if self.error is not None:
+            raise self.error
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., FakeServer]]:
+    servers: list[FakeServer] = []
+    before = open_fds()
+
+    def start(handler: Handler, version: Callable[[Message], Reply] | None = None) -> FakeServer:
+        s = FakeServer(tmp_path / f"s{len(servers)}.sock", handler, version)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+    leaked = open_fds() - before
+    # listdir's own fd may appear; anything else is a leak
+    assert len(leaked) <= 1, f"fds leaked: {leaked}"
+
+
+def good_region_info(index: int, size: int = 0x1000, flags: int = 3) -> bytes:
+    return P.RegionInfoMsg(index, flags=flags, size=size).pack()
+
+
+def basic(msg: Message) -> Reply:
+    """A correct minimal device: 9 regions of 4 KiB, 5 IRQ indexes."""
+    if msg.command == Command.DEVICE_GET_INFO:
+        return reply_to(msg, P.DeviceInfoMsg(16, 3, 9, 5).pack())
+    if msg.command == Command.DEVICE_GET_REGION_INFO:
+        index = struct.unpack_from("=I", msg.payload, 8)[0]
+        return reply_to(msg, good_region_info(index))
+    if msg.command == Command.REGION_READ:
+        count = P.REGION_ACCESS.unpack_from(msg.payload)[2]
+        return reply_to(msg, msg.payload[:16] + bytes(range(count)))
+    return reply_to(msg)
+
+
+# --- negotiation -------------------------------------------------------------------------------
+
+
+def test_no_server_is_connection_closed(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionClosed, match="no such socket"):
+        connect(str(tmp_path / "nothing.sock"))
+
+
+def test_server_closing_during_version(serve: Any) -> None:
+    s = serve(basic, version=lambda m: b"CLOSE")
+    with pytest.raises(ConnectionClosed, match="during VERSION"):
+        connect(s.path)
+
+
+def test_version_wrong_major_is_protocol_error(serve: Any) -> None:
+    s = serve(basic, version=lambda m: version_reply(m, {}, major=1))
+    with pytest.raises(ProtocolError, match=r"protocol 1\.2"):
+        connect(s.path)
+
+
+def test_version_higher_minor_than_proposed_is_refused(serve: Any) -> None:
+    s = serve(basic, version=lambda m: version_reply(m, {}, minor=P.VERSION_MINOR + 1))
+    with pytest.raises(ProtocolError):
+        connect(s.path)
+
+
+def test_version_error_reply_is_peer_error(serve: Any) -> None:
+    s = serve(basic, version=lambda m: reply_to(m, flags=REPLY | ERROR, error=errno.ENOTSUP))
+    with pytest.raises(PeerError) as info:
+        connect(s.path)
+    assert info.value.errno == errno.ENOTSUP
+
+
+@pytest.mark.parametrize("body", [
+    b"\0\0\2\0{not json}\0",
+    b"\0\0\2\0" + b'{"capabilities": {"max_msg_fds": "many"}}\0',
+    b"\0\0\2\0" + b'{"capabilities": {"max_data_xfer_size": 0}}\0',
+    b"\0\0\2\0" + b'{"capabilities": []}\0',
+    b"\0\0\2\0" + b'{"capabilities": {}}',  # no NUL
+    b"\0",  # shorter than major/minor
+])
+def test_version_malformed_capabilities(serve: Any, body: bytes) -> None:
+    s = serve(basic, version=lambda m: reply_to(m, body))
+    with pytest.raises(ProtocolError):
+        connect(s.path)
+
+
+def test_version_reply_with_wrong_command(serve: Any) -> None:
+    s = serve(basic, version=lambda m: reply_to(m, b"\0\0\2\0", command=Command.DEVICE_GET_INFO))
+    with pytest.raises(ProtocolError):
+        connect(s.path)
+
+
+def test_twin_socket_enabled_without_fd_is_refused(serve: Any) -> None:
+    """Spec: supported=true without a valid fd_index is inconsistent: abort."""
+    s = serve(basic, version=lambda m: version_reply(m, {"twin_socket": {"supported": True}}))
+    with pytest.raises(ProtocolError, match="twin"):
+        connect(s.path)
+
+
+def test_twin_fd_that_is_not_a_socket_is_refused_and_closed(serve: Any) -> None:
+    r, w = os.pipe()
+
+    def version(m: Message) -> Reply:
+        return (version_reply(m, {"twin_socket": {"supported": True, "fd_index": 0}}), [r])
+
+    s = serve(basic, version=version)
+    with pytest.raises(ProtocolError, match="not a UNIX stream socket"):
+        connect(s.path)
+    os.close(r)
+    os.close(w)
+
+
+def test_silent_server_times_out(serve: Any) -> None:
+    s = serve(basic, version=lambda m: None)
+    with pytest.raises(ConnectionClosed, match=r"did not answer VERSION within 0\.3s"):
+        connect(s.path, timeout=0.3)
+
+
+def test_server_without_json_gets_defaults(serve: Any) -> None:
+    s = serve(basic, version=lambda m: reply_to(m, struct.pack("=HH", 0, 1)))
+    with connect(s.path) as dev:
+        assert dev.version == (0, 1)
+        assert dev.capabilities.max_msg_fds == 1
+        assert dev.capabilities.max_data_xfer_size == 1 << 20
+
+
+# --- replies -----------------------------------------------------------------------------------
+
+
+def _read_handler(fn: Callable[[Message], Reply]) -> Handler:
+    def handler(msg: Message) -> Reply:
+        if msg.command == Command.REGION_READ:
+            return fn(msg)
+        return basic(msg)
+    return handler
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"\1\2"), id="short-data"),
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"\1\2\3\4\5"), id="long-data"),
+    pytest.param(lambda m: reply_to(m, P.REGION_ACCESS.pack(8, 0, 4) + b"abcd"), id="other-offset"),
+    pytest.param(lambda m: reply_to(m, P.REGION_ACCESS.pack(0, 1, 4) + b"abcd"), id="other-region"),
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"abcd", msg_id=m.msg_id + 1),
+                 id="wrong-id"),
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"abcd", command=Command.REGION_WRITE),
+                 id="wrong-command"),
+    pytest.param(lambda m: reply_to(m, b""), id="empty"),
+])
+def test_malformed_read_reply_drops_the_connection(serve: Any, bad: Handler) -> None:
+    s = serve(_read_handler(bad))
+    dev = connect(s.path, timeout=2)
+    bar = dev.bar(0)
+    with pytest.raises(ProtocolError):
+        bar.read32(0)
+    assert not dev.connected
+    with pytest.raises(ConnectionClosed):
+        bar.read32(0)
+    dev.close()
+
+
+def test_huge_msg_size_is_not_allocated(serve: Any) -> None:
+    """A header claiming 4 GiB: the client refuses it without buffering it."""
+    s = serve(_read_handler(lambda m: reply_to(m, b"x" * 100, size=0xFFFF_FFF0)))
+    dev = connect(s.path, timeout=1)
+    with pytest.raises((ProtocolError, ConnectionClosed)):
+        dev.bar(0).read32(0)
+    assert not dev.connected
+    dev.close()
+
+
+def test_msg_size_below_header_is_protocol_error(serve: Any) -> None:
+    s = serve(_read_handler(lambda m: reply_to(m, b"", size=8)))
+    dev = connect(s.path, timeout=1)
+    with pytest.raises(ProtocolError):
+        dev.bar(0).read32(0)
+    dev.close()
+
+
+def test_error_reply_keeps_errno_and_the_connection(serve: Any) -> None:
+    calls = []
+
+    def read(m: Message) -> Reply:
+        calls.append(m)
+        if len(calls) == 1:
+            return reply_to(m, flags=REPLY | ERROR, error=errno.EACCES)
+        return basic(m)
+
+    s = serve(_read_handler(read))
+    with connect(s.path) as dev:
+        with pytest.raises(PeerError) as info:
+            dev.bar(0).read32(4)
+        assert info.value.errno == errno.EACCES
+        assert "VFIO_USER_REGION_READ" in str(info.value)
+        assert dev.connected
+        assert dev.bar(0).read32(4) == 0x03020100
+
+
+def test_error_reply_with_errno_zero_becomes_eio(serve: Any) -> None:
+    s = serve(_read_handler(lambda m: reply_to(m, flags=REPLY | ERROR, error=0)))
+    with connect(s.path) as dev, pytest.raises(PeerError) as info:
+        dev.bar(0).read8(0)
+    assert info.value.errno == errno.EIO
+
+
+def test_server_vanishing_mid_call(serve: Any) -> None:
+    s = serve(_read_handler(lambda m: b"CLOSE"))
+    dev = connect(s.path)
+    with pytest.raises(ConnectionClosed, match="closed the connection"):
+        dev.bar(0).read32(0)
+    with pytest.raises(ConnectionClosed):
+        dev.reset()
+    dev.close()  # close of a dead connection is quiet
+
+
+def test_server_vanishing_inside_a_message(serve: Any) -> None:
+    def half(m: Message) -> Reply:
+        assert s.conn is not None
+        s.conn.sendall(reply_to(m, m.payload[:16] + b"abcd")[:20])
+        return b"CLOSE"
+
+    s = serve(_read_handler(half))
+    dev = connect(s.path)
+    with pytest.raises(ConnectionClosed, match="inside a message"):
+        dev.bar(0).read32(0)
+    dev.close()
+
+
+def test_silent_server_times_out_per_request(serve: Any) -> None:
+    s = serve(_read_handler(lambda m: None))
+    dev = connect(s.path, timeout=0.3)
+    with pytest.raises(ConnectionClosed, match=r"no reply within 0\.3s"):
+        dev.bar(0).read32(0)
+    assert not dev.connected
+    dev.close()
+
+
+def test_unsolicited_fds_on_a_reply_are_closed(serve: Any) -> None:
+    before = open_fds()
+    r, w = os.pipe()
+    s = serve(_read_handler(lambda m: (reply_to(m, m.payload[:16] + b"abcd"), [r, w])))
+    with connect(s.path) as dev:
+        assert dev.bar(0).read32(0) == int.from_bytes(b"abcd", "little")
+    os.close(r)
+    os.close(w)
+    s.close()
+    assert len(open_fds() - before) <= 1
+
+
+# --- device info, region info, IRQ info --------------------------------------------------------
+
+
+def test_absurd_region_count_is_refused(serve: Any) -> None:
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_GET_INFO:
+            return reply_to(m, P.DeviceInfoMsg(16, 3, 0xFFFF_FFFF, 5).pack())
+        return basic(m)
+
+    s = serve(handler)
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError, match="regions"):
+        _ = dev.info
+    dev.close()
+
+
+def _region_handler(make: Callable[[Message, int], Reply]) -> Handler:
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_GET_REGION_INFO:
+            return make(m, struct.unpack_from("=I", m.payload, 8)[0])
+        return basic(m)
+    return handler
+
+
+def test_sparse_area_outside_the_region_is_refused(serve: Any) -> None:
+    s = serve(_region_handler(lambda m, i: reply_to(m, P.RegionInfoMsg(
+        i, flags=7, size=0x1000, sparse_areas=((0, 0x2000),)).pack())))
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError, match="sparse area"):
+        dev.bar(0)
+    dev.close()
+
+
+def test_capability_chain_loop_is_refused(serve: Any) -> None:
+    def make(m: Message, i: int) -> Reply:
+        # a sparse-mmap capability at 32 whose "next" points back at itself
+        info = struct.pack("=IIIIQQ", 32 + 8 + 8, 3 | 8, i, 32, 0x1000, 0)
+        cap = struct.pack("=HHI", 1, 1, 32) + struct.pack("=II", 0, 0)
+        return reply_to(m, info + cap)
+
+    s = serve(_region_handler(make))
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError, match="loops"):
+        dev.bar(0)
+    dev.close()
+
+
+def test_capability_pointing_outside_the_reply_is_refused(serve: Any) -> None:
+    def make(m: Message, i: int) -> Reply:
+        info = struct.pack("=IIIIQQ", 48, 3 | 8, i, 4000, 0x1000, 0)
+        return reply_to(m, info + bytes(16))
+
+    s = serve(_region_handler(make))
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError):
+        dev.bar(0)
+    dev.close()
+
+
+def test_region_reply_larger_than_asked_is_refused(serve: Any) -> None:
+    s = serve(_region_handler(lambda m, i: reply_to(
+        m, struct.pack("=IIIIQQ", 32, 3, i, 0, 0x1000, 0) + bytes(100_000))))
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError):
+        dev.bar(0)
+    dev.close()
+
+
+def test_region_info_grows_argsz_once(serve: Any) -> None:
+    """A reply whose caps do not fit says the argsz it needs; the client asks again."""
+    areas = tuple((i * 0x1000, 0x1000) for i in range(64))  # 64 areas: > the first argsz
+    memfd = os.memfd_create("bar")
+    os.ftruncate(memfd, 0x40000)
+    asked: list[int] = []
+
+    def make(m: Message, i: int) -> Reply:
+        argsz = struct.unpack_from("=I", m.payload)[0]
+        asked.append(argsz)
+        msg = P.RegionInfoMsg(i, flags=7, size=0x40000, sparse_areas=areas)
+        return (reply_to(m, msg.pack(max_size=argsz)), [memfd])
+
+    s = serve(_region_handler(make))
+    with connect(s.path) as dev:
+        info = dev.region_info(0)
+        assert len(info.mmap_areas) == 64
+        assert asked[1] == P.RegionInfoMsg(0, sparse_areas=areas).full_size()
+        with dev.bar(0).mmap(0x3000) as m:
+            m.write32(0, 0xCAFE)
+        assert os.pread(memfd, 4, 0x3000) == (0xCAFE).to_bytes(4, "little")
+    os.close(memfd)
+
+
+def test_fd_with_a_region_that_is_not_mappable_is_closed(serve: Any) -> None:
+    before = open_fds()
+    r, w = os.pipe()
+    s = serve(_region_handler(lambda m, i: (reply_to(m, good_region_info(i)), [r])))
+    with connect(s.path) as dev:
+        assert not dev.region_info(0).mmappable
+    os.close(r)
+    os.close(w)
+    s.close()
+    assert len(open_fds() - before) <= 1
+
+
+def test_mmap_flag_without_fd_means_messages(serve: Any) -> None:
+    s = serve(_region_handler(lambda m, i: reply_to(m, good_region_info(i, flags=7))))
+    with connect(s.path) as dev:
+        info = dev.region_info(0)
+        assert not info.mmappable
+        assert dev.bar(0).read32(0) == 0x03020100
+
+
+def test_irq_info_for_another_index_is_refused(serve: Any) -> None:
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_GET_IRQ_INFO:
+            return reply_to(m, P.IrqInfoMsg(7, flags=1, count=1).pack())
+        return basic(m)
+
+    s = serve(handler)
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError, match="IRQ_INFO"):
+        dev.irq_info(IrqIndex.MSI)
+    dev.close()
+
+
+def test_set_irqs_fds_are_split_to_the_servers_max_msg_fds(serve: Any) -> None:
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_GET_IRQ_INFO:
+            return reply_to(m, P.IrqInfoMsg(2, flags=1, count=5).pack())
+        return basic(m)
+
+    s = serve(handler, version=lambda m: version_reply(m, {"max_msg_fds": 2}))
+    with connect(s.path) as dev:
+        fds = dev.enable_irq(IrqIndex.MSIX, 5)
+        assert len(fds) == 5
+    sets = [P.IrqSet.unpack(m.payload) for m in s.received if m.command == Command.DEVICE_SET_IRQS]
+    eventfd_sets = [x for x in sets if x.flags & IrqAction.DATA_EVENTFD]
+    assert [(x.start, x.count) for x in eventfd_sets] == [(0, 2), (2, 2), (4, 1)]
+    received = [m for m in s.received if m.command == Command.DEVICE_SET_IRQS and m.fds]
+    assert [len(m.fds) for m in received] == [2, 2, 1]
+
+
+# --- server -> client commands -----------------------------------------------------------------
+
+
+def test_server_dma_outside_mappings_gets_efault(serve: Any) -> None:
+    """The server DMA_READs an unmapped address in the middle of our request:
+    the client answers EFAULT and still gets its own reply."""
+    answers: list[Message] = []
+
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_RESET:
+            assert s.conn is not None
+            s.conn.sendall(HEADER.pack(77, Command.DMA_READ, 32, 0, 0)
+                           + P.DMA_ACCESS.pack(0x5000, 8))
+            reader = MessageReader(s.conn)
+            answers.append(reader.read())  # type: ignore[arg-type]
+            return reply_to(m)
+        return basic(m)
+
+    s = serve(handler)
+    with connect(s.path) as dev:
+        dev.reset()
+    (a,) = answers
+    assert (a.msg_id, a.command, a.is_reply, a.is_error, a.error) == \
+        (77, Command.DMA_READ, True, True, errno.EFAULT)
+
+
+def test_unknown_server_command_gets_enosys(serve: Any) -> None:
+    answers: list[Message] = []
+
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_RESET:
+            assert s.conn is not None
+            s.conn.sendall(HEADER.pack(5, Command.DEVICE_GET_INFO, 16, 0, 0))
+            answers.append(MessageReader(s.conn).read())  # type: ignore[arg-type]
+            return reply_to(m)
+        return basic(m)
+
+    s = serve(handler)
+    with connect(s.path) as dev:
+        dev.reset()
+    assert answers[0].is_error and answers[0].error == errno.ENOSYS
+
+
+def test_server_dma_read_of_a_mapping_without_fd(serve: Any) -> None:
+    """DMA_READ served inline while the client waits for the DMA_MAP reply's
+    successor, and DMA_WRITE lands in client memory."""
+    got: list[Message] = []
+
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DMA_MAP:
+            assert not m.fds  # mapped without an fd
+            return reply_to(m)
+        if m.command == Command.DEVICE_RESET:
+            assert s.conn is not None
+            reader = MessageReader(s.conn)
+            s.conn.sendall(HEADER.pack(1, Command.DMA_READ, 32, 0, 0)
+                           + P.DMA_ACCESS.pack(0x10010, 4))
+            got.append(reader.read())  # type: ignore[arg-type]
+            s.conn.sendall(HEADER.pack(2, Command.DMA_WRITE, 36, 0, 0)
+                           + P.DMA_ACCESS.pack(0x10020, 4) + b"WXYZ")
+            got.append(reader.read())  # type: ignore[arg-type]
+            return reply_to(m)
+        return basic(m)
+
+    s = serve(handler)
+    with connect(s.path, share_dma_fds=False) as dev:
+        buf = dev.dma_alloc(0x1000, iova=0x10000)
+        buf.write(b"abcd", 0x10)
+        dev.reset()
+        assert buf.read(0x20, 4) == b"WXYZ"
+    read_reply, write_reply = got
+    assert read_reply.payload == P.DMA_ACCESS.pack(0x10010, 4) + b"abcd"
+    assert not write_reply.is_error
+    assert write_reply.payload == P.DMA_ACCESS.pack(0x10020, 4)
+
+
+def test_dma_map_sends_the_memfd_and_unmap_matches(serve: Any) -> None:
+    s = serve(basic)
+    with connect(s.path) as dev:
+        mem = SharedMemory(0x2000)
+        dev.dma_space.map(0x40000, mem, writable=False)
+        dev.dma_space.unmap(0x40000, 0x2000)
+        mem.close()
+    maps = [m for m in s.received if m.command == Command.DMA_MAP]
+    unmaps = [m for m in s.received if m.command == Command.DMA_UNMAP]
+    dm = P.DmaMap.unpack(maps[0].payload)
+    assert (dm.address, dm.size, dm.flags, dm.offset) == (0x40000, 0x2000, P.DmaMapFlag.READ, 0)
+    assert len(maps[0].fds) == 1
+    du = P.DmaUnmap.unpack(unmaps[0].payload)
+    assert (du.address, du.size, du.flags) == (0x40000, 0x2000, 0)
+
+
+def test_many_requests_leak_no_fds(serve: Any) -> None:
+    """Region info with fds, IRQ setup and teardown, DMA map/unmap, repeated:
+    the fd count of the client process does not grow."""
+    memfd = os.memfd_create("bar")
+    os.ftruncate(memfd, 0x1000)
+
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_GET_REGION_INFO:
+            i = struct.unpack_from("=I", m.payload, 8)[0]
+            return (reply_to(m, good_region_info(i, flags=7)), [memfd])
+        if m.command == Command.DEVICE_GET_IRQ_INFO:
+            return reply_to(m, P.IrqInfoMsg(1, flags=1, count=1).pack())
+        return basic(m)
+
+    s = serve(handler)
+    before = open_fds()
+    for _ in range(5):
+        with _reconnect(s, handler) as dev:
+            dev.regions()
+            dev.enable_irq(IrqIndex.MSI, 1)
+            buf = dev.dma_alloc(0x1000)
+            buf.close()
+    assert len(open_fds() - before) <= 1
+    os.close(memfd)
+
+
+def _reconnect(s: FakeServer, handler: Handler) -> Any:
+    """A fresh server on a fresh path for each round (the fake serves one
+    connection)."""
+    path = Path(s.path).with_name(f"r{len(os.listdir(Path(s.path).parent))}.sock")
+    fresh = FakeServer(path, handler)
+    dev = connect(fresh.path)
+
+    class _Ctx:
+        def __enter__(self) -> Any:
+            return dev
+
+        def __exit__(self, *exc: object) -> None:
+            dev.close()
+            fresh.close()
+
+    return _Ctx()
