@@ -640,3 +640,70 @@ def _reconnect(s: FakeServer, handler: Handler) -> Any:
             fresh.close()
 
     return _Ctx()
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_idle_client_serves_dma_for_mappings_without_fd(serve: Any) -> None:
+    """No request in flight, no twin socket: the server DMA_WRITEs into a
+    mapping made without an fd and the client's idle thread answers."""
+    replies: list[Message] = []
+
+    def handler(m: Message) -> Reply:
+        if m.is_reply:
+            replies.append(m)
+            return None
+        return basic(m)
+
+    s = serve(handler)
+    with connect(s.path, share_dma_fds=False) as dev:
+        buf = dev.dma_alloc(0x1000, iova=0x20000)
+        assert s.conn is not None
+        s.conn.sendall(HEADER.pack(9, Command.DMA_WRITE, 16 + 16 + 3, 0, 0)
+                       + P.DMA_ACCESS.pack(0x20100, 3) + b"hey")
+        _wait_for(lambda: bool(replies))
+        assert buf.read(0x100, 3) == b"hey"
+        s.conn.sendall(HEADER.pack(10, Command.DMA_READ, 32, 0, 0) + P.DMA_ACCESS.pack(0x20100, 3))
+        _wait_for(lambda: len(replies) == 2)
+        assert replies[1].payload == P.DMA_ACCESS.pack(0x20100, 3) + b"hey"
+        # requests still work with the idle thread around
+        assert dev.bar(0).read32(0) == 0x03020100
+    assert (replies[0].msg_id, replies[0].is_error) == (9, False)
+
+
+def test_twin_socket_serves_server_commands(serve: Any) -> None:
+    """The server sets up a twin socket; its DMA commands go there and the
+    client answers there while the main socket stays request/reply."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def version(m: Message) -> Reply:
+        caps = {"max_msg_fds": 8, "twin_socket": {"supported": True, "fd_index": 0}}
+        return (version_reply(m, caps), [theirs.fileno()])
+
+    s = serve(basic, version=version)
+    with connect(s.path) as dev:
+        theirs.close()
+        offered = json.loads(s.received[0].payload[4:-1])["capabilities"]
+        assert offered["twin_socket"] == {"supported": True}
+        buf = dev.dma_alloc(0x1000, iova=0x30000)  # with an fd: served all the same
+        buf.write(b"twin", 0x10)
+        reader = MessageReader(ours)
+        ours.sendall(HEADER.pack(3, Command.DMA_READ, 32, 0, 0) + P.DMA_ACCESS.pack(0x30010, 4))
+        reply = reader.read()
+        assert reply is not None and reply.is_reply and not reply.is_error
+        assert reply.payload == P.DMA_ACCESS.pack(0x30010, 4) + b"twin"
+        ours.sendall(HEADER.pack(4, Command.DMA_READ, 32, 0, 0) + P.DMA_ACCESS.pack(0x90000, 4))
+        reply = reader.read()
+        assert reply is not None and reply.is_error and reply.error == errno.EFAULT
+        assert dev.bar(0).read32(0) == 0x03020100
+        # a reply on the twin socket (we send no commands there) breaks the connection
+        ours.sendall(HEADER.pack(4, Command.DMA_READ, 16, 1, 0))
+        _wait_for(lambda: not dev.connected)
+    ours.close()
