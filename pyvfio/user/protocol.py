@@ -1343,6 +1343,12 @@ class MessageReader:
         except (ConnectionResetError, BrokenPipeError) as exc:
             self.close()
             raise ConnectionClosed(f"vfio-user peer broke the connection: {exc}") from None
+        if not anc and len(data) >= HEADER_SIZE and not self._pending and self._big is None \
+                and not self._discard:
+            # Fast path: exactly one whole message and no fds (the common case).
+            msg_id, command, msg_size, flags, err = HEADER.unpack_from(data)
+            if msg_size == len(data):
+                return [Message(msg_id, command, flags, err, data[HEADER_SIZE:], [])]
         fds: list[int] = []
         for level, ctype, cdata in anc:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:

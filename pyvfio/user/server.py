@@ -218,6 +218,8 @@ class Connection:
         regions = self.device.regions
         self._regions: list[RegionSpec | None] = [regions.get(i) for i in
                                                   range(self.device.num_regions)]
+        self._access_table = self._build_access_table()
+        self._max_xfer = owner.max_data_xfer_size
         self._handlers: dict[int, Callable[[P.Message], tuple[bytes, list[int]]]] = {
             P.Command.VERSION: self._version,
             P.Command.DMA_MAP: self._dma_map,
@@ -627,57 +629,66 @@ class Connection:
 
     # ---- region access ----
 
+    def _build_access_table(self) -> list[tuple[int, bool, bool, Any, memoryview | None] | None]:
+        """Per region: (size, readable, writable, callback, memory view), plain
+        values so the request path does no enum arithmetic."""
+        table: list[tuple[int, bool, bool, Any, memoryview | None] | None] = []
+        for index, spec in enumerate(self._regions):
+            if index == RegionIndex.CONFIG:
+                table.append((self.device.config.size, True, True, self.device.config_access,
+                              None))
+            elif spec is None or spec.size == 0:
+                table.append(None)
+            else:
+                view = spec.memory.view if spec.memory is not None else None
+                table.append((spec.size, bool(spec.flags & RegionFlag.READ),
+                              bool(spec.flags & RegionFlag.WRITE), spec.access, view))
+        return table
+
     def _access(self, payload: bytes, is_write: bool) -> bytes:
         """REGION_READ/WRITE body -> reply payload (called with the device lock)."""
-        if len(payload) < 16:
+        n = len(payload)
+        if n < 16:
             raise ProtocolError("region access shorter than its header", errno.EINVAL)
         offset, index, count = _REGION_ACCESS.unpack_from(payload)
         if is_write:
-            if len(payload) != 16 + count:
+            if n != 16 + count:
                 raise ProtocolError("REGION_WRITE count does not match the data", errno.EINVAL)
-        elif len(payload) != 16:
+        elif n != 16:
             raise ProtocolError("REGION_READ carries data", errno.EINVAL)
-        if count > self.owner.max_data_xfer_size:
+        if count > self._max_xfer:
             raise ProtocolError(f"count {count} over max_data_xfer_size", errno.E2BIG)
-        if index == RegionIndex.CONFIG:
-            if offset + count > self.device.config.size:
-                raise ProtocolError("config access out of range", errno.EINVAL)
-            if count == 0:
-                return payload[:16]
-            if is_write:
-                self.device.config_access(offset, payload[16:], True)
-                return payload
-            data = self.device.config_access(offset, count, False)
-        else:
-            regions = self._regions
-            spec = regions[index] if index < len(regions) else None
-            if spec is None or offset + count > spec.size:
-                raise ProtocolError(f"access {offset:#x}+{count} outside region {index}",
-                                    errno.EINVAL)
-            if count == 0:
-                return payload[:16]
-            if is_write:
-                if not spec.flags & RegionFlag.WRITE:
-                    raise ProtocolError(f"region {index} is read-only", errno.EINVAL)
-                if spec.access is not None:
-                    spec.access(offset, payload[16:], True)
-                else:
-                    assert spec.memory is not None
-                    spec.memory.view[offset:offset + count] = payload[16:]
-                return payload[:16]
-            if not spec.flags & RegionFlag.READ:
-                raise ProtocolError(f"region {index} is write-only", errno.EINVAL)
-            if spec.access is not None:
-                data = spec.access(offset, count, False)
-            else:
-                assert spec.memory is not None
-                data = bytes(spec.memory.view[offset:offset + count])
+        table = self._access_table
+        entry = table[index] if index < len(table) else None
+        if entry is None or offset + count > entry[0]:
+            raise ProtocolError(f"access {offset:#x}+{count} outside region {index}",
+                                errno.EINVAL)
+        _size, readable, writable, callback, view = entry
         if is_write:
+            if not writable:
+                raise ProtocolError(f"region {index} is read-only", errno.EINVAL)
+            if count:
+                if callback is not None:
+                    callback(offset, payload[16:], True)
+                else:
+                    view[offset:offset + count] = payload[16:]  # type: ignore[index]
             return payload[:16]
-        if not isinstance(data, (bytes, bytearray)) or len(data) != count:
-            raise OSError(errno.EIO, f"region {index} read callback returned "
-                          f"{type(data).__name__} of the wrong size")
-        return payload + data
+        if not readable:
+            raise ProtocolError(f"region {index} is write-only", errno.EINVAL)
+        if not count:
+            return payload
+        if callback is not None:
+            data = callback(offset, count, False)
+            if data.__class__ is not bytes:
+                if not isinstance(data, (bytes, bytearray)):
+                    raise OSError(errno.EIO, f"region {index} read callback returned "
+                                  f"{type(data).__name__}")
+                data = bytes(data)
+            if len(data) != count:
+                raise OSError(errno.EIO, f"region {index} read callback returned "
+                              f"{len(data)} bytes for a {count}-byte read")
+            return payload + data
+        return payload + bytes(view[offset:offset + count])  # type: ignore[index]
 
     def _region_read(self, m: P.Message) -> tuple[bytes, list[int]]:
         return self._access(m.payload, False), []
