@@ -671,7 +671,7 @@ class Connection:
                 if callback is not None:
                     callback(offset, payload[16:], True)
                 else:
-                    view[offset:offset + count] = payload[16:]  # type: ignore[index]
+                    view[offset:offset + count] = payload[16:]
             return payload[:16]
         if not readable:
             raise ProtocolError(f"region {index} is write-only", errno.EINVAL)
@@ -688,7 +688,7 @@ class Connection:
                 raise OSError(errno.EIO, f"region {index} read callback returned "
                               f"{len(data)} bytes for a {count}-byte read")
             return payload + data
-        return payload + bytes(view[offset:offset + count])  # type: ignore[index]
+        return payload + bytes(view[offset:offset + count])
 
     def _region_read(self, m: P.Message) -> tuple[bytes, list[int]]:
         return self._access(m.payload, False), []
