@@ -29,8 +29,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyvfio.pci.ids import PciIds  # noqa: E402
-from pyvfio.testing.fakesysfs import FakeSysfs  # noqa: E402
+from pyvfio.pci.ids import PciIds
+from pyvfio.testing.fakesysfs import FakeSysfs
 
 
 def build_tree(directory: str, count: int) -> None:

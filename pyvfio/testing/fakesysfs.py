@@ -25,7 +25,8 @@ and applies the kernel's semantics to the tree:
 Use it in tests with :meth:`install` (routes pyvfio's writes for this root
 through the fake, also for ``pyvfio.cli.main(["--root", ...])``) and
 :meth:`uninstall`, or as a context manager.  ``fail_probe`` on a driver makes
-its probe fail, to exercise rollback.
+its probe fail, to exercise rollback; so do :attr:`fail_probe_devices`
+(``(driver, address)`` pairs) and :attr:`fail_writes` (a relative path -> the errno to raise).
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ class FakeSysfs:
         self.drivers: dict[str, FakeDriver] = {}
         self.devices: dict[str, FakeDevice] = {}
         self.writes: list[tuple[str, str]] = []
+        # Fault injection: (driver, address) pairs whose probe fails, and
+        # writes (relative path -> errno) the kernel refuses.
+        self.fail_probe_devices: set[tuple[str, str]] = set()
+        self.fail_writes: dict[str, int] = {}
         self._next_cdev = 0
         self._aliases: list[str] = []
         r = self.root
@@ -360,7 +365,7 @@ class FakeSysfs:
 
     def _probe(self, drv: FakeDriver, dev: FakeDevice) -> bool:
         """``drv->probe()``: True if it took the device."""
-        if drv.fail_probe:
+        if drv.fail_probe or (drv.name, dev.address) in self.fail_probe_devices:
             return False
         if drv.vfio:
             if dev.is_bridge:
@@ -431,6 +436,8 @@ class FakeSysfs:
         """:class:`pyvfio.host.sysfs.SysfsWriter`: one write(2) into ``path``."""
         rel = os.path.relpath(path, self.root)
         self.writes.append((rel, data))
+        if rel in self.fail_writes:
+            raise _oserror(self.fail_writes[rel], path)
         parts = rel.split("/")
         if parts[-1] == "driver_override" and parts[-2] in self.devices:
             dev = self.devices[parts[-2]]
