@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pyvfio-bench-") as tmp:
         echo_sock, py_sock = f"{tmp}/echo.sock", f"{tmp}/pyvfio.sock"
         py_server = [sys.executable, "-m", "pyvfio", "serve", "edu", "--socket", py_sock]
-        with server([str(echo)], echo_sock), server(py_server, py_sock):
+        with server([str(echo), echo_sock], echo_sock), server(py_server, py_sock):
             rates = best_of(rounds, {
                 "c_client_to_c_echo": lambda: c_client_rate(client, echo_sock, n),
                 "c_client_to_pyvfio_server": lambda: c_client_rate(client, py_sock, n),
