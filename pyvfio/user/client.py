@@ -64,6 +64,7 @@ from pyvfio.device import (
     SparseArea,
 )
 from pyvfio.errors import ClosedError, ConnectionClosed, PeerError, ProtocolError, UsageError
+from pyvfio.migration import MigFlag, Migration, MigrationError, MigState, arc_path
 from pyvfio.user import protocol as P
 from pyvfio.user.protocol import (
     DMA_ACCESS,
@@ -84,6 +85,7 @@ __all__ = [
     "DmaMapping",
     "VfioUserDevice",
     "VfioUserDmaSpace",
+    "VfioUserMigration",
     "connect",
 ]
 
@@ -434,6 +436,52 @@ class VfioUserDmaSpace(DmaSpace):
     def forget_all(self) -> None:
         with self._table_lock:
             self._mappings.clear()
+
+
+# --- migration -------------------------------------------------------------------------------
+
+
+class VfioUserMigration(Migration):
+    """:class:`pyvfio.migration.Migration` over ``DEVICE_FEATURE`` and
+    ``MIG_DATA_READ``/``WRITE``.
+
+    ``set_state`` walks the kernel's arcs (:func:`~pyvfio.migration.arc_path`)
+    one ``MIG_DEVICE_STATE`` SET at a time, so it works with a server that
+    implements only the direct arcs the spec lists (a server that does
+    combination transitions itself is not bothered by single arcs).
+    """
+
+    def __init__(self, device: VfioUserDevice) -> None:
+        self.device = device
+        self.name = device.name
+        self._flags: MigFlag | None = None
+
+    @property
+    def flags(self) -> MigFlag:
+        if self._flags is None:
+            try:
+                self._flags = MigFlag(int(self.device.migration_flags()))
+            except PeerError:  # the server does not offer the MIGRATION feature
+                self._flags = MigFlag(0)
+        return self._flags
+
+    def get_state(self) -> MigState:
+        return MigState(int(self.device.get_mig_state()))
+
+    def set_state(self, state: MigState) -> None:
+        target = MigState(int(state))
+        for step in arc_path(self.get_state(), target, self.flags):
+            reached = self.device.set_mig_state(step)
+            if int(reached) != int(step):
+                raise MigrationError(f"{self.name}: asked for {step.name}, the server reports "
+                                     f"{P.MigState(int(reached)).name}", "state")
+
+    def read_data(self, size: int) -> bytes:
+        return self.device.mig_data_read(size)
+
+    def write_data(self, data: bytes) -> int:
+        self.device.mig_data_write(data)
+        return len(data)
 
 
 # --- the device ------------------------------------------------------------------------------
@@ -805,6 +853,13 @@ class VfioUserDevice(Device):
         return msg.data
 
     # migration (v2 state machine over DEVICE_FEATURE and MIG_DATA_*)
+
+    def migration(self) -> VfioUserMigration:
+        """The neutral :class:`pyvfio.migration.Migration` of this device (what
+        :func:`pyvfio.migration.migrate` uses); the calls below are the raw
+        protocol operations it is built on."""
+        self._ensure_open()
+        return VfioUserMigration(self)
 
     def migration_flags(self) -> P.MigrationFlag:
         """``VFIO_DEVICE_FEATURE_MIGRATION``: what the device supports
