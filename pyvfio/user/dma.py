@@ -111,7 +111,7 @@ class DmaTable:
     def add(self, iova: int, size: int, flags: int, fd: int = -1, offset: int = 0) -> DmaMapping:
         """Add a window; with an fd, mmap it (the fd is *not* closed here).
         Raises ``OSError`` with the errno to answer."""
-        if flags & ~(DmaMapFlag.READ | DmaMapFlag.WRITE):
+        if flags & ~int(DmaMapFlag.READ | DmaMapFlag.WRITE):
             raise OSError(errno.EINVAL, f"DMA_MAP: unknown flags {flags:#x}")
         if size == 0 or iova + size > 1 << 64:
             raise OSError(errno.EINVAL, f"DMA_MAP: bad window {iova:#x}+{size:#x}")

@@ -439,7 +439,7 @@ class DmaUnmap:
     def unpack(cls, payload: bytes | memoryview, *, reply: bool = False) -> DmaUnmap:
         _need(payload, cls.SIZE, "DMA_UNMAP")
         argsz, flags, address, size = _DMA_UNMAP.unpack_from(payload)
-        if flags & ~(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.ALL):
+        if flags & ~int(DmaUnmapFlag.GET_DIRTY_BITMAP | DmaUnmapFlag.ALL):
             raise _fail(f"DMA_UNMAP: unknown flags {flags:#x}")
         if not flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
             _need(payload, cls.SIZE, "DMA_UNMAP", exact=True)
@@ -728,8 +728,8 @@ class IrqInfoMsg:
 
 
 _IRQ_SET = struct.Struct("=IIIII")
-_DATA_MASK = IrqAction.DATA_NONE | IrqAction.DATA_BOOL | IrqAction.DATA_EVENTFD
-_ACTION_MASK = IrqAction.ACTION_MASK | IrqAction.ACTION_UNMASK | IrqAction.ACTION_TRIGGER
+_DATA_MASK = int(IrqAction.DATA_NONE | IrqAction.DATA_BOOL | IrqAction.DATA_EVENTFD)
+_ACTION_MASK = int(IrqAction.ACTION_MASK | IrqAction.ACTION_UNMASK | IrqAction.ACTION_TRIGGER)
 MAX_IRQ_COUNT = 2048  # the PCI maximum of MSI-X vectors
 
 
@@ -1009,7 +1009,8 @@ class DeviceFeature:
         argsz, flags = _FEATURE.unpack_from(payload)
         if argsz < cls.SIZE:
             raise _fail(f"DEVICE_FEATURE: argsz {argsz} < {cls.SIZE}")
-        if flags & ~(FeatureFlag.MASK | FeatureFlag.GET | FeatureFlag.SET | FeatureFlag.PROBE):
+        if flags & ~int(FeatureFlag.MASK | FeatureFlag.GET | FeatureFlag.SET
+                        | FeatureFlag.PROBE):
             raise _fail(f"DEVICE_FEATURE: unknown flags {flags:#x}")
         both = FeatureFlag.GET | FeatureFlag.SET
         if not reply and flags & both == both and not flags & FeatureFlag.PROBE:

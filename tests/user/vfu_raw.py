@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 from pyvfio.user import protocol as P
 
@@ -107,3 +109,12 @@ class RawClient:
 
 def open_fds() -> set[int]:
     return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.002)
+    return pred()
