@@ -1,0 +1,102 @@
+"""The broker's decision log: one line per decision, in a stable format.
+
+Every line is ``TIMESTAMP pyvfio-broker key=value ...`` (logfmt): the
+timestamp is UTC ISO 8601 with milliseconds, keys are fixed words, values
+that contain spaces, quotes, ``=`` or are empty are double-quoted with
+backslash escapes.  Keys, in this order when present::
+
+    event     start | connect | open | close | release | refused-connection |
+              bad-request | disconnect | stop
+    decision  granted | refused | error | info
+    pid uid user gid          the peer, from SO_PEERCRED
+    device backend rule       what was asked and which policy rule decided
+    reason                    why (always present for refused and error)
+    problems                  the host diagnosis, as compact JSON, when it decided
+
+Example::
+
+    2025-01-31T10:00:00.000Z pyvfio-broker event=open decision=refused pid=812 uid=65534
+      user=nobody gid=65534 device=0000:00:04.0 backend=auto reason="no rule of ..."
+
+Lines are written whole and flushed, so ``grep``/``tail -f`` see complete
+records, and several threads may log at once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import sys
+import threading
+from typing import Any, TextIO
+
+from pyvfio.broker.wire import PeerCredentials
+
+__all__ = ["AuditLog", "format_record", "parse_record"]
+
+_ORDER = ("event", "decision", "pid", "uid", "user", "gid", "device", "backend", "rule",
+          "reason", "problems")
+_PLAIN = re.compile(r"^[A-Za-z0-9_.:/@+,\-\[\]]+$")
+
+
+def _quote(value: Any) -> str:
+    if not isinstance(value, str):
+        value = json.dumps(value, separators=(",", ":")) if isinstance(value, list | dict) \
+            else str(value)
+    if value and _PLAIN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def format_record(fields: dict[str, Any], when: _dt.datetime | None = None) -> str:
+    when = when or _dt.datetime.now(_dt.UTC)
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    keys = [k for k in _ORDER if k in fields] + sorted(k for k in fields if k not in _ORDER)
+    parts = [f"{k}={_quote(fields[k])}" for k in keys if fields[k] is not None]
+    return f"{stamp} pyvfio-broker " + " ".join(parts)
+
+
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def parse_record(line: str) -> dict[str, str]:
+    """Parse a line written by :func:`format_record` back into its fields
+    (values as strings; ``problems`` stays JSON text).  For tests and tools."""
+    out: dict[str, str] = {}
+    for key, raw in _FIELD.findall(line):
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), raw[1:-1])
+        out[key] = raw
+    return out
+
+
+class AuditLog:
+    """Writes decision records to a stream (stderr by default) and/or a file."""
+
+    def __init__(self, path: str | None = None, stream: TextIO | None = sys.stderr) -> None:
+        self._lock = threading.Lock()
+        self._stream = stream
+        self._file: TextIO | None = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+
+    def record(self, event: str, decision: str, peer: PeerCredentials | None = None,
+               **fields: Any) -> str:
+        record: dict[str, Any] = {"event": event, "decision": decision}
+        if peer is not None:
+            record.update(pid=peer.pid, uid=peer.uid, user=peer.user_name, gid=peer.gid)
+        record.update({k: v for k, v in fields.items() if v is not None})
+        line = format_record(record)
+        with self._lock:
+            for out in (self._stream, self._file):
+                if out is not None:
+                    try:
+                        out.write(line + "\n")
+                        out.flush()
+                    except (OSError, ValueError):  # a closed stderr must not stop the broker
+                        pass
+        return line
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

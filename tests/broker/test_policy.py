@@ -1,0 +1,143 @@
+"""Policy files: parsing, strict validation with clear errors, and matching."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvfio.broker.policy import DeviceIdentity, Policy, PolicyError, normalize_address
+from pyvfio.broker.wire import PeerCredentials
+
+USERS = {"alice": 1000, "nobody": 65534}
+GROUPS = {"kvm": 108, "nogroup": 65534}
+
+
+def load(text: str) -> Policy:
+    return Policy.from_toml(text, source="test.toml", user_lookup=USERS.__getitem__,
+                            group_lookup=GROUPS.__getitem__)
+
+
+EDU = DeviceIdentity("0000:00:03.0", 0x1234, 0x11E8, 5)
+EDU2 = DeviceIdentity("0000:02:01.0", 0x1234, 0x11E8, 9)
+E1000 = DeviceIdentity("0000:02:02.0", 0x8086, 0x100E, 9)
+NIC = DeviceIdentity("0000:00:05.0", 0x8086, 0x10D3, 6)
+
+ALICE = PeerCredentials(pid=10, uid=1000, gid=1000)
+KVM_USER = PeerCredentials(pid=11, uid=2000, gid=2000, groups=(108,))
+NOBODY = PeerCredentials(pid=12, uid=65534, gid=65534)
+
+EXAMPLE = """
+[broker]
+max_clients = 8
+
+[[rule]]
+name = "alice's edu"
+users = ["alice"]
+devices = ["00:03.0"]
+backends = ["iommufd"]
+
+[[rule]]
+groups = ["kvm"]
+ids = ["1234:11E8"]
+managed = true
+
+[[rule]]
+users = ["*"]
+iommu_groups = [6]
+"""
+
+
+def test_example_parses() -> None:
+    p = load(EXAMPLE)
+    assert p.max_clients == 8 and p.max_devices_per_client == 16
+    r0, r1, r2 = p.rules
+    assert r0.uids == {1000} and r0.addresses == {"0000:00:03.0"} and r0.backends == ("iommufd",)
+    assert r1.gids == {108} and r1.ids == {(0x1234, 0x11E8)} and r1.managed
+    assert r2.everyone and r2.iommu_groups == {6}
+    assert r0.label == "rule[0] \"alice's edu\""
+
+
+def test_match_by_address_and_backend() -> None:
+    p = load(EXAMPLE)
+    d = p.decide(ALICE, EDU, "auto")
+    assert d.allowed and d.rule is p.rules[0] and d.backends == ("iommufd",)
+    d = p.decide(ALICE, EDU, "legacy")
+    assert not d.allowed and "backend 'legacy' is not allowed" in d.reason
+    assert not p.decide(ALICE, EDU2).allowed  # alice only has 00:03.0 (plus group 6)
+
+
+def test_match_by_supplementary_group_and_ids() -> None:
+    p = load(EXAMPLE)
+    for dev in (EDU, EDU2):
+        d = p.decide(KVM_USER, dev, "legacy")
+        assert d.allowed and d.rule is p.rules[1] and d.rule.managed
+    d = p.decide(KVM_USER, E1000)
+    assert not d.allowed
+    assert "0000:02:02.0 (8086:100e, IOMMU group 9)" in d.reason
+
+
+def test_match_by_iommu_group_for_everyone() -> None:
+    p = load(EXAMPLE)
+    assert p.decide(NOBODY, NIC).allowed
+    d = p.decide(NOBODY, EDU)
+    assert not d.allowed and "uid 65534" in d.reason
+
+
+def test_nothing_is_allowed_by_default() -> None:
+    d = load("").decide(ALICE, EDU)
+    assert not d.allowed and "no rule of test.toml applies" in d.reason
+
+
+def test_numeric_ids_and_numeric_strings() -> None:
+    p = load('[[rule]]\nusers = [1000, "65534"]\ngroups = [108]\ndevices = ["0000:00:03.0"]')
+    assert p.rules[0].uids == {1000, 65534} and p.rules[0].gids == {108}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[[rule]\n", "not valid TOML"),
+    ("[brokr]\n", r"unknown top-level key\(s\) \['brokr'\]"),
+    ("[broker]\nmax_client = 3\n", r"\[broker\]: unknown key\(s\) \['max_client'\]"),
+    ("[broker]\nmax_clients = 0\n", "max_clients must be an integer in 1..100000"),
+    ("[broker]\nmax_clients = true\n", "max_clients must be an integer"),
+    ("rule = 3\n", "must be an array of tables"),
+    ('[[rule]]\nuser = ["alice"]\ndevices = ["00:03.0"]\n', r"rule\[0\]: unknown key\(s\) \['user'\]"),
+    ('[[rule]]\ndevices = ["00:03.0"]\n', "names no 'users' or 'groups'"),
+    ('[[rule]]\nusers = ["alice"]\n', "names no 'devices', 'ids' or 'iommu_groups'"),
+    ('[[rule]]\nusers = ["mallory"]\ndevices = ["00:03.0"]\n', "no user named 'mallory'"),
+    ('[[rule]]\ngroups = ["wheel"]\ndevices = ["00:03.0"]\n', "no group named 'wheel'"),
+    ('[[rule]]\nusers = "alice"\ndevices = ["00:03.0"]\n', "'users' must be an array"),
+    ('[[rule]]\nusers = [1.5]\ndevices = ["00:03.0"]\n', "names or numeric ids"),
+    ('[[rule]]\nusers = [-1]\ndevices = ["00:03.0"]\n', "out of range"),
+    ('[[rule]]\nusers = ["alice"]\ndevices = ["00:03"]\n', r"not a PCI address .*'00:03'"),
+    ('[[rule]]\nusers = ["alice"]\ndevices = ["0000:00:20.0"]\n', "not a PCI address"),
+    ('[[rule]]\nusers = ["alice"]\nids = ["1234-11e8"]\n', "not a vendor:device pair"),
+    ('[[rule]]\nusers = ["alice"]\nids = ["12345:11e8"]\n', "not a vendor:device pair"),
+    ('[[rule]]\nusers = ["alice"]\niommu_groups = ["5"]\n', "not a group number"),
+    ('[[rule]]\nusers = ["alice"]\niommu_groups = [5]\nbackends = ["vfio-user"]\n', "'backends' must be"),
+    ('[[rule]]\nusers = ["alice"]\niommu_groups = [5]\nbackends = []\n', "'backends' must be"),
+    ('[[rule]]\nusers = ["alice"]\niommu_groups = [5]\nmanaged = "yes"\n', "'managed' must be true or false"),
+    ('[[rule]]\nname = 3\nusers = ["alice"]\niommu_groups = [5]\n', "'name' must be a string"),
+])
+def test_bad_policies_are_clear_errors(text: str, match: str) -> None:
+    with pytest.raises(PolicyError, match=match) as exc:
+        load(text)
+    assert str(exc.value).startswith("test.toml")
+
+
+def test_load_from_file_errors(tmp_path) -> None:
+    with pytest.raises(PolicyError, match="cannot read policy .*missing.toml"):
+        Policy.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        Policy.load(bad)
+    good = tmp_path / "good.toml"
+    good.write_text('[[rule]]\nusers = ["root"]\ndevices = ["0000:00:03.0"]\n')
+    p = Policy.load(good)  # real name lookup through /etc/passwd
+    assert p.rules[0].uids == {0} and p.source == str(good)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("00:03.0", "0000:00:03.0"), ("0000:0A:1f.7", "0000:0a:1f.7"), (" 0001:00:00.0 ", "0001:00:00.0"),
+])
+def test_normalize_address(text: str, want: str) -> None:
+    assert normalize_address(text) == want
