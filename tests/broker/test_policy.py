@@ -124,7 +124,7 @@ def test_bad_policies_are_clear_errors(text: str, match: str) -> None:
 
 
 def test_load_from_file_errors(tmp_path) -> None:
-    with pytest.raises(PolicyError, match="cannot read policy .*missing.toml"):
+    with pytest.raises(PolicyError, match=r"cannot read policy .*missing\.toml"):
         Policy.load(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"\xff\xfe")
