@@ -13,12 +13,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from vfu_raw import RawClient  # noqa: E402
+from vfu_raw import RawClient
 
-from pyvfio.device import SharedMemory  # noqa: E402
-from pyvfio.devices.edu import EduDevice  # noqa: E402
-from pyvfio.devices.model import BarKind, PciDeviceModel  # noqa: E402
-from pyvfio.user.server import Server  # noqa: E402
+from pyvfio.device import SharedMemory
+from pyvfio.devices.edu import EduDevice
+from pyvfio.devices.model import BarKind, PciDeviceModel
+from pyvfio.user.server import Server
 
 
 class ScratchDevice(PciDeviceModel):

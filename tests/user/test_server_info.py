@@ -1,0 +1,131 @@
+"""DEVICE_GET_INFO, DEVICE_GET_REGION_INFO (capability chains, region fds),
+DEVICE_GET_REGION_IO_FDS and DEVICE_GET_IRQ_INFO, with argsz rules."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import struct
+
+import pytest
+
+from pyvfio.device import DeviceFlag, IrqFlag, RegionFlag
+from pyvfio.user import protocol as P
+
+
+def region_info(c, index: int, argsz: int = 4096) -> P.Message:
+    return c.call(P.Command.DEVICE_GET_REGION_INFO, P.RegionInfoMsg(index, argsz=argsz).pack())
+
+
+def test_device_info(scratch_client):
+    m = scratch_client.ok(P.Command.DEVICE_GET_INFO, P.DeviceInfoMsg().pack())
+    info = P.DeviceInfoMsg.unpack(m.payload, reply=True)
+    assert info.argsz == 16
+    assert info.flags == DeviceFlag.PCI | DeviceFlag.RESET
+    assert info.num_regions == 10  # 0..8 plus the device-specific region 9
+    assert info.num_irqs == 5
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"\0" * 15, b"\0" * 17,
+    struct.pack("=IIII", 15, 0, 0, 0),    # argsz smaller than the reply
+])
+def test_device_info_bad_argsz_or_size(scratch_client, payload):
+    assert scratch_client.errno_of(P.Command.DEVICE_GET_INFO, payload) == errno.EINVAL
+
+
+def test_bar_with_sparse_mmap_gives_the_region_fd(scratch_client, scratch):
+    m = region_info(scratch_client, 0)
+    info = P.RegionInfoMsg.unpack(m.payload, reply=True)
+    assert info.size == 16384
+    assert info.flags & RegionFlag.MMAP and info.flags & RegionFlag.CAPS
+    assert info.sparse_areas == ((4096, 12288),)
+    assert len(m.fds) == 1
+    # the fd maps the very memory the model serves
+    mm = mmap.mmap(m.fds[0], 16384, offset=info.offset)
+    scratch.ram.view[5000:5004] = b"mmio"
+    assert mm[5000:5004] == b"mmio"
+    mm[6000:6003] = b"abc"
+    assert bytes(scratch.ram.view[6000:6003]) == b"abc"
+    mm.close()
+    m.close_fds()
+
+
+def test_small_argsz_returns_the_needed_size_and_no_caps(scratch_client):
+    m = region_info(scratch_client, 0, argsz=32)
+    assert not m.is_error
+    assert len(m.payload) == 32
+    info = P.RegionInfoMsg.unpack(m.payload, reply=True)
+    assert info.argsz == 32 + 8 + 8 + 16  # header, sparse cap head, nr_areas, one area
+    assert info.cap_offset == 0 and info.sparse_areas is None
+    assert m.fds == []  # no fd until the client asks with enough room
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"\0" * 31, b"\0" * 33,
+    struct.pack("=IIIIQQ", 31, 0, 0, 0, 0, 0),      # argsz < 32
+    struct.pack("=IIIIQQ", 32, 0, 10, 0, 0, 0),     # index out of range
+    struct.pack("=IIIIQQ", 32, 0, 2**31, 0, 0, 0),
+    struct.pack("=IIIIQQ", 2**31, 0, 0, 0, 0, 0),   # absurd argsz
+])
+def test_region_info_bad_requests(scratch_client, payload):
+    assert scratch_client.errno_of(P.Command.DEVICE_GET_REGION_INFO, payload) == errno.EINVAL
+
+
+def test_type_capability_of_a_device_specific_region(scratch_client):
+    info = P.RegionInfoMsg.unpack(region_info(scratch_client, 9).payload, reply=True)
+    assert info.type == (0x8086, 7)
+    assert info.size == 64
+    assert scratch_client.read(9, 4, 4) == bytes([4, 5, 6, 7])
+
+
+def test_config_and_empty_regions(scratch_client):
+    cfg = P.RegionInfoMsg.unpack(region_info(scratch_client, 7).payload, reply=True)
+    assert cfg.size == 4096 and cfg.flags == RegionFlag.READ | RegionFlag.WRITE
+    for index in (1, 3, 4, 5, 6, 8):
+        empty = P.RegionInfoMsg.unpack(region_info(scratch_client, index).payload, reply=True)
+        assert empty.size == 0 and empty.flags == 0
+
+
+def test_region_io_fds_empty_list(scratch_client):
+    m = scratch_client.ok(P.Command.DEVICE_GET_REGION_IO_FDS,
+                          P.RegionIoFds(0, argsz=4096).pack())
+    reply = P.RegionIoFds.unpack(m.payload, reply=True)
+    assert (reply.index, reply.count, reply.sub_regions) == (0, 0, ())
+
+
+@pytest.mark.parametrize("payload", [
+    b"\0" * 15,
+    struct.pack("=IIII", 15, 0, 0, 0),      # argsz
+    struct.pack("=IIII", 16, 1, 0, 0),      # flags must be 0
+    struct.pack("=IIII", 16, 0, 0, 3),      # count must be 0
+    struct.pack("=IIII", 16, 0, 1, 0),      # empty region
+    struct.pack("=IIII", 16, 0, 99, 0),     # no such region
+])
+def test_region_io_fds_bad_requests(scratch_client, payload):
+    assert scratch_client.errno_of(P.Command.DEVICE_GET_REGION_IO_FDS, payload) == errno.EINVAL
+
+
+def test_irq_info(scratch_client):
+    expect = {0: (1, IrqFlag.EVENTFD | IrqFlag.MASKABLE | IrqFlag.AUTOMASKED),
+              1: (2, IrqFlag.EVENTFD | IrqFlag.MASKABLE | IrqFlag.NORESIZE),
+              2: (4, IrqFlag.EVENTFD | IrqFlag.MASKABLE | IrqFlag.NORESIZE),
+              3: (1, IrqFlag.EVENTFD), 4: (1, IrqFlag.EVENTFD)}
+    for index, (count, flags) in expect.items():
+        m = scratch_client.ok(P.Command.DEVICE_GET_IRQ_INFO, P.IrqInfoMsg(index).pack())
+        info = P.IrqInfoMsg.unpack(m.payload, reply=True)
+        assert (info.index, info.count, info.flags) == (index, count, flags)
+
+
+def test_edu_has_no_msix(edu_client):
+    m = edu_client.ok(P.Command.DEVICE_GET_IRQ_INFO, P.IrqInfoMsg(2).pack())
+    assert P.IrqInfoMsg.unpack(m.payload, reply=True).count == 0
+
+
+@pytest.mark.parametrize("payload", [
+    b"\0" * 15, b"\0" * 17,
+    struct.pack("=IIII", 15, 0, 0, 0),
+    struct.pack("=IIII", 16, 0, 5, 0),
+])
+def test_irq_info_bad_requests(scratch_client, payload):
+    assert scratch_client.errno_of(P.Command.DEVICE_GET_IRQ_INFO, payload) == errno.EINVAL
