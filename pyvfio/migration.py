@@ -171,7 +171,10 @@ def next_state(cur: MigState | int, new: MigState | int, flags: MigFlag | int) -
         raise MigrationError(f"the device does not support {new_s.name} "
                              f"(flags {MigFlag(int(flags))!r})")
     step = _FROM[cur_s][new_s]
-    while not state_supported(step, flags):
+    # ERROR is a dead end of the table (STOP_COPY -> PRE_COPY*): stop there.
+    # (The kernel's loop has no such check, so such a request is refused here
+    # before it reaches a kernel.)
+    while step != MigState.ERROR and not state_supported(step, flags):
         step = _FROM[step][new_s]
     if step == MigState.ERROR:
         raise MigrationError(f"no transition from {cur_s.name} to {new_s.name}")

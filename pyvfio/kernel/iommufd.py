@@ -839,8 +839,9 @@ def open_cdev_device(bdf: str, root: str = "/", iommufd: Iommufd | int | None = 
     (wrapped, left open), or ``None`` to open ``/dev/iommu`` for this device
     alone.  ``ioas``: an :class:`Ioas` to share, the ID of one already in the
     iommufd, or ``None`` for a new one the device owns.  ``device_fd``: an
-    unbound cdev fd handed in (the device takes ownership of it) instead of
-    opening the node found through sysfs.
+    unbound cdev fd handed in, instead of opening the node found through
+    sysfs; the device owns it once this returns (on failure it is left open,
+    still the caller's).
 
     Sequence: BIND_IOMMUFD -> (IOAS_ALLOC) -> ATTACH_IOMMUFD_PT.
     """
@@ -864,7 +865,7 @@ def open_cdev_device(bdf: str, root: str = "/", iommufd: Iommufd | int | None = 
         binding = IommufdBinding(ifd, space, own_ioas=ioas is None, own_iommufd=own_iommufd)
         device = IommufdDevice(bdf, fd, binding, dev_id, pt_id)
     except BaseException:
-        if fd >= 0:
+        if fd >= 0 and device_fd is None:  # a handed-in fd stays the caller's on failure
             os.close(fd)
         if space is not None and ioas is None:
             space.close()

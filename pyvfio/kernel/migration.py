@@ -29,6 +29,7 @@ from pyvfio.migration import (
     MigrationError,
     MigState,
     PrecopyInfo,
+    next_state,
 )
 from pyvfio.migration import Migration as _Migration
 from pyvfio.uapi import vfio as V
@@ -62,6 +63,9 @@ class KernelMigration(_Migration):
         if state == MigState.ERROR:
             raise MigrationError("ERROR cannot be set; reset the device to leave it")
         self.require(state)
+        # Check the transition exists before asking: the kernel's own walk of
+        # its table does not stop at the ERROR entries (STOP_COPY -> PRE_COPY).
+        next_state(self.get_state(), state, self.flags)
         try:
             fd = self.device.set_mig_state(int(state))
         except KernelError as exc:
