@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -184,6 +184,38 @@ class KernelDevice(Device):
         if done != len(data):
             raise KernelError(errno.EIO, "pwrite", f"{self.target} region {index}",
                               f"short write: {done} of {len(data)} bytes at {offset:#x}")
+
+    def _region_accessors(self, info: RegionInfo
+                          ) -> tuple[Callable[[int, int], bytes], Callable[[int, bytes], None]]:
+        """pread/pwrite closures with the fd and the region's offset bound:
+        the register-access hot path is then one Python frame around the
+        system call (see benchmarks/kernel_bench.py)."""
+        fd, base, index = self.fd, info.offset, info.index
+        pread, pwrite = os.pread, os.pwrite
+        target = f"{self.target} region {index}"
+
+        def read(offset: int, size: int) -> bytes:
+            try:
+                data = pread(fd, size, base + offset)
+            except OSError as exc:
+                raise KernelError.from_oserror(exc, "pread", target,
+                                               f"{size} bytes at {offset:#x}") from None
+            if len(data) != size:
+                raise KernelError(errno.EIO, "pread", target,
+                                  f"short read: {len(data)} of {size} bytes at {offset:#x}")
+            return data
+
+        def write(offset: int, data: bytes) -> None:
+            try:
+                done = pwrite(fd, data, base + offset)
+            except OSError as exc:
+                raise KernelError.from_oserror(exc, "pwrite", target,
+                                               f"{len(data)} bytes at {offset:#x}") from None
+            if done != len(data):
+                raise KernelError(errno.EIO, "pwrite", target,
+                                  f"short write: {done} of {len(data)} bytes at {offset:#x}")
+
+        return read, write
 
     def _region_mmap(self, info: RegionInfo, offset: int, size: int) -> mmap.mmap:
         prot = 0
