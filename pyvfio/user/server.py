@@ -40,6 +40,7 @@ from typing import Any
 from pyvfio.device import DeviceFlag, RegionFlag, RegionIndex
 from pyvfio.devices.model import PciDeviceModel, RegionSpec
 from pyvfio.errors import ConnectionClosed, ProtocolError, UsageError
+from pyvfio.migration import MigFlag, MigrationError, MigState, arc_path
 from pyvfio.user import protocol as P
 from pyvfio.user.dma import DmaFault, DmaTable
 from pyvfio.user.irq import IrqState, irq_flags
@@ -66,13 +67,6 @@ _FD_COMMANDS = frozenset({P.Command.DMA_MAP, P.Command.DEVICE_SET_IRQS})
 # --- migration -------------------------------------------------------------------------------
 
 _SAVING = frozenset({"PRE_COPY", "STOP_COPY"})
-_ARCS = {
-    "RUNNING": ("STOP", "PRE_COPY"),
-    "STOP": ("RUNNING", "STOP_COPY", "RESUMING"),
-    "STOP_COPY": ("STOP",),
-    "RESUMING": ("STOP",),
-    "PRE_COPY": ("RUNNING", "STOP_COPY"),
-}
 _STATE_NAMES = {P.MigState.ERROR: "ERROR", P.MigState.STOP: "STOP",
                 P.MigState.RUNNING: "RUNNING", P.MigState.STOP_COPY: "STOP_COPY",
                 P.MigState.RESUMING: "RESUMING", P.MigState.PRE_COPY: "PRE_COPY"}
@@ -83,8 +77,8 @@ _MIG_MAGIC = b"PVUM"
 
 class MigrationFsm:
     """The migration v2 state machine of one device (spec "Direct State
-    Transitions"); complex transitions take the shortest path with no saving
-    state inside it.  The data stream is one or more records, each a full
+    Transitions"); combination transitions walk the kernel's arcs, from
+    :mod:`pyvfio.migration` (state names are its ``MigState`` names).  The data stream is one or more records, each a full
     snapshot (config space + model state); the destination loads the last."""
 
     def __init__(self, device: PciDeviceModel) -> None:
@@ -96,25 +90,15 @@ class MigrationFsm:
         self._in = bytearray()
 
     def path(self, target: str) -> list[str]:
-        """The arcs from the current state to ``target`` (excluding the start)."""
+        """The arcs from the current state to ``target`` (excluding the start),
+        as the kernel would walk them (:func:`pyvfio.migration.arc_path`)."""
         if self.state == "ERROR":
             raise OSError(errno.EINVAL, "migration state is ERROR; reset the device")
-        if target == self.state:
-            return []
-        queue = collections.deque([[self.state]])
-        seen = {self.state}
-        while queue:
-            route = queue.popleft()
-            for nxt in _ARCS[route[-1]]:
-                if nxt == "PRE_COPY" and not self.pre_copy:
-                    continue
-                if nxt == target:
-                    return [*route[1:], nxt]
-                if nxt in seen or nxt in _SAVING:
-                    continue
-                seen.add(nxt)
-                queue.append([*route, nxt])
-        raise OSError(errno.EINVAL, f"no migration path from {self.state} to {target}")
+        flags = MigFlag.STOP_COPY | (MigFlag.PRE_COPY if self.pre_copy else MigFlag(0))
+        try:
+            return [s.name for s in arc_path(MigState[self.state], MigState[target], flags)]
+        except MigrationError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
 
     def transition(self, target: str) -> None:
         for step in self.path(target):
