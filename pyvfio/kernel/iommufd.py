@@ -60,6 +60,7 @@ __all__ = [
     "HwInfo",
     "Hwpt",
     "Ioas",
+    "IoasRangeError",
     "Iommufd",
     "IommufdBinding",
     "IommufdDevice",
@@ -431,15 +432,14 @@ class Ioas(DmaSpace):
                 errno.ENOMEM, op, self.target,
                 f"pinning {where} failed: RLIMIT_MEMLOCK is {limit}; iommufd charges pinned "
                 "pages to it (raise it with `ulimit -l` or prlimit)")
-        if exc.errno in (errno.ENOSPC, errno.ERANGE) or (
-                exc.errno == errno.EINVAL and iova is not None
-                and not any(s <= iova and iova + length - 1 <= e
-                            for s, e in self.iova_ranges)):
-            return IovaRangeError(f"{op} on {self.target}: IOVA {where} is outside the usable "
-                                  f"ranges {_ranges_text(self.iova_ranges)} or already in use "
-                                  f"([Errno {exc.errno}] {os.strerror(exc.errno or 0)})")
         if exc.errno == errno.EEXIST:
-            return IovaRangeError(f"{op} on {self.target}: IOVA {where} is already mapped")
+            return IoasRangeError(exc, f"IOVA {where} is already mapped")
+        if exc.errno == errno.EINVAL and iova is not None:
+            # iopt_check_iova: EINVAL for a reserved or misaligned IOVA.
+            ranges = self.iova_ranges
+            if not any(s <= iova and iova + length - 1 <= e for s, e in ranges):
+                return IoasRangeError(exc, f"IOVA {where} is outside the usable ranges "
+                                           f"{_ranges_text(ranges)}")
         return exc
 
     def map_user(self, user_va: int, length: int, iova: int | None = None, *,
@@ -501,9 +501,8 @@ class Ioas(DmaSpace):
             self._ioctl(U.IOMMU_IOAS_COPY, arg)
         except KernelError as exc:
             if exc.errno == errno.ENOENT:
-                raise IovaRangeError(
-                    f"IOMMU_IOAS_COPY from {src.target}: {src_iova:#x}+{length:#x} is not "
-                    "exactly one mapping there") from None
+                raise IoasRangeError(exc, f"{src_iova:#x}+{length:#x} is not exactly one "
+                                          f"mapping of {src.target}") from None
             raise self._map_error(exc, "IOMMU_IOAS_COPY", iova, length) from None
         return int(arg.dst_iova)
 
@@ -517,8 +516,9 @@ class Ioas(DmaSpace):
             ioctl(self._fd(), U.IOMMU_IOAS_UNMAP, arg, target=self.target)
         except KernelError as exc:
             if exc.errno == errno.ENOENT:
-                raise IovaRangeError(f"IOMMU_IOAS_UNMAP on {self.target}: nothing is mapped "
-                                     f"exactly at {iova:#x}+{size:#x}") from None
+                raise IoasRangeError(
+                    exc, f"no mapping lies wholly inside {iova:#x}+{size:#x} (an unmap must "
+                    "cover whole earlier mappings)") from None
             raise
         return int(arg.length)
 
@@ -555,6 +555,14 @@ class Ioas(DmaSpace):
 
     def __repr__(self) -> str:
         return f"<Ioas {self.id} of {self.iommufd.name}>"
+
+
+class IoasRangeError(IovaRangeError, KernelError):
+    """An IOVA problem the kernel reported (EEXIST, ENOENT, a reserved IOVA):
+    an :class:`IovaRangeError` that also keeps the errno and the operation."""
+
+    def __init__(self, exc: KernelError, message: str) -> None:
+        KernelError.__init__(self, exc.errno or errno.EINVAL, exc.op, exc.target, message)
 
 
 def _ranges_text(ranges: list[tuple[int, int]]) -> str:
