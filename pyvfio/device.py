@@ -535,8 +535,14 @@ class Region:
         of a driver, and in CPython every call layer costs about as much as
         the ``pread`` itself; the methods below stay as the reference
         behaviour (and the fallback for subclasses)."""
-        reader, writer = self.device._region_accessors(self.info)
         size, index = self.size, self.index
+        native = self.device._region_int_accessors(self.info)
+        if native is not None:
+            for width, (read_n, write_n) in native.items():
+                self.__dict__[f"read{8 * width}"] = read_n
+                self.__dict__[f"write{8 * width}"] = write_n
+            return
+        reader, writer = self.device._region_accessors(self.info)
         from_bytes = int.from_bytes
 
         def bad(offset: int, width: int) -> UsageError:
@@ -782,6 +788,15 @@ class Device(abc.ABC):
             self._region_write(index, offset, data)
 
         return read, write
+
+    def _region_int_accessors(self, info: RegionInfo
+                              ) -> dict[int, tuple[Callable[[int], int],
+                                                   Callable[[int, int], None]]] | None:
+        """Optionally, complete ``{width: (read_n(offset), write_n(offset, value))}``
+        register accessors for one region (bounds checks included), for a
+        backend that can do an access in a single Python frame.  None (the
+        default): :class:`Region` builds them on :meth:`_region_accessors`."""
+        return None
 
     @abc.abstractmethod
     def _get_irq_info(self, index: int) -> IrqInfo: ...

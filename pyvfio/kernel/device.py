@@ -217,6 +217,54 @@ class KernelDevice(Device):
 
         return read, write
 
+    def _region_int_accessors(self, info: RegionInfo
+                              ) -> dict[int, tuple[Callable[[int], int],
+                                                   Callable[[int, int], None]]]:
+        """``read32(offset)`` and friends as one closure each around
+        ``os.pread``/``os.pwrite`` of exactly that width: one Python frame per
+        register access (the pread goal of benchmarks/kernel_bench.py)."""
+        fd, base, index, size = self.fd, info.offset, info.index, info.size
+        pread, pwrite, from_bytes = os.pread, os.pwrite, int.from_bytes
+        target = f"{self.target} region {index}"
+
+        def fail(op: str, offset: int, width: int, exc: OSError | None, got: int) -> Exception:
+            if not 0 <= offset <= size - width:
+                return UsageError(f"access {offset:#x}+{width} is outside region {index} "
+                                  f"of size {size:#x}")
+            if exc is not None:
+                return KernelError.from_oserror(exc, op, target, f"{width} bytes at {offset:#x}")
+            return KernelError(errno.EIO, op, target,
+                               f"short {op}: {got} of {width} bytes at {offset:#x}")
+
+        def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
+            limit = size - width
+            mask = (1 << (8 * width)) - 1
+
+            def read_n(offset: int) -> int:
+                if not 0 <= offset <= limit:
+                    raise fail("pread", offset, width, None, 0)
+                try:
+                    data = pread(fd, width, base + offset)
+                except OSError as exc:
+                    raise fail("pread", offset, width, exc, 0) from None
+                if len(data) != width:
+                    raise fail("pread", offset, width, None, len(data))
+                return from_bytes(data, "little")
+
+            def write_n(offset: int, value: int) -> None:
+                if not 0 <= offset <= limit:
+                    raise fail("pwrite", offset, width, None, 0)
+                try:
+                    done = pwrite(fd, (value & mask).to_bytes(width, "little"), base + offset)
+                except OSError as exc:
+                    raise fail("pwrite", offset, width, exc, 0) from None
+                if done != width:
+                    raise fail("pwrite", offset, width, None, done)
+
+            return read_n, write_n
+
+        return {width: make(width) for width in (1, 2, 4, 8)}
+
     def _region_mmap(self, info: RegionInfo, offset: int, size: int) -> mmap.mmap:
         prot = 0
         if info.flags & RegionFlag.READ:
