@@ -1,0 +1,118 @@
+"""``pyvfio broker`` (the daemon) and ``pyvfio broker-open`` (a client that
+gets fds for a VMM and prints or execs the QEMU command line that uses them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from pyvfio.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "broker",
+        help="run the fd broker: a root daemon that opens VFIO devices for allowed users",
+        description="Listen on a UNIX socket; for each client (identified by SO_PEERCRED) "
+                    "check the policy and the host's readiness, open the device "
+                    "(group+container or iommufd+cdev) and pass the fds. "
+                    "Decisions are logged one per line (see docs/broker.md).")
+    p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
+    p.add_argument("--policy", required=True, metavar="FILE", help="policy file (TOML)")
+    p.add_argument("--log", metavar="FILE",
+                   help="append decision records to FILE (they always go to stderr too)")
+    p.add_argument("--socket-mode", default="0666", metavar="MODE",
+                   help="permissions of the socket (octal, default 0666: the policy decides)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the policy file, print its rules, and exit")
+    p.set_defaults(func=run_broker)
+
+    c = sub.add_parser(
+        "broker-open",
+        help="get devices from the broker and print (or exec) the QEMU arguments using the fds",
+        description="Ask the broker for devices without set-up (iommufd + unbound cdev fds, "
+                    "or container + group fds), then print the QEMU arguments that use them "
+                    "(--print-qemu-args) or exec a command with the fds inherited and the "
+                    "arguments appended (--exec CMD ...). Without either, print what came.")
+    c.add_argument("--socket", required=True, metavar="PATH", help="the broker's socket")
+    c.add_argument("--backend", choices=("auto", "legacy", "iommufd"), default="auto")
+    c.add_argument("--print-qemu-args", action="store_true",
+                   help="print the QEMU arguments that use the passed fds")
+    c.add_argument("--list", action="store_true",
+                   help="list the devices the policy allows this user, and exit")
+    c.add_argument("devices", nargs="*", metavar="BDF")
+    c.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_cmd", metavar="CMD",
+                   help="exec CMD with the fds inherited and the QEMU arguments appended "
+                        "(must come last)")
+    c.set_defaults(func=run_broker_open)
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from pyvfio.broker.audit import AuditLog
+    from pyvfio.broker.policy import Policy
+    from pyvfio.broker.server import Broker
+
+    policy = Policy.load(args.policy)
+    if args.check:
+        print(f"{policy.source}: {len(policy.rules)} rule(s), max_clients={policy.max_clients}, "
+              f"max_devices_per_client={policy.max_devices_per_client}")
+        for r in policy.rules:
+            who = (["*"] if r.everyone else []) + [f"uid {u}" for u in sorted(r.uids)] + \
+                [f"gid {g}" for g in sorted(r.gids)]
+            what = sorted(r.addresses) + [f"{v:04x}:{d:04x}" for v, d in sorted(r.ids)] + \
+                [f"group {g}" for g in sorted(r.iommu_groups)]
+            print(f"  {r.label}: {', '.join(who)} -> {', '.join(what)} "
+                  f"backends={','.join(r.backends)}{' managed' if r.managed else ''}")
+        return 0
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        raise UsageError(f"--socket-mode must be octal, not {args.socket_mode!r}") from None
+    audit = AuditLog(args.log)
+    broker = Broker(args.socket, policy, root=args.root, audit=audit, socket_mode=mode)
+    broker.listen()
+
+    def stop(_signum: int, _frame: object) -> None:
+        # stop() only flags and shuts the listener down; safe in a handler.
+        threading.Thread(target=broker.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        broker.serve_forever()
+    finally:
+        audit.close()
+    return 0
+
+
+def run_broker_open(args: argparse.Namespace) -> int:
+    from pyvfio.broker.client import BrokerSession
+    from pyvfio.cli import CommandFailed
+
+    with BrokerSession(args.socket) as session:
+        if args.list:
+            for d in session.allowed():
+                print(f"{d['device']}  {d['id']}  group {d['iommu_group']}  "
+                      f"backends={','.join(d['backends'])}  ({d['rule']})")
+            return 0
+        if not args.devices:
+            raise CommandFailed("name at least one device (or use --list)", 2)
+        for bdf in args.devices:
+            session.open_fds(bdf, backend=args.backend)
+        qemu = session.qemu_args()
+        if args.exec_cmd:
+            session.inheritable_fds()
+            sys.stdout.flush()
+            os.execvp(args.exec_cmd[0], [*args.exec_cmd, *qemu])
+        if args.print_qemu_args:
+            print(" ".join(qemu))
+        else:
+            print(f"backend: {session.backend}")
+            for address, fds in session.passed_fds.items():
+                shown = ", ".join(f"{k}={v}" for k, v in fds.items())
+                print(f"{address}: {shown}")
+    return 0
