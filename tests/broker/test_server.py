@@ -150,7 +150,7 @@ def test_device_outside_the_policy_is_refused_and_logged(broker: Running) -> Non
 
 
 def test_unknown_device_is_refused(broker: Running) -> None:
-    with pytest.raises(BrokerRefused, match="no PCI device 0000:00:1f.7"):
+    with pytest.raises(BrokerRefused, match=r"no PCI device 0000:00:1f\.7"):
         open_device(broker.path, "00:1f.7")
 
 
@@ -163,7 +163,7 @@ def test_not_bound_is_refused_with_the_diagnosis(broker: Running) -> None:
 
 def test_non_viable_group_is_refused_naming_the_culprit(fake: FakeSysfs, broker: Running) -> None:
     to_vfio(fake, EDU_BRIDGED)
-    with pytest.raises(BrokerRefused, match="0000:02:02.0") as exc:
+    with pytest.raises(BrokerRefused, match=r"0000:02:02\.0") as exc:
         open_device(broker.path, EDU_BRIDGED)
     culprits = {(p["device"], p["driver"]) for p in exc.value.problems}
     assert (E1000_BRIDGED, "e1000") in culprits
