@@ -71,6 +71,7 @@ __all__ = [
     "cdev_for",
     "detach_pt",
     "device_from_fds",
+    "is_noiommu",
     "open_cdev_device",
 ]
 
@@ -740,9 +741,10 @@ class IommufdBinding:
     """What keeps an iommufd device's DMA working, owned by the device and
     closed after its fd (closing the device fd detaches and unbinds it): the
     IOAS if it was made for this device, then ``/dev/iommu`` if it was opened
-    for this device.  Shared ones are left to their owner."""
+    for this device.  Shared ones are left to their owner.  ``ioas`` is None
+    for a no-IOMMU device (bound, never attached)."""
 
-    def __init__(self, iommufd: Iommufd, ioas: Ioas, *, own_ioas: bool,
+    def __init__(self, iommufd: Iommufd, ioas: Ioas | None, *, own_ioas: bool,
                  own_iommufd: bool) -> None:
         self.iommufd = iommufd
         self.ioas = ioas
@@ -754,7 +756,7 @@ class IommufdBinding:
 
     def close(self) -> None:
         try:
-            if self.own_ioas:
+            if self.own_ioas and self.ioas is not None:
                 self.ioas.close()
         finally:
             if self.own_iommufd:
@@ -766,11 +768,13 @@ class IommufdDevice(KernelDevice):
 
     ``dev_id`` is its ID in the iommufd (for :meth:`hw_info` and HWPT
     allocation), ``pt_id`` the HWPT it is attached to (0 when detached),
-    ``ioas`` its :class:`Ioas` (also ``dma``).
+    ``ioas`` its :class:`Ioas` (also ``dma``).  A device in vfio's no-IOMMU
+    mode (``noiommu``) is bound but cannot be attached: it has no ``ioas``,
+    no ``dev_id`` and no DMA address space.
     """
 
     def __init__(self, name: str, fd: int, binding: IommufdBinding, dev_id: int,
-                 pt_id: int, *, backend_reason: str = "") -> None:
+                 pt_id: int, *, noiommu: bool = False, backend_reason: str = "") -> None:
         super().__init__(name, fd, binding.ioas, [binding], backend="iommufd",
                          backend_reason=backend_reason or "iommufd and the device cdev")
         self.binding = binding
@@ -778,11 +782,19 @@ class IommufdDevice(KernelDevice):
         self.ioas = binding.ioas
         self.dev_id = dev_id
         self.pt_id = pt_id
+        self.noiommu = noiommu
+
+    def _require_ioas(self, what: str) -> Ioas:
+        self._ensure_open()
+        if self.ioas is None:
+            raise UsageError(f"{what}: {self.name} is in vfio's no-IOMMU mode; there is no "
+                             "IOMMU behind it and nothing to attach")
+        return self.ioas
 
     def hw_info(self) -> HwInfo:
         """``IOMMU_GET_HW_INFO``: the IOMMU behind this device (type, VT-d
         registers, whether it can track dirty pages)."""
-        self._ensure_open()
+        self._require_ioas("IOMMU_GET_HW_INFO")
         return self.iommufd.hw_info(self.dev_id)
 
     def alloc_hwpt(self, *, dirty_tracking: bool = False,
@@ -791,7 +803,7 @@ class IommufdDevice(KernelDevice):
         :meth:`attach`).  ``dirty_tracking`` asks for
         ``IOMMU_HWPT_ALLOC_DIRTY_TRACKING``; it is refused with a clear error
         when :meth:`hw_info` does not report the capability."""
-        self._ensure_open()
+        ioas = self._require_ioas("IOMMU_HWPT_ALLOC")
         if dirty_tracking:
             info = self.hw_info()
             if not info.dirty_tracking:
@@ -799,31 +811,46 @@ class IommufdDevice(KernelDevice):
                                   f"the {info.type_name} IOMMU reports no dirty tracking "
                                   f"(capabilities {int(info.capabilities):#x})")
             flags |= U.HwptAllocFlag.DIRTY_TRACKING
-        return self.iommufd.alloc_hwpt(self.dev_id, self.ioas.id, flags=flags)
+        return self.iommufd.alloc_hwpt(self.dev_id, ioas.id, flags=flags)
 
     def attach(self, pt: Ioas | Hwpt | int) -> int:
         """Attach (or re-attach, replacing) to an IOAS or HWPT; returns the HWPT ID."""
-        self._ensure_open()
+        ioas = self._require_ioas("VFIO_DEVICE_ATTACH_IOMMUFD_PT")
         pt_id = pt if isinstance(pt, int) else pt.id
         self.pt_id = attach_pt(self.fd, pt_id, self.target)
-        self.ioas.ranges_changed()
+        ioas.ranges_changed()
         return self.pt_id
 
     def detach(self) -> None:
         """Detach from the IOAS/HWPT; the device cannot DMA until attached again."""
-        self._ensure_open()
+        ioas = self._require_ioas("VFIO_DEVICE_DETACH_IOMMUFD_PT")
         detach_pt(self.fd, self.target)
         self.pt_id = 0
-        self.ioas.ranges_changed()
+        ioas.ranges_changed()
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["iommufd"] = {"dev_id": self.dev_id, "pt_id": self.pt_id, "ioas_id": self.ioas.id}
-        try:
-            out["iommufd"]["hw_info"] = self.hw_info().as_dict()
-        except KernelError as exc:
-            out["iommufd"]["hw_info"] = {"error": str(exc)}
+        info: dict[str, Any] = {"dev_id": self.dev_id, "pt_id": self.pt_id,
+                                "ioas_id": self.ioas.id if self.ioas else None,
+                                "noiommu": self.noiommu}
+        if self.ioas is not None:
+            try:
+                info["hw_info"] = self.hw_info().as_dict()
+            except KernelError as exc:
+                info["hw_info"] = {"error": str(exc)}
+        out["iommufd"] = info
         return out
+
+
+def is_noiommu(device: str, root: str = "/") -> bool:
+    """Whether ``device`` sits in a vfio no-IOMMU group (its group is named
+    ``vfio-noiommu``): usable without DMA isolation, and without DMA mapping."""
+    base = sysfs_device_dir(device, root)
+    try:
+        with open(os.path.join(base, "iommu_group", "name")) as f:
+            return f.read().strip() == "vfio-noiommu"
+    except OSError:
+        return False
 
 
 def _open_cdev(bdf: str, root: str) -> int:
@@ -858,20 +885,29 @@ def open_cdev_device(bdf: str, root: str = "/", iommufd: Iommufd | int | None = 
            else Iommufd.from_fd(iommufd, owned=False) if isinstance(iommufd, int) else iommufd)
     space: Ioas | None = None
     fd = -1
+    noiommu = device_fd is None and is_noiommu(bdf, root)
     try:
         fd = _open_cdev(bdf, root) if device_fd is None else device_fd
         target = f"device {bdf}"
         dev_id = bind_iommufd(fd, ifd, target)
-        if ioas is None:
-            space = ifd.alloc_ioas()
-        elif isinstance(ioas, int):
-            space = ifd.ioas(ioas)
+        pt_id = 0
+        if noiommu:
+            # vfio_df_iommufd_bind lets a no-IOMMU device open without binding
+            # it to anything (dev_id stays 0); attaching it is refused.
+            if ioas is not None:
+                raise UsageError(f"{bdf} is in vfio's no-IOMMU mode: it cannot be attached "
+                                 "to an IOAS")
         else:
-            space = ioas
-        pt_id = attach_pt(fd, space.id, target)
-        space.ranges_changed()
+            if ioas is None:
+                space = ifd.alloc_ioas()
+            elif isinstance(ioas, int):
+                space = ifd.ioas(ioas)
+            else:
+                space = ioas
+            pt_id = attach_pt(fd, space.id, target)
+            space.ranges_changed()
         binding = IommufdBinding(ifd, space, own_ioas=ioas is None, own_iommufd=own_iommufd)
-        device = IommufdDevice(bdf, fd, binding, dev_id, pt_id)
+        device = IommufdDevice(bdf, fd, binding, dev_id, pt_id, noiommu=noiommu)
     except BaseException:
         if fd >= 0 and device_fd is None:  # a handed-in fd stays the caller's on failure
             os.close(fd)
@@ -880,6 +916,9 @@ def open_cdev_device(bdf: str, root: str = "/", iommufd: Iommufd | int | None = 
         if own_iommufd:
             ifd.close()
         raise
+    if noiommu:
+        device.backend_reason = ("iommufd and the device cdev, in vfio's UNSAFE no-IOMMU mode: "
+                                 "no DMA isolation and no DMA mapping")
     return device
 
 

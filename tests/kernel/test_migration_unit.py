@@ -120,9 +120,12 @@ def test_every_path_uses_only_required_arcs(case: tuple[MigFlag, MigState, MigSt
     arcs = allowed_arcs(flags)
     for a, b in zip([cur, *path], path, strict=False):
         assert (a, b) in arcs, f"{a.name}->{b.name} with {flags!r}"
-    # "The path cannot have saving group states as interior arcs".
+    # "The path cannot have saving group states as interior arcs": a session
+    # is not opened and closed on the way (PRE_COPY -> PRE_COPY_P2P -> STOP_COPY
+    # stays in one session, which the kernel lists as a valid path).
     saving = {S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY}
-    assert not saving & set(path[:-1])
+    if cur not in saving:
+        assert not saving & set(path[:-1])
 
 
 # --- a device that only accepts real arcs ----------------------------------------------------
