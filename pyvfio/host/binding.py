@@ -30,7 +30,7 @@ from typing import Any
 from pyvfio.errors import BindError, DeviceInUse, NoIommu, NotViable, UsageError
 from pyvfio.host.diagnosis import VIABLE_KINDS, diagnose_many
 from pyvfio.host.model import Host, PciDevice, normalize_bdf
-from pyvfio.host.sysfs import read_link_name
+from pyvfio.host.sysfs import read_link_name, read_str
 
 DEFAULT_STATE_DIR = "run/pyvfio/bind"
 
@@ -47,10 +47,19 @@ def state_dir_for(root: str, override: str | None = None) -> str:
 class BindState:
     """One JSON record per device:
     ``{"device", "original_driver", "original_override", "target_driver",
-    "phase": "binding"|"bound", "pid", "time"}``."""
+    "phase": "binding"|"bound", "pid", "time", "boot_id"}``.
 
-    def __init__(self, directory: str) -> None:
+    ``boot_id`` (``/proc/sys/kernel/random/boot_id``) marks records from an
+    earlier boot as stale: bindings do not survive a reboot, so such a record
+    (a state directory that is not on a tmpfs) describes nothing real."""
+
+    def __init__(self, directory: str, boot_id: str | None = None) -> None:
         self.directory = directory
+        self.boot_id = boot_id
+
+    def is_stale(self, record: dict[str, Any]) -> bool:
+        recorded = record.get("boot_id")
+        return bool(recorded and self.boot_id and recorded != self.boot_id)
 
     def path(self, address: str) -> str:
         return os.path.join(self.directory, f"{address}.json")
@@ -68,6 +77,8 @@ class BindState:
         return record
 
     def save(self, record: dict[str, Any]) -> None:
+        if self.boot_id:
+            record["boot_id"] = self.boot_id
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         final = self.path(record["device"])
         tmp = f"{final}.tmp.{os.getpid()}"
@@ -136,6 +147,13 @@ class _Ops:
 
     def driver_now(self, address: str) -> str | None:
         return read_link_name(self.host.path(f"sys/bus/pci/devices/{address}/driver"))
+
+
+def _state_for(host: Host, state_dir: str | None) -> BindState:
+    return BindState(
+        state_dir_for(host.root, state_dir),
+        read_str(host.path("proc/sys/kernel/random/boot_id")),
+    )
 
 
 def _dev_attr(address: str, attr: str) -> str:
@@ -235,7 +253,7 @@ def bind(
         if not host.driver_loaded(target):
             module = target.replace("-", "_")
             raise BindError(f"driver {target} is not loaded (modprobe {module})")
-    state = BindState(state_dir_for(host.root, state_dir))
+    state = _state_for(host, state_dir)
     ops = _Ops(host, dry_run)
     done: list[tuple[BindResult, dict[str, Any]]] = []
     results: list[BindResult] = []
@@ -277,6 +295,8 @@ def _bind_one(
     current = dev.driver if ops.dry_run else ops.driver_now(address)
     result = BindResult(address, current, current, changed=False)
     record = state.load(address)
+    if record is not None and state.is_stale(record):
+        record = None  # from an earlier boot: the driver we see now is the original
     if current == target:
         if record is not None and record.get("phase") != "bound" and not ops.dry_run:
             record["phase"] = "bound"
@@ -324,22 +344,26 @@ def _restore_one(ops: _Ops, state: BindState, record: dict[str, Any]) -> BindRes
     override = record.get("original_override")
     current = ops.driver_now(address)
     result = BindResult(address, current, current, changed=False)
-    # Clearing driver_override first, so that the probe below may pick the
-    # original driver again (a newline clears it: the kernel strips it and
-    # stores NULL for an empty value).
-    ops.write(result.steps, _dev_attr(address, "driver_override"), override or "\n")
+    final_override = override or "\n"  # a newline clears it: the kernel stores NULL
+    written = None
     if current != original:
         result.changed = True
+        # While rebinding, driver_override names the original driver: the
+        # only way back to a driver that matched through an override itself
+        # (pci-stub, a vfio driver bound by hand) and harmless for the rest.
+        written = original or final_override
+        ops.write(result.steps, _dev_attr(address, "driver_override"), written)
         if current:
             ops.write(result.steps, f"sys/bus/pci/drivers/{current}/unbind", address)
         if original:
             try:
                 ops.write(result.steps, f"sys/bus/pci/drivers/{original}/bind", address)
             except OSError:
-                if ops.dry_run:
-                    raise
-            if not ops.dry_run and ops.driver_now(address) != original:
+                pass  # e.g. the driver is not loaded now: let the bus pick
+            if ops.dry_run or ops.driver_now(address) != original:
                 ops.write(result.steps, "sys/bus/pci/drivers_probe", address)
+    if written != final_override:
+        ops.write(result.steps, _dev_attr(address, "driver_override"), final_override)
     if ops.dry_run:
         result.driver = original
         return result
@@ -368,7 +392,7 @@ def restore(
     restored.  Every device is attempted; the first failure is raised at the
     end."""
     host = host or Host(root)
-    state = BindState(state_dir_for(host.root, state_dir))
+    state = _state_for(host, state_dir)
     if isinstance(addresses, str):
         addresses = [addresses]
     if all_devices:
@@ -384,6 +408,12 @@ def restore(
         record = state.load(address)
         if record is None:
             errors.append(f"no binding of {address} is recorded in {state.directory}")
+            continue
+        if state.is_stale(record):
+            if not dry_run:
+                state.remove(address)
+            errors.append(f"the record of {address} is from an earlier boot (bindings do not "
+                          "survive a reboot); removed it, nothing to restore")
             continue
         try:
             results.append(_restore_one(ops, state, record))

@@ -19,7 +19,6 @@ Format (from the file's own header)::
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 from dataclasses import dataclass
@@ -74,6 +73,8 @@ class PciIds:
             return self._vendors
         try:
             if self.path.endswith(".gz"):
+                import gzip  # only some distributions compress it; keep start-up lean
+
                 with gzip.open(self.path, "rb") as f:
                     data = f.read()
             else:

@@ -150,6 +150,8 @@ class FakeSysfs:
         _write(self.p("sys/bus/pci/drivers_probe"), "")
         _write(self.p("sys/bus/pci/rescan"), "")
         _write(self.p("proc/sys/kernel/osrelease"), release + "\n")
+        os.makedirs(self.p("proc/sys/kernel/random"), exist_ok=True)
+        self.reboot()
         _write(self.p("dev/vfio/vfio"), "")
         if iommu:
             os.makedirs(self.p("sys/class/iommu/dmar0"), exist_ok=True)
@@ -340,6 +342,11 @@ class FakeSysfs:
                 addresses.append(address)
             group += 1
         return addresses
+
+    def reboot(self) -> None:
+        """A new ``proc/sys/kernel/random/boot_id`` (devices keep their state:
+        enough to test that records from an earlier boot are recognised)."""
+        _write(self.p("proc/sys/kernel/random/boot_id"), f"{random.getrandbits(128):032x}\n")
 
     # ---- the kernel's side ----
 

@@ -175,6 +175,36 @@ def test_state_dir_override(fake: FakeSysfs, tmp_path, monkeypatch) -> None:
     assert os.path.exists(tmp_path / "env" / f"{EDU}.json")
 
 
+def _rebind_by_hand(fake: FakeSysfs, bdf: str, driver: str) -> None:
+    current = fake.devices[bdf].driver
+    fake.write(fake.p(f"sys/bus/pci/devices/{bdf}/driver_override"), driver)
+    if current:
+        fake.write(fake.p(f"sys/bus/pci/drivers/{current}/unbind"), bdf)
+    fake.write(fake.p("sys/bus/pci/drivers_probe"), bdf)
+    fake.write(fake.p(f"sys/bus/pci/devices/{bdf}/driver_override"), "\n")
+    assert fake.devices[bdf].driver == driver
+
+
+def test_records_from_an_earlier_boot_are_stale(fake: FakeSysfs) -> None:
+    bind(E1000_BRIDGED, root=fake.root)  # records e1000 as the original
+    fake.reboot()
+    before = fake.writes[:]
+    with pytest.raises(BindError, match="earlier boot"):
+        restore(E1000_BRIDGED, root=fake.root)
+    assert fake.writes == before  # nothing touched, the record is gone
+    assert _state(fake).addresses() == []
+
+    bind(E1000_BRIDGED, root=fake.root)
+    fake.reboot()
+    _rebind_by_hand(fake, E1000_BRIDGED, "pci-stub")  # this boot's state, made by hand
+    bind(E1000_BRIDGED, root=fake.root)  # the stale record (e1000) must not count
+    record = _state(fake).load(E1000_BRIDGED)
+    assert record is not None and record["original_driver"] == "pci-stub"
+    restore(all_devices=True, root=fake.root)
+    assert fake.devices[E1000_BRIDGED].driver == "pci-stub"
+    _rebind_by_hand(fake, E1000_BRIDGED, "e1000")
+
+
 def test_restore_without_a_record(fake: FakeSysfs) -> None:
     with pytest.raises(BindError, match=r"no binding of 0000:06:00\.0 is recorded"):
         restore(EDU, root=fake.root)
