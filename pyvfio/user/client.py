@@ -363,6 +363,8 @@ class VfioUserDmaSpace(DmaSpace):
         if memory.fd < 0:
             raise ClosedError("DMA map of closed memory")
         share = self.share_fds if share_fd is None else share_fd
+        if self._device.capabilities.max_msg_fds < 1:
+            share = False  # the server takes no fds at all: it gets DMA_READ/WRITE instead
         flags = (P.DmaMapFlag.READ if readable else 0) | (P.DmaMapFlag.WRITE if writable else 0)
         mapping = DmaMapping(iova, size, memory, offset, readable, writable, share)
         with self._table_lock:
@@ -739,7 +741,10 @@ class VfioUserDevice(Device):
                 raise UsageError("vfio-user cannot de-assign some vectors of a range and assign "
                                  "others in one call: split it")
             # The server takes at most max_msg_fds fds per message.
-            step = max(1, self.capabilities.max_msg_fds)
+            step = self.capabilities.max_msg_fds
+            if step < 1:
+                raise UsageError(f"{self.path} takes no fds (max_msg_fds 0): its interrupts "
+                                 "cannot be routed to eventfds")
             for i in range(0, count, step):
                 chunk = fds[i:i + step]
                 self._request(Command.DEVICE_SET_IRQS,

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from pyvfio.device import IrqAction, IrqIndex, SharedMemory
-from pyvfio.errors import ConnectionClosed, PeerError, ProtocolError
+from pyvfio.errors import ConnectionClosed, PeerError, ProtocolError, UsageError
 from pyvfio.user import protocol as P
 from pyvfio.user.client import connect
 from pyvfio.user.protocol import HEADER, Command, Message, MessageReader, send_message
@@ -707,3 +707,21 @@ def test_twin_socket_serves_server_commands(serve: Any) -> None:
         ours.sendall(HEADER.pack(4, Command.DMA_READ, 16, 1, 0))
         _wait_for(lambda: not dev.connected)
     ours.close()
+
+
+def test_server_taking_no_fds(serve: Any) -> None:
+    """max_msg_fds 0: DMA maps go without fds, eventfds cannot be routed."""
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DEVICE_GET_IRQ_INFO:
+            return reply_to(m, P.IrqInfoMsg(1, flags=1, count=1).pack())
+        return basic(m)
+
+    s = serve(handler, version=lambda m: version_reply(m, {"max_msg_fds": 0}))
+    with connect(s.path) as dev:
+        buf = dev.dma_alloc(0x1000)
+        assert not dev.dma_space.mappings[0].shared_fd
+        buf.close()
+        with pytest.raises(UsageError, match="max_msg_fds 0"):
+            dev.enable_irq(IrqIndex.MSI)
+    maps = [m for m in s.received if m.command == Command.DMA_MAP]
+    assert len(maps) == 1 and maps[0].fds == []
