@@ -1,0 +1,160 @@
+"""iommufd DMA map+unmap: pyvfio against C, and against the legacy type1 path,
+in the same guest run.
+
+    python benchmarks/iommufd_bench.py [--seconds S] [--rounds N] [--kernel pyvfio-6.12] [--json]
+
+Boots the standard guest on a kernel with iommufd (:mod:`pyvfio.testing.guest`),
+binds edu to vfio-pci and measures 4 KiB map+unmap pairs per second of one
+memfd page at a fixed IOVA, with edu attached so every pair really programs
+(and invalidates) the vIOMMU's page table:
+
+- ``iommufd``: ``Ioas.map`` + ``Ioas.unmap`` (IOMMU_IOAS_MAP/UNMAP on the
+  device's IOAS, device opened through its cdev), and
+  ``benchmarks/iommufd_bench.c`` doing the same ioctls;
+- ``type1``: ``Container.map`` + ``Container.unmap`` (VFIO_IOMMU_MAP/UNMAP_DMA
+  through the legacy container), and the same C program in type1 mode.
+
+Prints pyvfio/C for each path (goal for iommufd: >= 0.7) and iommufd/type1 for
+each language.  pyvfio and C rounds alternate and each keeps its best round,
+so both see the same load on a shared machine (TCG when nested KVM does not
+work: absolute rates are small, ratios are the point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOAL = 0.7
+IOVA = 0x100000
+BATCH = 64
+
+
+def _rate(fn: Callable[[], None], seconds: float) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        n += BATCH
+        t = time.perf_counter()
+        if t - t0 >= seconds:
+            return n / (t - t0)
+
+
+def measure_pyvfio(bdf: str, mode: str, seconds: float) -> float:
+    from pyvfio.device import SharedMemory
+    from pyvfio.kernel import open_device
+
+    memory = SharedMemory(4096)
+    try:
+        with open_device(bdf, "iommufd" if mode == "iommufd" else "legacy") as dev:
+            space = dev.dma
+            assert space is not None
+            dmap, dunmap = space.map, space.unmap
+
+            def pairs() -> None:
+                for _ in range(BATCH):
+                    dmap(IOVA, memory)
+                    dunmap(IOVA, 4096)
+
+            return _rate(pairs, seconds)
+    finally:
+        memory.close()
+
+
+def measure_c(bdf: str, mode: str, seconds: float) -> float:
+    exe = Path("/tmp/pyvfio-iommufd-bench")
+    if not exe.exists():
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "iommufd_bench.c")],
+                       check=True)
+    res = subprocess.run([str(exe), mode, bdf, str(seconds)], check=True, capture_output=True,
+                         text=True)
+    return float(json.loads(res.stdout)["map_unmap"])
+
+
+def _bind_vfio(bdf: str) -> None:
+    base = f"/sys/bus/pci/devices/{bdf}"
+    if os.path.exists(f"{base}/driver"):
+        if os.path.basename(os.readlink(f"{base}/driver")) == "vfio-pci":
+            return
+        Path(f"{base}/driver/unbind").write_text(bdf)
+    Path(f"{base}/driver_override").write_text("vfio-pci")
+    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+
+
+def inside(seconds: float, rounds: int, as_json: bool) -> int:
+    from pyvfio.testing.topology import EDU
+
+    if not os.path.exists("/dev/iommu"):
+        print(f"kernel {os.uname().release} has no iommufd (/dev/iommu): run with "
+              "--kernel pyvfio-6.12", file=sys.stderr)
+        return 2
+    _bind_vfio(EDU)
+    best: dict[tuple[str, str], float] = {}
+    for _round in range(rounds):
+        for mode in ("iommufd", "type1"):
+            for lang, measure in (("pyvfio", measure_pyvfio), ("c", measure_c)):
+                rate = measure(EDU, mode, seconds)
+                best[lang, mode] = max(best.get((lang, mode), 0.0), rate)
+    ratio = best["pyvfio", "iommufd"] / best["c", "iommufd"]
+    report = {
+        "kernel": os.uname().release, "seconds_per_measure": seconds, "rounds": rounds,
+        "pairs_per_s": {f"{lang}_{mode}": round(v, 1) for (lang, mode), v in best.items()},
+        "pyvfio_over_c": {mode: round(best["pyvfio", mode] / best["c", mode], 3)
+                          for mode in ("iommufd", "type1")},
+        "iommufd_over_type1": {lang: round(best[lang, "iommufd"] / best[lang, "type1"], 3)
+                               for lang in ("pyvfio", "c")},
+        "goal": GOAL, "met": ratio >= GOAL,
+    }
+    out_dir = os.environ.get("PYVFIO_GUEST_OUT")
+    if out_dir:
+        Path(out_dir, "iommufd_bench.json").write_text(json.dumps(report, indent=2))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"kernel {report['kernel']}: 4 KiB map+unmap pairs per second, best of {rounds} "
+              f"rounds of {seconds} s")
+        print(f"{'path':<9} {'pyvfio/s':>10} {'C/s':>10} {'pyvfio/C':>9}")
+        for mode in ("iommufd", "type1"):
+            print(f"{mode:<9} {best['pyvfio', mode]:>10.1f} {best['c', mode]:>10.1f} "
+                  f"{report['pyvfio_over_c'][mode]:>9.3f}")
+        print(f"iommufd/type1: pyvfio {report['iommufd_over_type1']['pyvfio']:.3f}, "
+              f"C {report['iommufd_over_type1']['c']:.3f}")
+        print(f"goal pyvfio/C >= {GOAL} on iommufd: {'met' if report['met'] else 'NOT MET'}")
+    return 0 if report["met"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating pyvfio/C rounds")
+    p.add_argument("--kernel", default="pyvfio-6.12", help="guest kernel with iommufd")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.inside or os.environ.get("PYVFIO_GUEST") == "1":
+        return inside(args.seconds, args.rounds, args.json)
+    from pyvfio.testing import guest, topology
+
+    vm = guest.Guest(guest.kernel_by_name(args.kernel), topology.standard())
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--inside", "--seconds",
+           str(args.seconds), "--rounds", str(args.rounds)] + (["--json"] if args.json else [])
+    result = vm.run(cmd, timeout=600)
+    try:
+        sys.stdout.write(result.output)
+        if not args.json:
+            print(f"(guest {args.kernel}, {result.accel}; whole run {result.wall_seconds:.0f} s)")
+        return result.returncode
+    finally:
+        result.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
