@@ -136,3 +136,30 @@ def test_pyvfio_info_command(capsys) -> None:
         assert main(["info", EDU]) == 0
         text = capsys.readouterr().out
         assert "BAR0" in text and "0x100000" in text and "MSI" in text
+
+
+def test_edu_module_cli_json() -> None:
+    import json
+    import subprocess
+    import sys
+
+    with helpers.vfio_bound(EDU):
+        proc = subprocess.run([sys.executable, "-m", "pyvfio.drivers.edu", EDU, "--json",
+                               "--backend", "legacy"], capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["ok"] is True and data["device"] == EDU and len(data["steps"]) == 10
+    assert all(s["ok"] for s in data["steps"])
+
+
+def test_edu_module_cli_not_bound_fails_cleanly() -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pyvfio.drivers.edu", EDU, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    data = json.loads(proc.stdout)
+    assert data["ok"] is False and "pyvfio bind" in data["error"]
