@@ -334,8 +334,14 @@ class Group:
         self._owns_container = False
         self._closed = False
         self._refs = 1
+        self.noiommu = False
         if fd is None:
             path = os.path.join(root, "dev/vfio", str(group_id))
+            noiommu_path = os.path.join(root, "dev/vfio", f"noiommu-{group_id}")
+            if not os.path.exists(path) and os.path.exists(noiommu_path):
+                # vfio's no-IOMMU mode names the node noiommu-N; its container
+                # takes only VFIO_NOIOMMU_IOMMU, which maps no DMA.
+                path, self.noiommu = noiommu_path, True
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -568,7 +574,8 @@ def open_legacy_device(bdf: str, *, root: str = "/", container: Container | None
     group = Group(group_id, root=root)
     try:
         if container is None:
-            container = Container(root=root)
+            container = Container(root=root, iommu_type=V.VFIO_NOIOMMU_IOMMU if group.noiommu
+                                  else V.VFIO_TYPE1v2_IOMMU)
         try:
             group.attach(container, owns_container=own_container, bdf=bdf)
         except BaseException:
@@ -579,6 +586,11 @@ def open_legacy_device(bdf: str, *, root: str = "/", container: Container | None
     except BaseException:
         group.close()
         raise
+    if group.noiommu:
+        return KernelDevice(bdf, fd, None, [group], backend="legacy", backend_reason=(
+            (reason or "legacy container/group API")
+            + f"; UNSAFE no-IOMMU mode (/dev/vfio/noiommu-{group_id}): no DMA isolation, "
+            "no DMA mapping"))
     return KernelDevice(bdf, fd, container, [group], backend="legacy",
                         backend_reason=reason or "legacy container/group API")
 

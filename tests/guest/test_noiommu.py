@@ -111,8 +111,9 @@ def test_open_device_legacy_in_noiommu_mode() -> None:
     from pyvfio.kernel import open_device
 
     with helpers.vfio_bound(EDU), open_device(EDU, "legacy") as dev:
-        assert dev.backend == "legacy"
-        assert dev.dma is None or dev.dma.iova_ranges == []
+        assert dev.backend == "legacy" and dev.dma is None
+        assert f"/dev/vfio/noiommu-{group_of(EDU)}" in dev.backend_reason
+        assert "UNSAFE" in dev.backend_reason
         assert Edu(dev).liveness(1) == 0xFFFFFFFE
 
 
