@@ -183,6 +183,10 @@ def _print_diagnoses(diags: list[Diagnosis]) -> None:
     for d in diags:
         for p in d.problems:
             print(f"{d.device}: {p.reason}\n    fix: {p.fix}")
+        if d.noiommu:
+            print(f"WARNING: {d.device} is in vfio's UNSAFE no-IOMMU mode: no IOMMU isolates "
+                  "its DMA, so the device (and whoever drives it) can reach all of memory",
+                  file=sys.stderr)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
