@@ -256,71 +256,78 @@ class Connection:
                     if reader.eof:
                         return
                     continue
-            for m in msgs:
-                flags = m.flags
-                if flags & 0xF:
-                    self._route_reply(m)
-                    continue
-                cmd = m.command
-                # The hot path: a clean REGION_READ/WRITE.
-                if cmd in (_CMD_REGION_READ, _CMD_REGION_WRITE) and not m.fds \
-                        and m.problem is None and self.negotiated:
-                    try:
-                        with lock:
-                            reply = self._access(m.payload, cmd == _CMD_REGION_WRITE)
-                        if not flags & _NO_REPLY:
-                            with self._send_lock:
-                                sock.sendall(_HEADER.pack(m.msg_id, cmd, 16 + len(reply),
-                                                          _REPLY, 0) + reply)
+            try:
+                for m in msgs:
+                    flags = m.flags
+                    if flags & 0xF:
+                        self._route_reply(m)
                         continue
+                    cmd = m.command
+                    # The hot path: a clean REGION_READ/WRITE.
+                    if cmd in (_CMD_REGION_READ, _CMD_REGION_WRITE) and not m.fds \
+                            and m.problem is None and self.negotiated:
+                        try:
+                            with lock:
+                                reply = self._access(m.payload, cmd == _CMD_REGION_WRITE)
+                            if not flags & _NO_REPLY:
+                                with self._send_lock:
+                                    sock.sendall(_HEADER.pack(m.msg_id, cmd, 16 + len(reply),
+                                                              _REPLY, 0) + reply)
+                            continue
+                        except ProtocolError as exc:
+                            err = exc.errno
+                        except OSError as exc:
+                            err = exc.errno or errno.EIO
+                        except Exception:
+                            log.exception("%s: region access callback failed", self.owner.path)
+                            err = errno.EIO
+                        if not flags & _NO_REPLY:
+                            self._send_error(m, err)
+                        continue
+                    payload: bytes = b""
+                    out_fds: list[int] = []
+                    err = 0
+                    try:
+                        if m.problem is not None:
+                            raise m.problem
+                        handler = handlers.get(cmd)
+                        if handler is None:
+                            raise ProtocolError(f"unknown command {cmd}", errno.EINVAL)
+                        if not self.negotiated and cmd != P.Command.VERSION:
+                            raise ProtocolError("the first command must be VERSION", errno.EINVAL)
+                        if m.fds and cmd not in _FD_COMMANDS:
+                            raise ProtocolError(f"command {cmd} takes no fds", errno.EINVAL)
+                        with lock:
+                            payload, out_fds = handler(m)
                     except ProtocolError as exc:
                         err = exc.errno
                     except OSError as exc:
                         err = exc.errno or errno.EIO
                     except Exception:
-                        log.exception("%s: region access callback failed", self.owner.path)
+                        log.exception("%s: command %d failed", self.owner.path, cmd)
                         err = errno.EIO
-                    if not flags & _NO_REPLY:
-                        self._send_error(m, err)
-                    continue
-                payload: bytes = b""
-                out_fds: list[int] = []
-                err = 0
-                try:
-                    if m.problem is not None:
-                        raise m.problem
-                    handler = handlers.get(cmd)
-                    if handler is None:
-                        raise ProtocolError(f"unknown command {cmd}", errno.EINVAL)
-                    if not self.negotiated and cmd != P.Command.VERSION:
-                        raise ProtocolError("the first command must be VERSION", errno.EINVAL)
-                    if m.fds and cmd not in _FD_COMMANDS:
-                        raise ProtocolError(f"command {cmd} takes no fds", errno.EINVAL)
-                    with lock:
-                        payload, out_fds = handler(m)
-                except ProtocolError as exc:
-                    err = exc.errno
-                except OSError as exc:
-                    err = exc.errno or errno.EIO
-                except Exception:
-                    log.exception("%s: command %d failed", self.owner.path, cmd)
-                    err = errno.EIO
-                finally:
-                    m.close_fds()
-                try:
-                    if not flags & _NO_REPLY:
-                        if err:
-                            self._send_error(m, err)
-                        else:
-                            self._send(P.pack_message(m.msg_id, cmd, payload, _REPLY), out_fds)
-                finally:
-                    if self._close_after_reply:
-                        P.close_fds(self._close_after_reply)
-                        self._close_after_reply = []
-                if not self.negotiated:
-                    # VERSION failed (or something came first): the spec has
-                    # the server close the connection.
-                    return
+                    finally:
+                        m.close_fds()
+                    try:
+                        if not flags & _NO_REPLY:
+                            if err:
+                                self._send_error(m, err)
+                            else:
+                                self._send(P.pack_message(m.msg_id, cmd, payload, _REPLY), out_fds)
+                    finally:
+                        if self._close_after_reply:
+                            P.close_fds(self._close_after_reply)
+                            self._close_after_reply = []
+                    if not self.negotiated:
+                        # VERSION failed (or something came first): the spec has
+                        # the server close the connection.
+                        return
+            finally:
+                # Messages left unprocessed (the client vanished while we
+                # answered an earlier one) must not leak their fds.
+                for m in msgs:
+                    if m.fds:
+                        m.close_fds()
 
     def _send(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         with self._send_lock:
@@ -830,6 +837,11 @@ class DeviceServer:
         thread = threading.Thread(target=conn.run, name=f"vfio-user {self.path}", daemon=True)
         conn.thread = thread
         thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """A client is connected (negotiated or not)."""
+        return self.connection is not None
 
     def _connection_ended(self, conn: Connection) -> None:
         with self._lock:

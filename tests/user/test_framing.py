@@ -1,0 +1,130 @@
+"""Message framing: whole messages with their fds from a stream socket,
+bounded sizes and fd counts, no fd leaked on any path."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+from vfu_raw import open_fds
+
+from pyvfio.errors import ConnectionClosed, ProtocolError
+from pyvfio.user import protocol as P
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def msg(msg_id: int, command: int = P.Command.REGION_READ, payload: bytes = b"\0" * 16) -> bytes:
+    return P.pack_message(msg_id, command, payload)
+
+
+def test_several_messages_in_one_read(pair):
+    a, b = pair
+    a.sendall(msg(1) + msg(2) + msg(3, P.Command.DEVICE_RESET, b""))
+    r = P.MessageReader(b)
+    assert [m.msg_id for m in r.read_some()] == [1, 2, 3]
+
+
+def test_message_split_byte_by_byte(pair):
+    a, b = pair
+    r = P.MessageReader(b)
+    data = msg(7, payload=b"x" * 40)
+    got = []
+    for i in range(len(data)):
+        a.send(data[i:i + 1])
+        got += r.read_some()
+    assert len(got) == 1 and got[0].payload == b"x" * 40
+
+
+def test_fds_belong_to_their_message(pair):
+    a, b = pair
+    r = P.MessageReader(b)
+    e1, e2 = os.eventfd(0), os.eventfd(0)
+    P.send_message(a, msg(1))
+    P.send_message(a, msg(2), [e1])
+    P.send_message(a, msg(3), [e2, e1])
+    out = []
+    while len(out) < 3:
+        out += r.read_some()
+    assert [len(m.fds) for m in out] == [0, 1, 2]
+    for m in out:
+        m.close_fds()
+    os.close(e1)
+    os.close(e2)
+
+
+def test_fds_with_a_header_fragment_wait_for_the_message(pair):
+    a, b = pair
+    r = P.MessageReader(b)
+    e = os.eventfd(0)
+    data = msg(9)
+    P.send_message(a, data[:5], [e])
+    assert r.read_some() == []
+    a.sendall(data[5:])
+    out = r.read_some()
+    assert len(out) == 1 and len(out[0].fds) == 1
+    out[0].close_fds()
+    os.close(e)
+
+
+def test_too_many_fds_are_closed_and_flagged(pair):
+    a, b = pair
+    before = open_fds()
+    r = P.MessageReader(b, max_fds=2)
+    fds = [os.eventfd(0) for _ in range(6)]
+    P.send_message(a, msg(1), fds)
+    for f in fds:
+        os.close(f)
+    m = r.read()
+    assert m is not None and m.problem is not None and len(m.fds) <= 2
+    m.close_fds()
+    assert open_fds() == before
+
+
+def test_oversized_message_is_skipped_without_allocating(pair):
+    a, b = pair
+    r = P.MessageReader(b, max_msg_size=4096)
+    big = P.pack_message(1, P.Command.REGION_WRITE, b"y" * 100_000)
+    t = threading.Thread(target=a.sendall, args=(big,))
+    t.start()
+    m = r.read()
+    t.join()
+    assert m is not None and m.problem is not None and m.problem.errno == 7  # E2BIG
+    assert m.payload == b""
+    a.sendall(msg(2))
+    m2 = r.read()
+    assert m2 is not None and m2.msg_id == 2  # the stream is still in sync
+
+
+def test_header_claiming_less_than_a_header_is_fatal(pair):
+    a, b = pair
+    a.sendall(P.HEADER.pack(1, 9, 8, 0, 0))
+    with pytest.raises(ProtocolError):
+        P.MessageReader(b).read()
+
+
+def test_eof_inside_a_message(pair):
+    a, b = pair
+    before = open_fds()
+    r = P.MessageReader(b)
+    e = os.eventfd(0)
+    P.send_message(a, msg(1, payload=b"z" * 100)[:50], [e])
+    os.close(e)
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionClosed):
+        r.read()
+    assert open_fds() == before
+
+
+def test_clean_eof(pair):
+    a, b = pair
+    a.shutdown(socket.SHUT_WR)
+    assert P.MessageReader(b).read() is None
