@@ -44,7 +44,7 @@ def world(tmp_path_factory):
 def settled(world) -> None:
     """After a hostile client is gone: the victim is free again, the bystander
     is fine, and every fd the hostile client brought is closed."""
-    server, victim, good, victim_dev = world
+    server, victim, good, _victim_dev = world
     assert wait_until(lambda: not server.devices[0].busy)
     assert good.read32(0, 4) == 0xA5A5A5A5
     assert good.read32(0, 0) == 0x010000ED
@@ -170,7 +170,7 @@ def test_out_of_range_and_unknown_commands(baseline):
        seed=st.integers(0, 2**32))
 def test_random_message_sequences(world, msgs, seed):
     before = open_fds()
-    server, victim, good, victim_dev = world
+    server, victim, good, _victim_dev = world
     c = RawClient(victim)
     rnd = random.Random(seed)
     for command, payload, nfds, flags in msgs:
