@@ -189,8 +189,9 @@ def diagnose_many(host: Host, addresses: Iterable[str]) -> list[Diagnosis]:
                     continue
                 seen.add((h["pid"], path))
                 diag.in_use.append({"pid": h["pid"], "comm": h["comm"], "path": path})
+        own_cdev = f"/dev/vfio/devices/{diag.vfio_cdev}" if diag.vfio_cdev else None
         for h in diag.in_use:
-            what = f"IOMMU group {diag.group}" if not h["path"].startswith("/dev/vfio/devices/") else "the device"
+            what = "the device" if h["path"] == own_cdev else f"IOMMU group {diag.group}"
             diag.problems.append(Problem(
                 diag.device, diag.driver,
                 f"{what} is in use: {h['path']} is held open by pid {h['pid']} ({h['comm']})",

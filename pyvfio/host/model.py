@@ -542,7 +542,8 @@ class Host:
         e.g. ``/dev/vfio/12``) open: ``{path: [{"pid", "comm"}, ...]}``.
 
         Scans ``proc/*/fd`` once; processes we may not inspect are skipped
-        (only root sees every process's fds)."""
+        (only root sees every process's fds).  The calling process counts
+        like any other: if it holds the group itself, that is the answer."""
         found: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
         if not paths:
             return found
