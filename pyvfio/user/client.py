@@ -45,7 +45,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,9 @@ MAX_REGION_INFO_SIZE = 64 << 10
 """Largest region-info reply (with capabilities) we ask for."""
 
 _DMA_UNMAP = struct.Struct("=IIQQ")
+_pack_header = HEADER.pack
+_pack_access = REGION_ACCESS.pack
+_REPLY_FLAGS = 1  # MsgFlag.REPLY, as a plain int for the fast path
 
 
 def _command_name(command: int) -> str:
@@ -130,10 +133,52 @@ class _Connection:
         self.reader = reader
         self.lock = threading.Lock()
         self.broken: str | None = None  # why the connection is unusable
+        self.closed = False  # closed by us (ClosedError) rather than broken
         self._next_id = 0
         self.serve_command: Any = None  # set by the device: (Message) -> bytes
 
     # ---- request/reply ----
+
+    def _down(self, command: int) -> Exception:
+        if self.closed:
+            return ClosedError(f"vfio-user device {self.name} is closed")
+        return ConnectionClosed(f"{_command_name(command)}: vfio-user connection to {self.name} "
+                                f"is down: {self.broken}")
+
+    def _send(self, command: int, data: bytes, fds: Sequence[int] = ()) -> None:
+        try:
+            if fds:
+                send_message(self.sock, data, fds)
+            else:
+                self.sock.sendall(data)
+        except OSError as exc:
+            raise self._send_failed(command, exc) from None
+
+    def _send_failed(self, command: int, exc: OSError) -> Exception:
+        if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO expired
+            self._break(f"sending timed out after {self.timeout}s")
+            return ConnectionClosed(f"{_command_name(command)} to {self.name}: the server did "
+                                    f"not take the message within {self.timeout}s; "
+                                    "connection dropped")
+        self._break(f"the server closed the connection ({exc})")
+        return ConnectionClosed(f"{_command_name(command)} to {self.name}: the server closed "
+                                "the connection")
+
+    def _read_failed(self, command: int, exc: OSError | None) -> Exception:
+        """What a failed read means (``exc`` None: a clean EOF).  Breaks the
+        connection: the stream cannot be trusted any more."""
+        if exc is None:
+            self._break("the server closed the connection")
+            return ConnectionClosed(f"{_command_name(command)} to {self.name}: the server "
+                                    "closed the connection")
+        if isinstance(exc, BlockingIOError):  # SO_RCVTIMEO expired
+            self._break(f"no reply within {self.timeout}s")
+            return ConnectionClosed(f"{_command_name(command)} to {self.name}: no reply within "
+                                    f"{self.timeout}s; connection dropped")
+        self._break(str(exc) if isinstance(exc, ConnectionClosed) else f"socket error: {exc}")
+        if isinstance(exc, ConnectionClosed):
+            return exc
+        return ConnectionClosed(f"{_command_name(command)} to {self.name}: {exc}")
 
     def request(self, command: int, payload: bytes, fds: Sequence[int] = (),
                 *, no_reply: bool = False, keep_fds: bool = False) -> Message:
@@ -142,75 +187,82 @@ class _Connection:
         error reply raises :class:`PeerError`."""
         with self.lock:
             if self.broken is not None:
-                raise ConnectionClosed(f"vfio-user connection to {self.name} is down: "
-                                       f"{self.broken}")
+                raise self._down(command)
             msg_id = self._next_id
             self._next_id = (msg_id + 1) & 0xFFFF
             flags = MsgFlag.NO_REPLY if no_reply else 0
-            data = HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags, 0) + payload
-            try:
-                if fds:
-                    send_message(self.sock, data, fds)
-                else:
-                    self.sock.sendall(data)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                self._break(f"the server closed the connection ({exc})")
-                raise ConnectionClosed(f"{_command_name(command)} to {self.name}: the server "
-                                       "closed the connection") from None
-            except BlockingIOError:
-                self._break(f"sending timed out after {self.timeout}s")
-                raise ConnectionClosed(f"{_command_name(command)} to {self.name}: the server "
-                                       f"did not take the message within {self.timeout}s; "
-                                       "connection dropped") from None
+            self._send(command, HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags,
+                                            0) + payload, fds)
             if no_reply:
                 return Message(msg_id, command, MsgFlag.REPLY, 0, b"", [])
+            return self._finish(self._read(command), msg_id, command, keep_fds)
+
+    def call(self, command: int, payload: bytes) -> bytes:
+        """The register-access fast path: a command without fds whose reply
+        payload is all the caller needs.  Same checks as :meth:`request`;
+        the common case (the very next message is our clean reply) runs in
+        this one frame."""
+        with self.lock:
+            if self.broken is not None:
+                raise self._down(command)
+            msg_id = self._next_id
+            self._next_id = (msg_id + 1) & 0xFFFF
             try:
-                while True:
+                self.sock.sendall(_pack_header(msg_id, command, 16 + len(payload), 0, 0)
+                                  + payload)
+            except OSError as exc:
+                raise self._send_failed(command, exc) from None
+            try:
+                msg = self.reader.read()
+            except OSError as exc:
+                raise self._read_failed(command, exc) from None
+            if msg is None:
+                raise self._read_failed(command, None)
+            if msg.flags == _REPLY_FLAGS and msg.msg_id == msg_id and msg.command == command \
+                    and not msg.fds and msg.problem is None and not self.reader.queued:
+                return msg.payload
+            return self._finish(msg, msg_id, command, False).payload
+
+    def _finish(self, msg: Message, msg_id: int, command: int, keep_fds: bool) -> Message:
+        """From the first message after our request to our checked reply:
+        serve server commands on the way, raise on errors.  Lock held."""
+        try:
+            while True:
+                if not msg.is_reply:
+                    self._serve(msg)
                     msg = self._read(command)
-                    if not msg.is_reply:
-                        self._serve(msg)
-                        continue
-                    if msg.msg_id != msg_id or msg.command != command:
-                        msg.close_fds()
-                        raise ProtocolError(
-                            f"{_command_name(command)} to {self.name}: got a reply to "
-                            f"{_command_name(msg.command)} id {msg.msg_id}, expected id {msg_id}")
-                    if msg.problem is not None:
-                        msg.close_fds()
-                        raise ProtocolError(f"{_command_name(command)} reply from {self.name}: "
-                                            f"{msg.problem}", msg.problem.errno)
-                    if msg.is_error:
-                        msg.close_fds()
-                        raise PeerError(msg.error or errno.EIO, _command_name(command))
-                    break
-                if msg.fds and not keep_fds:
-                    msg.close_fds()  # fds where none belong
-                # Commands that came in the same read as the reply would wait in the
-                # reader's queue with nobody to see them: serve them now.
-                while self.reader.queued:
-                    self._serve(self._read(command))
-                return msg
-            except ProtocolError as exc:
-                self._break(f"protocol error: {exc}")
-                raise
+                    continue
+                if msg.msg_id != msg_id or msg.command != command:
+                    msg.close_fds()
+                    raise ProtocolError(
+                        f"{_command_name(command)} to {self.name}: got a reply to "
+                        f"{_command_name(msg.command)} id {msg.msg_id}, expected id {msg_id}")
+                if msg.problem is not None:
+                    msg.close_fds()
+                    raise ProtocolError(f"{_command_name(command)} reply from {self.name}: "
+                                        f"{msg.problem}", msg.problem.errno)
+                if msg.is_error:
+                    msg.close_fds()
+                    raise PeerError(msg.error or errno.EIO, _command_name(command))
+                break
+            if msg.fds and not keep_fds:
+                msg.close_fds()  # fds where none belong
+            # Commands that came in the same read as the reply would wait in the
+            # reader's queue with nobody to see them: serve them now.
+            while self.reader.queued:
+                self._serve(self._read(command))
+            return msg
+        except ProtocolError as exc:
+            self._break(f"protocol error: {exc}")
+            raise
 
     def _read(self, command: int) -> Message:
         try:
             msg = self.reader.read()
-        except BlockingIOError:  # SO_RCVTIMEO expired
-            self._break(f"no reply within {self.timeout}s")
-            raise ConnectionClosed(f"{_command_name(command)} to {self.name}: no reply within "
-                                   f"{self.timeout}s; connection dropped") from None
-        except ConnectionClosed as exc:
-            self._break(str(exc))
-            raise
         except OSError as exc:
-            self._break(f"socket error: {exc}")
-            raise ConnectionClosed(f"{_command_name(command)} to {self.name}: {exc}") from None
+            raise self._read_failed(command, exc) from None
         if msg is None:
-            self._break("the server closed the connection")
-            raise ConnectionClosed(f"{_command_name(command)} to {self.name}: the server closed "
-                                   "the connection")
+            raise self._read_failed(command, None)
         return msg
 
     def _serve(self, msg: Message) -> None:
@@ -257,6 +309,7 @@ class _Connection:
             pass
 
     def close(self) -> None:
+        self.closed = True
         if self.broken is None:
             self.broken = "closed by the client"
         try:
@@ -683,11 +736,9 @@ class VfioUserDevice(Device):
         return b"".join(parts)
 
     def _read_chunk(self, index: int, offset: int, size: int) -> bytes:
-        # The hot path of every register read: struct calls only, no dataclasses.
-        payload = self._request(Command.REGION_READ,
-                                REGION_ACCESS.pack(offset, index, size)).payload
-        if len(payload) != 16 + size or REGION_ACCESS.unpack_from(payload) != (offset, index,
-                                                                               size):
+        head = _pack_access(offset, index, size)
+        payload = self._conn.call(Command.REGION_READ, head)
+        if len(payload) != 16 + size or payload[:16] != head:
             raise self._malformed(f"REGION_READ of region {index} {offset:#x}+{size}: reply "
                                   f"does not match (payload {len(payload)} bytes)")
         return payload[16:]
@@ -697,13 +748,53 @@ class VfioUserDevice(Device):
         step = self.max_xfer
         for start in range(0, size, step):
             chunk = data[start:start + step] if size > step else data
-            n = len(chunk)
-            payload = self._request(Command.REGION_WRITE,
-                                    REGION_ACCESS.pack(offset + start, index, n) + chunk).payload
-            if len(payload) != 16 or REGION_ACCESS.unpack_from(payload) != (offset + start,
-                                                                             index, n):
-                raise self._malformed(f"REGION_WRITE of region {index} {offset + start:#x}+{n}: "
-                                      "reply does not match")
+            head = _pack_access(offset + start, index, len(chunk))
+            if self._conn.call(Command.REGION_WRITE, head + chunk) != head:
+                raise self._malformed(f"REGION_WRITE of region {index} {offset + start:#x}+"
+                                      f"{len(chunk)}: reply does not match")
+
+    def _region_int_accessors(self, info: RegionInfo
+                              ) -> dict[int, tuple[Callable[[int], int],
+                                                   Callable[[int, int], None]]]:
+        """Register accessors of one region that build the message and check
+        the reply in one frame around :meth:`_Connection.call` (the request
+        path costs about as much Python as the socket round trip itself).
+        The reply must echo our 16-byte access head exactly."""
+        index, size = info.index, info.size
+        call = self._conn.call
+        malformed = self._malformed
+        from_bytes = int.from_bytes
+
+        def bad(offset: int, width: int) -> UsageError:
+            return UsageError(f"access {offset:#x}+{width} is outside region {index} "
+                              f"of size {size:#x}")
+
+        def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
+            limit = size - width
+            mask = (1 << (8 * width)) - 1
+            reply_size = 16 + width
+
+            def read_n(offset: int) -> int:
+                if not 0 <= offset <= limit:
+                    raise bad(offset, width)
+                head = _pack_access(offset, index, width)
+                payload = call(9, head)  # REGION_READ
+                if len(payload) != reply_size or payload[:16] != head:
+                    raise malformed(f"REGION_READ of region {index} {offset:#x}+{width}: "
+                                    f"reply does not match (payload {len(payload)} bytes)")
+                return from_bytes(payload[16:], "little")
+
+            def write_n(offset: int, value: int) -> None:
+                if not 0 <= offset <= limit:
+                    raise bad(offset, width)
+                head = _pack_access(offset, index, width)
+                if call(10, head + (value & mask).to_bytes(width, "little")) != head:
+                    raise malformed(f"REGION_WRITE of region {index} {offset:#x}+{width}: "
+                                    "reply does not match")
+
+            return read_n, write_n
+
+        return {width: make(width) for width in (1, 2, 4, 8)}
 
     def _region_mmap(self, info: RegionInfo, offset: int, size: int) -> mmap.mmap:
         fd = self._region_fds.get(info.index)

@@ -648,3 +648,21 @@ def test_save_and_load_refuses_garbage(served: Any) -> None:
             migration.load(dev, b"not a saved state")
         assert dev.migration().get_state() in (migration.MigState.ERROR,
                                                 migration.MigState.RESUMING)
+
+
+def test_use_after_close_is_closed_error(served: Any) -> None:
+    from pyvfio.errors import ClosedError
+
+    _, path = served()
+    dev = connect(path)
+    bar = dev.bar(0)
+    read = bar.read32
+    dev.close()
+    dev.close()  # idempotent
+    with pytest.raises(ClosedError):
+        read(0)
+    with pytest.raises(ClosedError):
+        bar.read(0, 4)
+    with pytest.raises(ClosedError):
+        dev.reset()
+    assert not dev.connected
