@@ -30,6 +30,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,8 +43,10 @@ from pyvfio.errors import PyvfioError, UsageError
 from pyvfio.testing import debian
 from pyvfio.testing.initramfs import (
     EXIT_MARKER,
+    GUEST_PYCACHE_DIR,
     GUEST_RUN_DIR,
     HOSTROOT_TAG,
+    PYCACHE_TAG,
     RUN_TAG,
     START_MARKER,
     build_initramfs,
@@ -54,24 +57,33 @@ QEMU = "qemu-system-x86_64"
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
 CHECKOUT = Path(__file__).resolve().parents[2]
 
+GUEST_OUT = f"{GUEST_RUN_DIR}/out"  # $PYVFIO_GUEST_OUT inside the guest
+
 # PCI slots on the root bus the harness itself uses (the 9p shares); topologies
 # must leave them free.
-HARNESS_SLOTS = (0x1D, 0x1E)
+HARNESS_SLOTS = (0x1C, 0x1D, 0x1E)
 
 # Host paths the guest hides under its own mounts: a command cannot run there.
 _GUEST_MOUNTS = ("/tmp", "/run", "/var/tmp", "/proc", "/sys", "/dev")
 
 # The guest's environment: nothing leaks in from the host except what run(env=) adds.
+# PATH starts with the directory of the Python running the harness, so that
+# ``python3`` in the guest is this interpreter, with its pytest and its
+# (editable) pyvfio, whether it is a venv, pyenv or Debian's.
 _BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PATH": os.path.dirname(os.path.realpath(sys.executable))
+    + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/tmp",
     "LANG": "C.UTF-8",
     "TERM": "dumb",
-    "PYTHONDONTWRITEBYTECODE": "1",  # the checkout is read-only in the guest
+    # The host's tree is read-only in the guest, and Python compiling its modules
+    # under TCG costs seconds per boot: bytecode lives in a shared, persistent
+    # cache the host pre-fills (warm_pycache) and the guest tops up.
+    "PYTHONPYCACHEPREFIX": GUEST_PYCACHE_DIR,
     "PYTHONUNBUFFERED": "1",
     "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/.hypothesis",
     "PYVFIO_GUEST": "1",
-    "PYVFIO_GUEST_OUT": f"{GUEST_RUN_DIR}/out",
+    "PYVFIO_GUEST_OUT": GUEST_OUT,
 }
 
 
@@ -223,6 +235,50 @@ def probe_kvm(qemu: str = QEMU, *, timeout: float = 30.0) -> tuple[str, str]:
     return "kvm", f"KVM guest ran a command in {time.monotonic() - started:.1f} s"
 
 
+# --- bytecode -------------------------------------------------------------------------------
+
+# Packages every guest test run imports; their bytecode is compiled on the host
+# (fast) rather than in the guest (seconds per module under TCG).
+_HOT_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "hypothesis",
+                 "sortedcontainers", "attr", "attrs", "pyvfio")
+_STDLIB_SKIP = (r"/python3\.\d+/(test|idlelib|tkinter|lib2to3|turtledemo|ensurepip|pydoc_data"
+                r"|site-packages|dist-packages)/")
+_pycache_warmed = False
+
+
+def pycache_dir() -> Path:
+    path = cache_dir() / "pycache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def warm_pycache() -> None:
+    """Compile the standard library, the test tools and the checkout into the
+    shared bytecode cache, once per process (a warm cache costs a second of stat calls)."""
+    global _pycache_warmed
+    if _pycache_warmed:
+        return
+    import importlib.util
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    paths = [str(CHECKOUT / "pyvfio"), str(CHECKOUT / "tests")]
+    for name in _HOT_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            paths.extend(spec.submodule_search_locations)
+    cold = not any(pycache_dir().iterdir())
+    # Worker processes pay off only when there is compiling to do.
+    compileall = [sys.executable, "-X", f"pycache_prefix={pycache_dir()}", "-m", "compileall",
+                  "-q", *(["-j0"] if cold else [])]
+    for argv in (
+        [*compileall, "-x", _STDLIB_SKIP, stdlib],
+        [*compileall, *dict.fromkeys(p for p in paths if os.path.isdir(p))],
+    ):
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    _pycache_warmed = True
+
+
 # --- running -------------------------------------------------------------------------------
 
 
@@ -292,8 +348,10 @@ class Guest:
             words.append("intel_iommu=on")
         return " ".join(words + self.cmdline_extra)
 
-    def qemu_argv(self, initramfs: Path, run_dir: Path, accel: str) -> list[str]:
+    def qemu_argv(self, initramfs: Path, run_dir: Path, accel: str,
+                  pycache: Path | None = None) -> list[str]:
         """The full QEMU command line for one run."""
+        pycache = pycache or pycache_dir()
         machine = "q35,kernel-irqchip=split" if self.iommu else "q35"
         argv = [
             self.qemu, "-nodefaults", "-no-user-config", "-display", "none",
@@ -316,6 +374,10 @@ class Guest:
                       "multidevs=remap",
             "-device", f"virtio-9p-pci,fsdev=fs-{RUN_TAG},mount_tag={RUN_TAG},"
                        f"bus=pcie.0,addr={HARNESS_SLOTS[1]:#x}",
+            "-fsdev", f"local,id=fs-{PYCACHE_TAG},path={pycache},security_model=none,"
+                      "multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=fs-{PYCACHE_TAG},mount_tag={PYCACHE_TAG},"
+                       f"bus=pcie.0,addr={HARNESS_SLOTS[2]:#x}",
         ]
         return argv + self.devices
 
@@ -355,6 +417,7 @@ class Guest:
         debian.ensure_packages(HOST_PACKAGES)
         initramfs = build_initramfs(self.kernel.modules_dir)
         accel = self.accel or choose_accel(self.qemu)
+        warm_pycache()
         if run_dir is None:
             run_dir = Path(tempfile.mkdtemp(prefix="pyvfio-guest-"))
         (run_dir / "out").mkdir(parents=True, exist_ok=True)

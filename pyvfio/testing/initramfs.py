@@ -3,7 +3,8 @@
 The init script mounts the host's ``/`` read-only over virtio 9p (tag
 ``hostroot``), mounts fresh proc/sys/devtmpfs and tmpfs for the writable
 places (``/tmp``, ``/run``, ``/var/tmp``, ``/dev/shm``), mounts the run share
-(tag ``pyvfiorun``, read-write) at ``/run/pyvfio``, then ``chroot``s into the
+(tag ``pyvfiorun``, read-write) at ``/run/pyvfio`` and the bytecode cache
+(tag ``pyvfiopyc``, read-write) at ``/run/pyvfio-pycache``, then ``chroot``s into the
 host root and runs ``/run/pyvfio/run.sh``, which the host wrote for this run.
 The command therefore never enters the initramfs: one image serves every run
 of a kernel and is cached under ``~/.cache/pyvfio/initramfs/`` by a hash of
@@ -33,11 +34,13 @@ from pathlib import Path
 from pyvfio.errors import PyvfioError
 
 # Bump when the layout or the init script's contract changes (part of the cache key).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 HOSTROOT_TAG = "hostroot"
 RUN_TAG = "pyvfiorun"
 GUEST_RUN_DIR = "/run/pyvfio"  # where the run share is mounted inside the guest's root
+PYCACHE_TAG = "pyvfiopyc"
+GUEST_PYCACHE_DIR = "/run/pyvfio-pycache"  # PYTHONPYCACHEPREFIX in the guest (read-write)
 START_MARKER = "PYVFIO-GUEST-START"
 EXIT_MARKER = "PYVFIO-GUEST-EXIT="
 
@@ -92,6 +95,9 @@ done
 mkdir -p /newroot{GUEST_RUN_DIR}
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {RUN_TAG} /newroot{GUEST_RUN_DIR} \\
     || die "cannot mount the run share (9p tag {RUN_TAG})"
+mkdir -p /newroot{GUEST_PYCACHE_DIR}
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {PYCACHE_TAG} /newroot{GUEST_PYCACHE_DIR} \
+    || die "cannot mount the bytecode cache share (9p tag {PYCACHE_TAG})"
 echo "{START_MARKER} uptime=$(cut -d' ' -f1 /proc/uptime)"
 chroot /newroot /bin/sh {GUEST_RUN_DIR}/run.sh
 rc=$?
