@@ -9,6 +9,7 @@ SIGINT or SIGTERM and removes its socket files.
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import sys
 import threading
@@ -50,6 +51,14 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _raise_fd_limit() -> None:
+    """Each fd-backed DMA window holds one fd while mapped (CPython's mmap
+    keeps a dup), and each eventfd one more: take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(args: argparse.Namespace) -> int:
     from pyvfio.cli import CommandFailed
     from pyvfio.user.server import Server
@@ -63,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.sockets:
         raise CommandFailed("serve: --socket PATH is required", 2)
     factory = MODELS[args.model][0]
+    _raise_fd_limit()
     server = Server()
     stop = threading.Event()
 

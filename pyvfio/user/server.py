@@ -2,7 +2,8 @@
 
 One :class:`Server` serves any number of devices, each on its own socket
 path (:meth:`Server.add`).  Each device takes one client at a time; a
-further client is turned away (its connection is closed at once).  Every
+further client waits (connected, unanswered) until the current one leaves,
+as with libvfio-user, and beyond :data:`MAX_WAITING_CLIENTS` is turned away.  Every
 client connection runs in its own thread with its own :class:`Connection`:
 its own DMA table (:mod:`pyvfio.user.dma`) and interrupt state
 (:mod:`pyvfio.user.irq`), so clients of different devices are isolated from
@@ -60,6 +61,7 @@ _CMD_REGION_WRITE = int(P.Command.REGION_WRITE)
 SERVER_MAX_MSG_FDS = 16
 SERVER_MAX_DATA_XFER_SIZE = P.DEFAULT_MAX_DATA_XFER_SIZE
 SERVER_MAX_DMA_MAPS = 4096
+MAX_WAITING_CLIENTS = 4  # clients queued behind the connected one
 CLIENT_REPLY_TIMEOUT = 10.0  # seconds a model waits for a DMA_READ/WRITE reply
 _FD_COMMANDS = frozenset({P.Command.DMA_MAP, P.Command.DEVICE_SET_IRQS})
 
@@ -805,6 +807,8 @@ class DeviceServer:
         self.listener: socket.socket | None = None
         self.clients_served = 0
         self._lock = threading.Lock()
+        self._waiting: collections.deque[socket.socket] = collections.deque()
+        self._closing = False
         device.finalize()
 
     def listen(self) -> None:
@@ -828,12 +832,21 @@ class DeviceServer:
         sock.setblocking(True)
         with self._lock:
             if self.connection is not None:
-                # One client at a time: turn this one away.
-                sock.close()
+                # One client at a time.  Like libvfio-user (which accepts only
+                # when detached), later clients wait their turn; past a few,
+                # they are turned away.
+                if len(self._waiting) >= MAX_WAITING_CLIENTS:
+                    sock.close()
+                else:
+                    self._waiting.append(sock)
                 return
-            conn = Connection(self, sock)
-            self.connection = conn
-            self.clients_served += 1
+            self._start(sock)
+
+    def _start(self, sock: socket.socket) -> None:
+        """Run a connection for ``sock`` (with ``_lock`` held)."""
+        conn = Connection(self, sock)
+        self.connection = conn
+        self.clients_served += 1
         thread = threading.Thread(target=conn.run, name=f"vfio-user {self.path}", daemon=True)
         conn.thread = thread
         thread.start()
@@ -847,8 +860,14 @@ class DeviceServer:
         with self._lock:
             if self.connection is conn:
                 self.connection = None
+                if self._waiting and not self._closing:
+                    self._start(self._waiting.popleft())
 
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            while self._waiting:
+                self._waiting.popleft().close()
         if self.listener is not None:
             self.listener.close()
             self.listener = None

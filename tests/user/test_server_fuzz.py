@@ -193,12 +193,28 @@ def test_random_message_sequences(world, msgs, seed):
     assert wait_until(lambda: open_fds() == before), sorted(open_fds() - before)
 
 
-def test_a_second_client_is_turned_away_and_the_first_is_unaffected(baseline):
+def test_a_second_client_waits_for_the_first(baseline):
     c = RawClient(baseline[1])
     s = connect(baseline[1])
-    assert s.recv(16) == b""  # closed at once
+    s.settimeout(0.3)
+    s.sendall(P.pack_message(1, P.Command.VERSION, P.Version(0, 2).pack()))
+    with pytest.raises(TimeoutError):
+        s.recv(16)  # queued: not served while the first client is there
+    assert c.read32(0, 0) == 0x010000ED  # and the first one is unaffected
+    c.close()
+    s.settimeout(5)
+    assert len(s.recv(4096)) > 16  # now it gets its VERSION reply
     s.close()
+
+
+def test_clients_beyond_the_queue_are_turned_away(baseline):
+    c = RawClient(baseline[1])
+    waiting = [connect(baseline[1]) for _ in range(4)]
+    extra = connect(baseline[1])
+    assert extra.recv(16) == b""  # closed at once
     assert c.read32(0, 0) == 0x010000ED
+    for s in [extra, *waiting]:
+        s.close()
     c.close()
 
 
