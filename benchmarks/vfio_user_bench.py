@@ -100,6 +100,7 @@ def c_client_rate(client: Path, path: str, iterations: int) -> float:
 
 
 def py_client_rate(path: str, iterations: int) -> float:
+    """Round trips/s of ``dev.bar(0).read32(0)`` through the Device API."""
     from pyvfio.user.client import connect
 
     with connect(path) as dev:
@@ -163,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=100_000, help="round trips per run")
     ap.add_argument("--rounds", type=int, default=3, help="runs per variant (best is kept)")
     ap.add_argument("--dma-size", type=int, default=64 << 20, help="bytes read per DMA run")
+    ap.add_argument("--cpu", type=int, default=0,
+                    help="the one CPU everything runs on (default 0; pick an idle one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    global CPU
+    CPU = args.cpu
     if shutil.which("gcc") is None or shutil.which("taskset") is None:
         print("needs gcc and taskset", file=sys.stderr)
         return 2
