@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from pyvfio.cli import CommandFailed, add_json_flag, print_json
-from pyvfio.errors import HostStateError
+from pyvfio.errors import DeviceNotFound, HostStateError
 from pyvfio.host.binding import BindResult, bind, restore
 from pyvfio.host.diagnosis import VIABLE_KINDS, Diagnosis, diagnose_many
 from pyvfio.host.model import Host, IommuGroup, normalize_bdf
@@ -130,7 +130,7 @@ def group_dict(host: Host, group: IommuGroup) -> dict[str, Any]:
     for address in group.devices:
         try:
             dev = host.device(address)
-        except Exception:
+        except DeviceNotFound:  # unplugged while we read
             continue
         kind = host.driver_kind(dev)
         viable = viable and kind in VIABLE_KINDS

@@ -23,6 +23,7 @@ from typing import Any
 
 from pyvfio.errors import (
     DeviceInUse,
+    DeviceNotFound,
     HostStateError,
     NoIommu,
     NotBoundToVfio,
@@ -258,7 +259,7 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
     for address in group.devices:
         try:
             member = dev if address == dev.address else host.device(address)
-        except Exception:  # a member vanished between listing and reading
+        except DeviceNotFound:  # a member vanished between listing and reading
             continue
         mkind = host.driver_kind(member)
         diag.members.append(Member(member.address, member.driver, mkind, member.is_bridge))

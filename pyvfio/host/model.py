@@ -302,6 +302,10 @@ class Host:
         self._prefix = self.root.rstrip("/") + "/"
         self.sys = self._prefix + "sys"
         self.writer: SysfsWriter = writer if writer is not None else writer_for(self.root)
+        # Support files do not change with bindings: kept across refresh().
+        self._ids_loaded = False
+        self._ids: PciIds | None = None
+        self._aliases: VfioAliases | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -311,10 +315,6 @@ class Host:
         self._all_groups: list[IommuGroup] | None = None
         self._driver_modules: dict[str, str] = {}
         self._vfio_nodes: set[str] | None = None
-        if not hasattr(self, "_ids_loaded"):
-            self._ids_loaded = False
-            self._ids: PciIds | None = None
-            self._aliases: VfioAliases | None = None
 
     def path(self, relative: str) -> str:
         """``relative`` (``"sys/bus/pci"`` or ``"/dev/vfio/3"``) under the root."""
