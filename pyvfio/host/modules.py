@@ -22,6 +22,17 @@ from fnmatch import fnmatchcase
 VFIO_PCI_MODULE = "vfio_pci"
 
 _ALIAS_LINE = re.compile(rb"^alias vfio_pci:(\S+) (\S+)", re.MULTILINE)
+# modules.builtin.modinfo: NUL-separated "module.key=value" strings of the
+# built-in modules, whose aliases depmod does not put in modules.alias.
+_BUILTIN_ALIAS = re.compile(rb"(?:^|\0)([\w-]+)\.alias=vfio_pci:([^\0]+)")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 class VfioAliases:
@@ -37,25 +48,17 @@ class VfioAliases:
             return cls(None)
         return cls(os.path.join(root, "lib/modules", release, "modules.alias"))
 
-    @property
-    def available(self) -> bool:
-        """Whether the file exists (without it no driver can be recognised as
-        a variant by its aliases, only by the /dev/vfio cross-check)."""
-        return self.path is not None and os.path.isfile(self.path)
-
     def patterns(self) -> dict[str, list[str]]:
-        """``{module: [pattern after "vfio_pci:", ...]}``."""
+        """``{module: [pattern after "vfio_pci:", ...]}`` from ``modules.alias``
+        and, for drivers built into the kernel, ``modules.builtin.modinfo``."""
         if self._patterns is None:
             table: dict[str, list[str]] = {}
-            data = b""
             if self.path is not None:
-                try:
-                    with open(self.path, "rb") as f:
-                        data = f.read()
-                except OSError:
-                    data = b""
-            for m in _ALIAS_LINE.finditer(data):
-                table.setdefault(m.group(2).decode(), []).append(m.group(1).decode())
+                for m in _ALIAS_LINE.finditer(_read(self.path)):
+                    table.setdefault(m.group(2).decode(), []).append(m.group(1).decode())
+                builtin = os.path.join(os.path.dirname(self.path), "modules.builtin.modinfo")
+                for m in _BUILTIN_ALIAS.finditer(_read(builtin)):
+                    table.setdefault(m.group(1).decode(), []).append(m.group(2).decode())
             self._patterns = table
         return self._patterns
 

@@ -117,6 +117,22 @@ def test_best_driver_takes_the_fewest_wildcards(bare: FakeSysfs) -> None:
     assert host.best_driver(host.device("0000:01:00.2")) == "vfio-pci"
 
 
+def test_builtin_variant_from_modules_builtin_modinfo(bare: FakeSysfs) -> None:
+    """An all-built-in kernel: the aliases are in modules.builtin.modinfo."""
+    bare.add_driver("nvgrace_gpu_vfio_pci", vfio=True)
+    modinfo = bare.p(f"lib/modules/{bare.release}/modules.builtin.modinfo")
+    with open(modinfo, "wb") as f:
+        f.write(b"vfio.alias=devname:vfio/vfio\0"
+                b"nvgrace_gpu_vfio_pci.alias=vfio_pci:v000010DEd00002342sv*sd*bc*sc*i*\0"
+                b"nvgrace_gpu_vfio_pci.license=GPL\0")
+    bare.add_device("0000:01:00.0", 0x10DE, 0x2342, 0x030200, group=4)
+    host = Host(bare.root)
+    assert host.best_driver(host.device("0000:01:00.0")) == "nvgrace_gpu_vfio_pci"
+    bare.write(bare.p("sys/bus/pci/devices/0000:01:00.0/driver_override"), "nvgrace_gpu_vfio_pci")
+    bare.write(bare.p("sys/bus/pci/drivers_probe"), "0000:01:00.0")
+    assert Host(bare.root).diagnose("0000:01:00.0").driver_kind == "vfio-variant"
+
+
 def test_variant_alias_without_group_node_is_reported(bare: FakeSysfs) -> None:
     """modules.alias says vfio, /dev/vfio/N says no: reported, not hidden."""
     bare.add_device("0000:01:00.0", 0x15B3, 0x101E, 0x020000, group=4, driver="mlx5_vfio_pci")
