@@ -250,7 +250,12 @@ class _Connection:
             # Commands that came in the same read as the reply would wait in the
             # reader's queue with nobody to see them: serve them now.
             while self.reader.queued:
-                self._serve(self._read(command))
+                extra = self._read(command)
+                if extra.is_reply:
+                    extra.close_fds()
+                    raise ProtocolError(f"{self.name} sent a second reply (to "
+                                        f"{_command_name(extra.command)} id {extra.msg_id})")
+                self._serve(extra)
             return msg
         except ProtocolError as exc:
             self._break(f"protocol error: {exc}")

@@ -284,9 +284,11 @@ def test_out_of_range_access_is_refused_locally(probe: tuple[Probe, VfioUserDevi
 
 
 def test_write_multiple(probe: tuple[Probe, VfioUserDevice]) -> None:
-    _, dev = probe
+    model, dev = probe
+    assert dev.capabilities.write_multiple  # the pyvfio server offers REGION_WRITE_MULTI
     dev.write_multiple([(0, SCRATCH, b"\x01"), (0, SCRATCH + 1, b"\x02\x03"),
                         (0, SCRATCH + 4, (0x44332211).to_bytes(4, "little"))])
+    assert model.accesses == [(0, 1, True), (1, 2, True), (4, 4, True)]  # in order, exact widths
     assert dev.bar(0).read64(SCRATCH) == 0x4433221100030201
     with pytest.raises(UsageError):
         dev.write_multiple([(0, 0, bytes(9))])

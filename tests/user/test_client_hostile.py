@@ -725,3 +725,13 @@ def test_server_taking_no_fds(serve: Any) -> None:
             dev.enable_irq(IrqIndex.MSI)
     maps = [m for m in s.received if m.command == Command.DMA_MAP]
     assert len(maps) == 1 and maps[0].fds == []
+
+
+def test_unsolicited_second_reply_drops_the_connection(serve: Any) -> None:
+    s = serve(_read_handler(lambda m: reply_to(m, m.payload[:16] + b"abcd")
+                            + reply_to(m, m.payload[:16] + b"abcd")))
+    dev = connect(s.path)
+    with pytest.raises(ProtocolError, match="second reply"):
+        dev.bar(0).read32(0)
+    assert not dev.connected
+    dev.close()
