@@ -287,8 +287,9 @@ class _Connection:
         with self.lock:
             if self.broken is not None:
                 return
-            ready, _, _ = select.select([self.sock], [], [], 0)
-            if not ready and not self.reader.queued:
+            poller = select.poll()  # not select(): fds above 1024 are fine
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(0) and not self.reader.queued:
                 return
             try:
                 msg = self._read(0)
