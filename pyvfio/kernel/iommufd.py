@@ -843,14 +843,15 @@ class IommufdDevice(KernelDevice):
 
 
 def is_noiommu(device: str, root: str = "/") -> bool:
-    """Whether ``device`` sits in a vfio no-IOMMU group (its group is named
-    ``vfio-noiommu``): usable without DMA isolation, and without DMA mapping."""
-    base = sysfs_device_dir(device, root)
-    try:
-        with open(os.path.join(base, "iommu_group", "name")) as f:
-            return f.read().strip() == "vfio-noiommu"
-    except OSError:
+    """Whether ``device`` sits in a vfio no-IOMMU group: usable without DMA
+    isolation, and without DMA mapping.  vfio names such a group's node
+    ``noiommu-N`` (the group of an emulated device such as an mdev is also
+    called "vfio-noiommu" in sysfs, but its node is plain ``N``)."""
+    link = read_link_name(os.path.join(sysfs_device_dir(device, root), "iommu_group"))
+    if link is None:
         return False
+    return any(os.path.exists(_path(root, p)) for p in
+               (f"dev/vfio/noiommu-{link}", f"sys/class/vfio/noiommu-{link}"))
 
 
 def _open_cdev(bdf: str, root: str) -> int:

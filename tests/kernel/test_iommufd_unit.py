@@ -231,3 +231,19 @@ def test_map_reuses_one_struct_per_ioas() -> None:
     ioas = I.Ioas(I.Iommufd(-1, owned=False), 9, owned=False)
     assert ioas._map_arg.size == ctypes.sizeof(U.iommu_ioas_map)
     assert ioas._map_arg.ioas_id == 9 and ioas._unmap_arg.ioas_id == 9
+
+
+def test_noiommu_is_told_by_the_group_node_not_the_group_name(tmp_path: Path) -> None:
+    """Emulated (mdev) groups are also named "vfio-noiommu" in sysfs; only a
+    real no-IOMMU group has a ``/dev/vfio/noiommu-N`` node."""
+    for bdf, group, node in ((BDF, "7", "noiommu-7"), ("0000:00:04.0", "8", "8")):
+        base = make_device(tmp_path, bdf)
+        groups = tmp_path / "sys/kernel/iommu_groups" / group
+        groups.mkdir(parents=True)
+        (groups / "name").write_text("vfio-noiommu\n")
+        (base / "iommu_group").symlink_to(groups)
+        (tmp_path / "dev/vfio" / node).touch()
+    assert I.is_noiommu(BDF, str(tmp_path))
+    assert not I.is_noiommu("0000:00:04.0", str(tmp_path))
+    make_device(tmp_path, UUID, driver="mtty", cdev="vfio9", bus="mdev")
+    assert not I.is_noiommu(UUID, str(tmp_path))
