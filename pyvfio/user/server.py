@@ -585,7 +585,11 @@ class Connection:
         fds: list[int] = []
         info = P.RegionInfoMsg(index, flags=spec.flags, size=spec.size, offset=0,
                                sparse_areas=spec.mmap_areas, type=spec.type)
-        if spec.memory is not None:
+        if spec.memory is not None and self.client_caps.max_msg_fds < 1:
+            # The client takes no fds: offer the region through messages only.
+            info = P.RegionInfoMsg(index, flags=spec.flags & ~RegionFlag.MMAP, size=spec.size,
+                                   type=spec.type)
+        elif spec.memory is not None:
             info = P.RegionInfoMsg(index, flags=spec.flags, size=spec.size,
                                    offset=spec.memory.fd_offset, sparse_areas=spec.mmap_areas,
                                    type=spec.type)

@@ -129,3 +129,14 @@ def test_edu_has_no_msix(edu_client):
 ])
 def test_irq_info_bad_requests(scratch_client, payload):
     assert scratch_client.errno_of(P.Command.DEVICE_GET_IRQ_INFO, payload) == errno.EINVAL
+
+
+def test_client_without_fds_gets_no_mmap(serve, scratch):
+    from vfu_raw import RawClient
+    c = RawClient(serve(scratch), caps={"max_msg_fds": 0})
+    m = region_info(c, 0)
+    info = P.RegionInfoMsg.unpack(m.payload, reply=True)
+    assert not info.flags & RegionFlag.MMAP and info.sparse_areas is None and m.fds == []
+    scratch.ram.view[0x3000:0x3002] = b"ok"
+    assert c.read(0, 0x3000, 2) == b"ok"
+    c.close()
