@@ -730,7 +730,14 @@ class VfioUserDevice(Device):
             self._region_fds[msg.index] = fd
         else:
             areas = ()
-        return RegionInfo(msg.index, flags, size, msg.offset, areas, msg.type)
+        # The codec decodes the sparse-mmap and type capabilities; those are the
+        # ids we can report (an MSI-X-mappable capability is not decoded).
+        caps = tuple(cap for cap, present in ((P.RegionCapId.SPARSE_MMAP,
+                                               msg.sparse_areas is not None),
+                                              (P.RegionCapId.TYPE, msg.type is not None))
+                     if present)
+        return RegionInfo(msg.index, flags, size, msg.offset, areas, msg.type,
+                          tuple(int(c) for c in caps))
 
     def _region_read(self, index: int, offset: int, size: int) -> bytes:
         if size <= self.max_xfer:

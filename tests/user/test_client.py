@@ -197,7 +197,10 @@ def test_region_infos(probe: tuple[Probe, VfioUserDevice]) -> None:
     assert bar2.mmap_areas == tuple(SparseArea(o, s) for o, s in BAR2_AREAS)
     assert dev.region_info(1).size == 0
     assert dev.region_info(RegionIndex.CONFIG).size == 4096
+    assert bar2.caps == (1,)  # VFIO_REGION_INFO_CAP_SPARSE_MMAP
     assert dev.region_info(9).type == (0x8086, 3)
+    assert dev.region_info(9).caps == (2,)  # VFIO_REGION_INFO_CAP_TYPE
+    assert bar0.caps == ()
     with pytest.raises(UsageError):
         dev.region(10)
 
