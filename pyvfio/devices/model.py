@@ -299,6 +299,18 @@ class PciDeviceModel:
         self.set_intx(True)
         return True
 
+    def request_release(self) -> bool:
+        """Ask the client to let go of the device (the REQ index, as vfio-pci
+        signals when the host wants the device back); needs
+        :meth:`add_error_irqs`."""
+        conn = self._conn
+        return conn is not None and conn.irqs.fire(IrqIndex.REQ, 0)
+
+    def report_error(self) -> bool:
+        """Signal an unrecoverable device error (the ERR index, AER-style)."""
+        conn = self._conn
+        return conn is not None and conn.irqs.fire(IrqIndex.ERR, 0)
+
     # ---- used by the server ----
 
     def _flr(self) -> None:

@@ -220,3 +220,12 @@ def test_disconnect_closes_every_eventfd(serve, scratch):
     c.close()
     assert wait_until(lambda: open_fds() == before)
     assert not scratch.connected
+
+
+def test_err_and_req_indexes(scratch_client, scratch, fds):
+    err_ev, req_ev = fds(1), fds(1)
+    ok(scratch_client, 3, EVENTFD_TRIGGER, 0, 1, err_ev)
+    ok(scratch_client, 4, EVENTFD_TRIGGER, 0, 1, req_ev)
+    with scratch.lock:
+        assert scratch.report_error() and scratch.request_release()
+    assert count(err_ev[0]) == 1 and count(req_ev[0]) == 1
