@@ -103,7 +103,6 @@ MAX_IRQ_INDEXES = 64
 MAX_REGION_INFO_SIZE = 64 << 10
 """Largest region-info reply (with capabilities) we ask for."""
 
-_DMA_UNMAP = struct.Struct("=IIQQ")
 _pack_header = HEADER.pack
 _pack_access = REGION_ACCESS.pack
 _REPLY_FLAGS = 1  # MsgFlag.REPLY, as a plain int for the fast path
@@ -454,11 +453,15 @@ class VfioUserDmaSpace(DmaSpace):
         if mapping is None:
             raise UsageError(f"no DMA mapping at {iova:#x}+{size:#x} to unmap")
         try:
-            reply = self._device._conn.request(
-                Command.DMA_UNMAP, _DMA_UNMAP.pack(_DMA_UNMAP.size, 0, iova, size))
-            if len(reply.payload) not in (0, _DMA_UNMAP.size):
-                raise ProtocolError(f"DMA_UNMAP reply of {len(reply.payload)} bytes, expected "
-                                    f"{_DMA_UNMAP.size}")
+            reply = self._device._conn.request(Command.DMA_UNMAP,
+                                               P.DmaUnmap(iova, size).pack())
+            # The spec has the server echo the entry; an empty reply is tolerated.
+            if reply.payload:
+                echo = self._device._unpack(P.DmaUnmap.unpack, reply.payload, reply=True)
+                if (echo.address, echo.size) != (iova, size):
+                    raise self._device._malformed(
+                        f"DMA_UNMAP of {iova:#x}+{size:#x} answered for "
+                        f"{echo.address:#x}+{echo.size:#x}")
         finally:
             # Whatever the answer, the memory must not be reachable through us any
             # more: the caller frees it next (a dead server has unmapped it anyway).

@@ -735,3 +735,19 @@ def test_unsolicited_second_reply_drops_the_connection(serve: Any) -> None:
         dev.bar(0).read32(0)
     assert not dev.connected
     dev.close()
+
+
+def test_dma_unmap_answered_for_another_range(serve: Any) -> None:
+    def handler(m: Message) -> Reply:
+        if m.command == Command.DMA_UNMAP:
+            return reply_to(m, P.DmaUnmap(0xDEAD000, 0x1000).pack())
+        return basic(m)
+
+    s = serve(handler)
+    dev = connect(s.path)
+    buf = dev.dma_alloc(0x1000, iova=0x7000)
+    with pytest.raises(ProtocolError, match="DMA_UNMAP"):
+        buf.close()
+    assert dev.dma_space.mappings == []  # forgotten locally all the same
+    assert not dev.connected
+    dev.close()
