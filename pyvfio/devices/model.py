@@ -39,6 +39,7 @@ __all__ = [
     "AccessCallback",
     "BarKind",
     "DmaFault",
+    "IoEventFd",
     "MigrationUnsupported",
     "PciDeviceModel",
     "RegionSpec",
@@ -53,6 +54,19 @@ access with that errno."""
 
 class MigrationUnsupported(UsageError):
     """Raised by the default ``save_state``: the model cannot migrate."""
+
+
+@dataclass
+class IoEventFd:
+    """A write-notification sub-region (DEVICE_GET_REGION_IO_FDS): a write of
+    ``size`` bytes at ``offset`` (matching ``datamatch`` when given) may be
+    delivered by signalling an eventfd instead of a REGION_WRITE message; the
+    server turns each signal into a write of ``datamatch`` (or zeros) through
+    the region's access callback."""
+
+    offset: int
+    size: int
+    datamatch: int | None = None
 
 
 @dataclass
@@ -72,7 +86,7 @@ class RegionSpec:
     mmap_areas: tuple[tuple[int, int], ...] | None = None
     type: tuple[int, int] | None = None
     bar: BarSpec | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    ioeventfds: list[IoEventFd] = field(default_factory=list)
 
     @property
     def mappable(self) -> bool:
@@ -154,6 +168,18 @@ class PciDeviceModel:
         spec = RegionSpec(index, size, flags, access, type=type)
         self.regions[index] = spec
         return spec
+
+    def add_ioeventfd(self, index: int, offset: int, size: int,
+                      datamatch: int | None = None) -> None:
+        """Offer an ioeventfd for writes at ``offset`` of region ``index`` (a
+        doorbell): a client (or KVM for it) signals it instead of sending
+        REGION_WRITE.  The region needs an access callback."""
+        spec = self.regions.get(index)
+        if spec is None or spec.access is None:
+            raise UsageError(f"region {index} has no access callback to deliver ioeventfds to")
+        if size not in (1, 2, 4, 8) or offset < 0 or offset + size > spec.size:
+            raise UsageError(f"ioeventfd {offset:#x}+{size} does not fit region {index}")
+        spec.ioeventfds.append(IoEventFd(offset, size, datamatch))
 
     def add_msix(self, vectors: int, bar: int, table_offset: int = 0,
                  pba_offset: int | None = None) -> None:

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pyvfio.device import DeviceFlag, RegionFlag, RegionIndex
-from pyvfio.devices.model import PciDeviceModel, RegionSpec
+from pyvfio.devices.model import IoEventFd, PciDeviceModel, RegionSpec
 from pyvfio.errors import ConnectionClosed, ProtocolError, UsageError
 from pyvfio.migration import MigFlag, MigrationError, MigState, arc_path
 from pyvfio.user import protocol as P
@@ -61,6 +62,7 @@ _CMD_REGION_WRITE = int(P.Command.REGION_WRITE)
 SERVER_MAX_MSG_FDS = 16
 SERVER_MAX_DATA_XFER_SIZE = P.DEFAULT_MAX_DATA_XFER_SIZE
 SERVER_MAX_DMA_MAPS = 4096
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 MAX_WAITING_CLIENTS = 4  # clients queued behind the connected one
 CLIENT_REPLY_TIMEOUT = 10.0  # seconds a model waits for a DMA_READ/WRITE reply
 _FD_COMMANDS = frozenset({P.Command.DMA_MAP, P.Command.DEVICE_SET_IRQS})
@@ -605,9 +607,23 @@ class Connection:
             raise ProtocolError(f"region {req.index} is empty", errno.EINVAL)
         if req.argsz > self.owner.max_data_xfer_size:
             raise ProtocolError("REGION_IO_FDS: argsz too large", errno.EINVAL)
-        # No model offers ioeventfds yet: an empty list (libvfio-user does the same
-        # for regions without sub-regions).
-        return P.RegionIoFds(req.index, P.RegionIoFds.SIZE, 0, 0).pack(), []
+        subs = self.owner.io_fds.get(req.index, [])
+        fds: list[int] = []
+        entries: list[P.SubRegionIoFd] = []
+        for sub, fd in subs:
+            if fd not in fds:
+                fds.append(fd)
+            entries.append(P.SubRegionIoFd(
+                sub.offset, sub.size, fds.index(fd), P.IoFdType.IOEVENTFD,
+                KVM_IOEVENTFD_FLAG_DATAMATCH if sub.datamatch is not None else 0,
+                sub.datamatch or 0))
+        reply = P.RegionIoFds(req.index, P.RegionIoFds.SIZE, 0, len(entries), tuple(entries))
+        if not entries or req.argsz < P.RegionIoFds.SIZE + P.RegionIoFds.ENTRY_SIZE * len(entries):
+            return reply.pack(max_size=req.argsz), []  # the count and argsz needed only
+        if len(fds) > self.client_caps.max_msg_fds:
+            raise OSError(errno.E2BIG, f"{len(fds)} ioeventfds, the client takes "
+                          f"{self.client_caps.max_msg_fds} fds")
+        return reply.pack(), fds
 
     def _get_irq_info(self, m: P.Message) -> tuple[bytes, list[int]]:
         req = P.IrqInfoMsg.unpack(m.payload)
@@ -814,6 +830,48 @@ class DeviceServer:
         self._waiting: collections.deque[socket.socket] = collections.deque()
         self._closing = False
         device.finalize()
+        # ioeventfds are the device's, not a client's: they outlive clients.
+        self.io_fds: dict[int, list[tuple[IoEventFd, int]]] = {}
+        for index, spec in device.regions.items():
+            for sub in spec.ioeventfds:
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self.io_fds.setdefault(index, []).append((sub, fd))
+        self._io_thread: threading.Thread | None = None
+        self._io_wake: tuple[int, int] | None = None
+        if self.io_fds:
+            self._io_wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._io_thread = threading.Thread(target=self._poll_io_fds, daemon=True,
+                                               name=f"vfio-user ioeventfds {path}")
+            self._io_thread.start()
+
+    def _poll_io_fds(self) -> None:
+        """Turn ioeventfd signals into writes through the region callbacks."""
+        assert self._io_wake is not None
+        poller = select.poll()
+        poller.register(self._io_wake[0], select.POLLIN)
+        by_fd: dict[int, tuple[int, IoEventFd]] = {}
+        for index, subs in self.io_fds.items():
+            for sub, fd in subs:
+                by_fd[fd] = (index, sub)
+                poller.register(fd, select.POLLIN)
+        while not self._closing:
+            for fd, _ev in poller.poll():
+                if fd == self._io_wake[0]:
+                    return
+                try:
+                    hits = os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                index, sub = by_fd[fd]
+                data = (sub.datamatch or 0).to_bytes(sub.size, "little")
+                access = self.device.regions[index].access
+                assert access is not None
+                with self.device.lock:
+                    for _ in range(min(hits, 1024)):
+                        try:
+                            access(sub.offset, data, True)
+                        except Exception:
+                            log.exception("%s: ioeventfd write failed", self.path)
 
     def listen(self) -> None:
         _prepare_socket_path(self.path)
@@ -872,6 +930,17 @@ class DeviceServer:
             self._closing = True
             while self._waiting:
                 self._waiting.popleft().close()
+        if self._io_wake is not None:
+            os.write(self._io_wake[1], b"x")
+            if self._io_thread is not None:
+                self._io_thread.join(5)
+            for fd in self._io_wake:
+                os.close(fd)
+            self._io_wake = None
+            for subs in self.io_fds.values():
+                for _sub, fd in subs:
+                    os.close(fd)
+            self.io_fds = {}
         if self.listener is not None:
             self.listener.close()
             self.listener = None

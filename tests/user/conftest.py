@@ -41,6 +41,8 @@ class ScratchDevice(PciDeviceModel):
         self.add_bar(2, 8192, access=self.bar2, kind=BarKind.MEM64)
         self.add_msix(4, bar=2)
         self.add_region(9, 64, self.special, type=(0x8086, 7))
+        self.add_ioeventfd(0, 0x40, 4, datamatch=7)   # doorbells
+        self.add_ioeventfd(0, 0x44, 4)
         self.add_error_irqs()
         self.reg = 0
         self.resets = 0

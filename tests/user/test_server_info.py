@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import struct
 
 import pytest
+from vfu_raw import wait_until
 
 from pyvfio.device import DeviceFlag, IrqFlag, RegionFlag
 from pyvfio.user import protocol as P
@@ -89,9 +91,27 @@ def test_config_and_empty_regions(scratch_client):
 
 def test_region_io_fds_empty_list(scratch_client):
     m = scratch_client.ok(P.Command.DEVICE_GET_REGION_IO_FDS,
+                          P.RegionIoFds(2, argsz=4096).pack())
+    reply = P.RegionIoFds.unpack(m.payload, reply=True)
+    assert (reply.index, reply.count, reply.sub_regions) == (2, 0, ())
+    assert m.fds == []
+
+
+def test_region_io_fds_deliver_writes(scratch_client, scratch):
+    m = scratch_client.call(P.Command.DEVICE_GET_REGION_IO_FDS, P.RegionIoFds(0, argsz=16).pack())
+    small = P.RegionIoFds.unpack(m.payload, reply=True)
+    assert (small.count, small.argsz, small.sub_regions, m.fds) == (2, 16 + 80, (), [])
+    m = scratch_client.ok(P.Command.DEVICE_GET_REGION_IO_FDS,
                           P.RegionIoFds(0, argsz=4096).pack())
     reply = P.RegionIoFds.unpack(m.payload, reply=True)
-    assert (reply.index, reply.count, reply.sub_regions) == (0, 0, ())
+    assert [(s.offset, s.size, s.type, s.flags, s.data) for s in reply.sub_regions] == \
+        [(0x40, 4, P.IoFdType.IOEVENTFD, 1, 7), (0x44, 4, P.IoFdType.IOEVENTFD, 0, 0)]
+    assert len(m.fds) == 2
+    os.eventfd_write(m.fds[reply.sub_regions[0].fd_index], 1)  # what KVM would do
+    os.eventfd_write(m.fds[reply.sub_regions[1].fd_index], 2)
+    assert wait_until(lambda: (0x40, b"\7\0\0\0") in scratch.writes
+                      and scratch.writes.count((0x44, b"\0\0\0\0")) == 2)
+    m.close_fds()
 
 
 @pytest.mark.parametrize("payload", [
