@@ -578,6 +578,7 @@ class VfioUserDevice(Device):
         self._conn.serve_command = self._serve_server_command
         self._region_fds: dict[int, int] = {}
         self._threads: list[threading.Thread] = []
+        self._thread_lock = threading.Lock()
         self._twin = twin
         self._idle_stop: int | None = None  # eventfd that stops the idle thread
         self.dma_space = VfioUserDmaSpace(self, share_dma_fds)
@@ -623,10 +624,11 @@ class VfioUserDevice(Device):
     def _need_server_commands(self) -> None:
         """A mapping without an fd exists: make sure someone answers the
         server's DMA_READ/DMA_WRITE when no request is in flight."""
-        if self._twin is not None or self._idle_stop is not None:
-            return
-        self._idle_stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._start_thread(self._idle_loop, "idle")
+        with self._thread_lock:  # two threads mapping at once start one idle thread
+            if self._twin is not None or self._idle_stop is not None:
+                return
+            self._idle_stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._start_thread(self._idle_loop, "idle")
 
     def _idle_loop(self) -> None:
         stop = self._idle_stop
