@@ -1117,12 +1117,14 @@ def _negotiate(sock: socket.socket, reader: MessageReader, path: str, offer_twin
     try:
         msg = reader.read()
     except BlockingIOError:
-        raise ConnectionClosed(f"{path} did not answer VERSION within {timeout}s") from None
+        raise ConnectionClosed(f"{path} did not answer VERSION within {timeout}s (a server "
+                               "that serves one client at a time may be busy)") from None
     except OSError as exc:
         raise ConnectionClosed(f"VERSION to {path}: {exc}") from None
     if msg is None:
         raise ConnectionClosed(f"{path} closed the connection during VERSION negotiation "
-                               "(it may not support our protocol version)")
+                               "(it may not support our protocol version, or it turned a "
+                               "client away)")
     fds = msg.fds
     try:
         if not msg.is_reply or msg.command != Command.VERSION or msg.msg_id != 0:

@@ -52,6 +52,7 @@ DMA_GO = 0x218       # write 1: now (inside the write); 2: from a timer thread, 
 DMA_DONE = 0x220     # reads 1 once the last DMA finished (0xdead on a fault)
 FAIL = 0x300         # any access fails with EACCES
 HANG_UP = 0x400      # a read makes the server drop the connection
+DOORBELL = 0x600     # offered as an ioeventfd (DEVICE_GET_REGION_IO_FDS)
 
 BAR2_SIZE = 0x10000
 BAR2_AREAS = ((0x1000, 0x2000), (0x8000, 0x1000))
@@ -72,6 +73,7 @@ class Probe(PciDeviceModel):
         self.add_bar(2, BAR2_SIZE, memory=self.bar2, mmap_areas=BAR2_AREAS)
         self.add_bar(4, 0x2000, access=lambda o, d, w: None if w else bytes(d))  # type: ignore[arg-type]
         self.add_msix(4, bar=4)
+        self.add_ioeventfd(0, DOORBELL, 4)
         # region 9 reads back offset + size in each access (a recognisable value)
         self.add_region(9, 0x100, lambda o, d, w: None if w else (o + d).to_bytes(d, "little"),  # type: ignore[operator]
                         type=(0x8086, 3))
@@ -298,9 +300,21 @@ def test_write_multiple(probe: tuple[Probe, VfioUserDevice]) -> None:
 
 
 def test_region_io_fds(probe: tuple[Probe, VfioUserDevice]) -> None:
-    _, dev = probe
+    """The doorbell the probe offers comes back as an ioeventfd sub-region;
+    signalling its fd reaches the model as a write, without a message."""
+    model, dev = probe
     subs, fds = dev.region_io_fds(0)
-    assert subs == [] and fds == []
+    try:
+        assert [(s.offset, s.size, s.type) for s in subs] == [(DOORBELL, 4,
+                                                                P.IoFdType.IOEVENTFD)]
+        assert len(fds) == 1 and subs[0].fd_index == 0
+        model.accesses.clear()
+        os.eventfd_write(fds[subs[0].fd_index], 1)
+        wait_until(lambda: any(a[:2] == (DOORBELL, 4) and a[2] for a in model.accesses))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert dev.region_io_fds(2) == ([], [])
 
 
 # --- errors from the server --------------------------------------------------------------------
@@ -571,12 +585,23 @@ def test_reconnect_keeps_device_state_not_dma(served: Any) -> None:
         assert not model.msi_enabled()
 
 
-def test_second_client_is_turned_away(served: Any) -> None:
+def test_second_client_waits_for_the_first(served: Any) -> None:
+    """One client at a time: a second one is not answered (its connect times
+    out) until the first goes; then it is served."""
     _, path = served()
-    with connect(path) as dev:
-        with pytest.raises(ConnectionClosed):
-            connect(path, timeout=5)
-        assert dev.bar(0).read32(SCRATCH) == 0  # the first client is unaffected
+    first = connect(path)
+    with pytest.raises(ConnectionClosed, match="did not answer VERSION"):
+        connect(path, timeout=0.3)
+    result: dict[str, VfioUserDevice] = {}
+    waiter = threading.Thread(target=lambda: result.setdefault("dev", connect(path, timeout=10)))
+    waiter.start()
+    time.sleep(0.2)
+    assert "dev" not in result
+    assert first.bar(0).read32(SCRATCH) == 0  # the first client is unaffected
+    first.close()
+    waiter.join(10)
+    with result["dev"] as second:
+        assert second.bar(0).read32(SCRATCH) == 0
 
 
 def test_concurrent_threads_share_one_connection(probe: tuple[Probe, VfioUserDevice]) -> None:
