@@ -41,6 +41,7 @@ __all__ = [
     "DmaFault",
     "IoEventFd",
     "MigrationUnsupported",
+    "MsixTable",
     "PciDeviceModel",
     "RegionSpec",
 ]
@@ -54,6 +55,49 @@ access with that errno."""
 
 class MigrationUnsupported(UsageError):
     """Raised by the default ``save_state``: the model cannot migrate."""
+
+
+class MsixTable:
+    """The MSI-X table (16 bytes per vector: address, data, vector control)
+    and Pending Bit Array of a model.
+
+    Vectors start *unmasked*, unlike on hardware: a VFIO client turns MSI-X
+    on with SET_IRQS alone (QEMU emulates the table for its guest and masks
+    through SET_IRQS), so a table that starts masked would swallow every
+    interrupt.  Masks a client does write here are honoured."""
+
+    def __init__(self, vectors: int) -> None:
+        self.vectors = vectors
+        self.table = bytearray(16 * vectors)
+        self.pending = bytearray(8 * ((vectors + 63) // 64))
+
+    def masked(self, vector: int) -> bool:
+        return bool(self.table[16 * vector + 12] & 1)
+
+    def set_pending(self, vector: int) -> None:
+        self.pending[vector // 8] |= 1 << (vector % 8)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.table[offset:offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            pos = offset + i
+            if pos % 16 in (13, 14, 15):
+                continue  # reserved bits of Vector Control
+            self.table[pos] = (b & 1) if pos % 16 == 12 else b
+
+    def read_pba(self, offset: int, size: int) -> bytes:
+        return bytes(self.pending[offset:offset + size]).ljust(size, b"\0")
+
+    def take_deliverable(self) -> list[int]:
+        """Pending vectors that are no longer masked; their bits are cleared."""
+        out = []
+        for v in range(self.vectors):
+            if self.pending[v // 8] & (1 << (v % 8)) and not self.masked(v):
+                self.pending[v // 8] &= ~(1 << (v % 8)) & 0xFF
+                out.append(v)
+        return out
 
 
 @dataclass
@@ -123,6 +167,7 @@ class PciDeviceModel:
             self.config.add_pcie()
             self.config.on_flr(self._flr)
         self._intx_level = False
+        self.msix_table: MsixTable | None = None
         self._conn: Connection | None = None
         self._initial_config: bytes | None = None
 
@@ -183,12 +228,50 @@ class PciDeviceModel:
 
     def add_msix(self, vectors: int, bar: int, table_offset: int = 0,
                  pba_offset: int | None = None) -> None:
-        """MSI-X with ``vectors`` vectors; table and PBA in BAR ``bar`` (which
-        the model declares and serves; the client emulates the table)."""
+        """MSI-X with ``vectors`` vectors; table and PBA in BAR ``bar``, which
+        must already be declared with an access callback.  The framework
+        serves the table and PBA there (the model's callback sees the rest of
+        the BAR) and honours the per-vector and function masks: a masked
+        vector that fires sets its PBA bit and is delivered on unmask."""
+        spec = self.regions.get(bar)
+        if spec is None or spec.access is None:
+            raise UsageError(f"declare BAR{bar} (with an access callback) before MSI-X in it")
         if pba_offset is None:
             pba_offset = table_offset + ((16 * vectors + 4095) & ~4095)
-        self.config.add_msix(vectors, bar, table_offset, bar, pba_offset)
+        table_end, pba_end = table_offset + 16 * vectors, pba_offset + 8 * ((vectors + 63) // 64)
+        if max(table_end, pba_end) > spec.size or (table_offset < pba_end
+                                                    and pba_offset < table_end):
+            raise UsageError(f"MSI-X table/PBA do not fit BAR{bar} without overlapping")
+        cap = self.config.add_msix(vectors, bar, table_offset, bar, pba_offset)
         self.irq_counts[IrqIndex.MSIX] = vectors
+        self.msix_table = MsixTable(vectors)
+        inner = spec.access
+        table = self.msix_table
+
+        def access(offset: int, data_or_size: bytes | int, is_write: bool) -> bytes | None:
+            size = len(data_or_size) if isinstance(data_or_size, bytes) else data_or_size
+            if table_offset <= offset and offset + size <= table_end:
+                if is_write:
+                    assert isinstance(data_or_size, bytes)
+                    table.write(offset - table_offset, data_or_size)
+                    self._msix_deliver_pending()
+                    return None
+                return table.read(offset - table_offset, size)
+            if pba_offset <= offset and offset + size <= pba_end:
+                return None if is_write else table.read_pba(offset - pba_offset, size)
+            return inner(offset, data_or_size, is_write)
+
+        spec.access = access
+        self.config.add_write_hook(cap + 2, 2, lambda _o, _s: self._msix_deliver_pending())
+
+    def _msix_deliver_pending(self) -> None:
+        table = self.msix_table
+        if table is None or self.config.msix_function_masked:
+            return
+        for vector in table.take_deliverable():
+            conn = self._conn
+            if conn is not None:
+                conn.irqs.fire(IrqIndex.MSIX, vector)
 
     def add_error_irqs(self, err: bool = True, req: bool = True) -> None:
         """Offer the ERR and REQ IRQ indexes (one vector each)."""
@@ -296,6 +379,12 @@ class PciDeviceModel:
         return conn is not None and conn.irqs.fire(IrqIndex.MSI, vector)
 
     def msix_notify(self, vector: int = 0) -> bool:
+        """Signal MSI-X ``vector``; with the table masking it (vector or
+        function mask), set its pending bit instead."""
+        table = self.msix_table
+        if table is not None and (self.config.msix_function_masked or table.masked(vector)):
+            table.set_pending(vector)
+            return False
         conn = self._conn
         return conn is not None and conn.irqs.fire(IrqIndex.MSIX, vector)
 

@@ -229,3 +229,29 @@ def test_err_and_req_indexes(scratch_client, scratch, fds):
     with scratch.lock:
         assert scratch.report_error() and scratch.request_release()
     assert count(err_ev[0]) == 1 and count(req_ev[0]) == 1
+
+
+def test_msix_table_masks_and_pba(scratch_client, scratch, fds):
+    ev = fds(4)
+    ok(scratch_client, 2, EVENTFD_TRIGGER, 0, 4, ev)
+    ctrl = 16 * 3 + 12
+    scratch_client.write32(2, ctrl, 1)                      # mask vector 3 in the table
+    assert scratch_client.read32(2, ctrl) == 1
+    doorbell(scratch_client, 3)
+    assert count(ev[3]) == 0
+    pba = 4096
+    assert scratch_client.read(2, pba, 8)[0] == 0b1000      # pending
+    scratch_client.write32(2, ctrl, 0)                      # unmask: delivered
+    assert count(ev[3]) == 1 and scratch_client.read(2, pba, 8)[0] == 0
+    # the function mask in config space masks them all
+    from pyvfio.pci.config import CapId
+    msix = scratch.config.caps[CapId.MSIX]
+    scratch_client.write(7, msix + 2, struct.pack("<H", 0xC000))
+    doorbell(scratch_client, 0)
+    assert count(ev[0]) == 0
+    scratch_client.write(7, msix + 2, struct.pack("<H", 0x8000))
+    assert count(ev[0]) == 1
+    # message address/data are plain storage
+    scratch_client.write(2, 0, struct.pack("<QI", 0xFEE00000, 0x4021))
+    assert scratch_client.read(2, 0, 12) == struct.pack("<QI", 0xFEE00000, 0x4021)
+    assert scratch_client.read32(2, 0x1800) == 0  # beyond table/PBA: the model's callback
