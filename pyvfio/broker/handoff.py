@@ -181,6 +181,12 @@ def release_without_teardown(devices: Sequence[Device],
         _irq_state(device).clear()
         if not device.closed and id(device) not in seen:
             seen.add(id(device))
+            for owner in getattr(device, "owners", ()):
+                if isinstance(owner, IommufdBinding):
+                    # Closing our iommufd fd is fine; destroying the IOAS is
+                    # not: it is the receiver's address space now.
+                    owner.own_ioas = False
+                    owner.ioas.owned = False
             # Device.close() would disable IRQs and unmap buffers first; the
             # backend's _close() only closes fds (device, then group/container).
             device._closed = True
