@@ -25,6 +25,7 @@ import abc
 import bisect
 import ctypes
 import enum
+import fcntl
 import mmap
 import os
 import select
@@ -299,10 +300,14 @@ class SharedMemory:
         if size <= 0 or size % PAGE_SIZE:
             raise UsageError(f"DMA memory size must be a positive multiple of {PAGE_SIZE}: {size}")
         own = fd is None
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC) if fd is None else fd
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING) if own else fd
         try:
             if own:
                 os.ftruncate(self.fd, size)
+                # Whoever we share this memory with (a vfio-user server, a
+                # successor process) maps it; a shrink would turn their next
+                # access into SIGBUS, so the size is sealed once set.
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self.size = size
             self.fd_offset = fd_offset
             self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED,

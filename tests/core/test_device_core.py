@@ -82,6 +82,15 @@ def test_shared_memory_is_visible_through_its_fd() -> None:
     mem.close()  # idempotent
 
 
+def test_shared_memory_size_is_sealed() -> None:
+    mem = SharedMemory(PAGE_SIZE)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 0)
+    finally:
+        mem.close()
+
+
 def test_shared_memory_rejects_unaligned_size() -> None:
     with pytest.raises(UsageError, match="multiple of"):
         SharedMemory(100)
