@@ -300,7 +300,7 @@ class SharedMemory:
         if size <= 0 or size % PAGE_SIZE:
             raise UsageError(f"DMA memory size must be a positive multiple of {PAGE_SIZE}: {size}")
         own = fd is None
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING) if own else fd
+        self.fd: int = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING) if fd is None else fd
         try:
             if own:
                 os.ftruncate(self.fd, size)
