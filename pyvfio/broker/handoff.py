@@ -186,7 +186,8 @@ def release_without_teardown(devices: Sequence[Device],
                     # Closing our iommufd fd is fine; destroying the IOAS is
                     # not: it is the receiver's address space now.
                     owner.own_ioas = False
-                    owner.ioas.owned = False
+                    if owner.ioas is not None:
+                        owner.ioas.owned = False
             # Device.close() would disable IRQs and unmap buffers first; the
             # backend's _close() only closes fds (device, then group/container).
             device._closed = True
