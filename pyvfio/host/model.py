@@ -388,8 +388,13 @@ class Host:
 
     def iommu_present(self) -> bool:
         """Whether the kernel runs with an IOMMU: an IOMMU unit is registered
-        (``/sys/class/iommu``) or a real (not no-IOMMU) group exists."""
-        if list_dir(self.path("sys/class/iommu")):
+        (``/sys/class/iommu``) or a real (not no-IOMMU) group exists.
+
+        iommufd's selftest (``CONFIG_IOMMUFD_TEST``) registers a mock unit,
+        ``iommufd_selftest_iommu.0``, that translates no real device: it does
+        not count."""
+        units = list_dir(self.path("sys/class/iommu"))
+        if any(not u.startswith("iommufd_selftest") for u in units):
             return True
         return any(not g.noiommu for g in self.groups())
 

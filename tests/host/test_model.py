@@ -108,6 +108,9 @@ def test_iommu_state(fake: FakeSysfs, tmp_path) -> None:
     host = Host(bare.root)
     assert not host.iommu_present() and host.noiommu_enabled()
     assert not Host(FakeSysfs(tmp_path / "novfio", iommu=False).root).noiommu_enabled()
+    # iommufd's selftest mock unit is not an IOMMU for real devices
+    os.makedirs(bare.p("sys/class/iommu/iommufd_selftest_iommu.0"))
+    assert not Host(bare.root).iommu_present()
 
 
 def test_group_node_and_cdev(tmp_path) -> None:
