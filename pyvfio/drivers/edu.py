@@ -381,7 +381,8 @@ def open_from_args(args: argparse.Namespace) -> Device:
         from importlib import import_module
 
         broker = import_module("pyvfio.broker.client")
-        return broker.open_device(args.broker, args.bdf)  # type: ignore[no-any-return,unused-ignore]
+        return broker.open_device(args.broker, args.bdf,  # type: ignore[no-any-return,unused-ignore]
+                                  backend=getattr(args, "backend", "auto"))
     if not args.bdf:
         raise SystemExit("a PCI address is needed (or --vfio-user PATH)")
     from pyvfio.kernel import open_device

@@ -36,7 +36,7 @@ def open_for_args(args: argparse.Namespace) -> Device:
         raise CommandFailed("info: a PCI address is needed (or --vfio-user PATH)", 2)
     if args.broker:
         return import_module("pyvfio.broker.client").open_device(
-            args.broker, args.bdf)
+            args.broker, args.bdf, backend=args.backend)
     from pyvfio.kernel import open_device
 
     return open_device(args.bdf, args.backend, root=args.root)
