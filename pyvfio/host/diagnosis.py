@@ -30,7 +30,9 @@ from pyvfio.errors import (
     NotViable,
 )
 from pyvfio.host.model import (
+    ANON_VFIO_DEVICE,
     BRIDGE_DRIVERS,
+    DEVICE_FD_PREFIX,
     KIND_BRIDGE,
     KIND_NONE,
     KIND_STUB,
@@ -185,14 +187,18 @@ def diagnose_many(host: Host, addresses: Iterable[str]) -> list[Diagnosis]:
     for diag, wanted in prepared:
         seen: set[tuple[int, str]] = set()
         for path in sorted(wanted):
+            shown = path
+            if path.startswith(DEVICE_FD_PREFIX):  # a legacy device fd, named by its fdinfo
+                shown = f"{ANON_VFIO_DEVICE} {path[len(DEVICE_FD_PREFIX):]}"
             for h in holders.get(path, []):
                 if (h["pid"], path) in seen:
                     continue
                 seen.add((h["pid"], path))
-                diag.in_use.append({"pid": h["pid"], "comm": h["comm"], "path": path})
-        own_cdev = f"/dev/vfio/devices/{diag.vfio_cdev}" if diag.vfio_cdev else None
+                diag.in_use.append({"pid": h["pid"], "comm": h["comm"], "path": shown})
+        own = {f"/dev/vfio/devices/{diag.vfio_cdev}" if diag.vfio_cdev else None,
+               ANON_VFIO_DEVICE + " " + diag.device}
         for h in diag.in_use:
-            what = "the device" if h["path"] == own_cdev else f"IOMMU group {diag.group}"
+            what = "the device" if h["path"] in own else f"IOMMU group {diag.group}"
             diag.problems.append(Problem(
                 diag.device, diag.driver,
                 f"{what} is in use: {h['path']} is held open by pid {h['pid']} ({h['comm']})",
@@ -266,6 +272,7 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
         if member.vfio_cdev:
             wanted.add(f"/dev/vfio/devices/{member.vfio_cdev}")
         if mkind in VFIO_KINDS:
+            wanted.add(DEVICE_FD_PREFIX + member.address)
             vfio_members.append(member)
         if mkind not in VIABLE_KINDS:
             host_members.append(member)

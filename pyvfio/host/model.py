@@ -546,12 +546,18 @@ class Host:
         """Which processes hold each of ``paths`` (as the processes see them,
         e.g. ``/dev/vfio/12``) open: ``{path: [{"pid", "comm"}, ...]}``.
 
+        A path ``vfio-device:<bdf>`` stands for a legacy device fd (an
+        ``anon_inode:[vfio-device]`` link, which names no device): since
+        Linux 6.18 its fdinfo says ``vfio-device-syspath: /sys/devices/...``,
+        which catches a process that closed the group fd but kept the device.
+
         Scans ``proc/*/fd`` once; processes we may not inspect are skipped
         (only root sees every process's fds).  The calling process counts
         like any other: if it holds the group itself, that is the answer."""
         found: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
         if not paths:
             return found
+        want_device_fds = any(p.startswith(DEVICE_FD_PREFIX) for p in paths)
         proc = self.path("proc")
         for pid in list_dir(proc):
             if not pid.isdigit():
@@ -563,8 +569,23 @@ class Host:
                     target = os.readlink(f"{fd_dir}/{fd}")
                 except OSError:
                     continue
+                if target == ANON_VFIO_DEVICE and want_device_fds:
+                    target = DEVICE_FD_PREFIX + _fdinfo_device(f"{proc}/{pid}/fdinfo/{fd}")
                 if target in found and target not in seen:
                     seen.add(target)
                     comm = read_str(f"{proc}/{pid}/comm") or "?"
                     found[target].append({"pid": int(pid), "comm": comm})
         return found
+
+
+ANON_VFIO_DEVICE = "anon_inode:[vfio-device]"
+DEVICE_FD_PREFIX = "vfio-device:"
+
+
+def _fdinfo_device(path: str) -> str:
+    """The PCI address in a vfio device fd's ``vfio-device-syspath`` fdinfo
+    line, or ``""`` (kernels before 6.18 do not print it)."""
+    for line in (read_str(path) or "").splitlines():
+        if line.startswith("vfio-device-syspath:"):
+            return line.split(":", 1)[1].strip().rstrip("/").rpartition("/")[2]
+    return ""

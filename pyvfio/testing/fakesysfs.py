@@ -301,13 +301,25 @@ class FakeSysfs:
         depth = dev.sysfs_dir.count("/")  # sys/devices/pciD:B/bdf -> 3 levels below sys
         _symlink("../" * depth + f"kernel/iommu_groups/{group}", self.p(f"{dev.sysfs_dir}/iommu_group"))
 
-    def add_process(self, pid: int, comm: str, open_paths: Iterable[str]) -> None:
-        """A process holding ``open_paths`` (as it sees them: ``/dev/vfio/12``)."""
+    def add_process(
+        self, pid: int, comm: str, open_paths: Iterable[str], device_fds: Iterable[str] = ()
+    ) -> None:
+        """A process holding ``open_paths`` (as it sees them: ``/dev/vfio/12``)
+        and legacy vfio device fds of the devices ``device_fds`` (an
+        ``anon_inode:[vfio-device]`` link, with the ``vfio-device-syspath``
+        fdinfo line of Linux 6.18+)."""
         base = self.p(f"proc/{pid}")
         os.makedirs(f"{base}/fd", exist_ok=True)
+        os.makedirs(f"{base}/fdinfo", exist_ok=True)
         _write(f"{base}/comm", comm + "\n")
-        for fd, path in enumerate(["/dev/null", "/dev/null", "/dev/null", *open_paths]):
+        paths = ["/dev/null", "/dev/null", "/dev/null", *open_paths]
+        for fd, path in enumerate(paths):
             _symlink(path, f"{base}/fd/{fd}")
+            _write(f"{base}/fdinfo/{fd}", "pos:\t0\nflags:\t02\nmnt_id:\t1\nino:\t1\n")
+        for fd, address in enumerate(device_fds, start=len(paths)):
+            _symlink("anon_inode:[vfio-device]", f"{base}/fd/{fd}")
+            _write(f"{base}/fdinfo/{fd}", "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n"
+                   f"vfio-device-syspath: /{self.devices[address].sysfs_dir}\n")
 
     def populate(self, count: int, *, seed: int = 0, start_group: int = 100) -> list[str]:
         """Add ``count`` devices (a mix of NICs, GPUs with audio functions,

@@ -175,6 +175,17 @@ def test_in_use_through_a_cdev(tmp_path) -> None:
     assert d.as_dict()["vfio_cdev"] == "/dev/vfio/devices/vfio0"
 
 
+def test_in_use_through_a_legacy_device_fd(fake: FakeSysfs) -> None:
+    """The holder closed the group fd but kept the device fd: only its
+    fdinfo (vfio-device-syspath, Linux 6.18+) names the device."""
+    _to_vfio(fake, EDU)
+    fake.add_process(77, "dpdk-testpmd", ["/dev/vfio/vfio"], device_fds=[EDU])
+    d = Host(fake.root).diagnose(EDU)
+    assert d.in_use == [{"pid": 77, "comm": "dpdk-testpmd", "path": f"anon_inode:[vfio-device] {EDU}"}]
+    assert d.problems[-1].reason.startswith("the device is in use")
+    assert Host(fake.root).diagnose(BUSY_NIC).in_use[0]["pid"] == 4242  # others unaffected
+
+
 def test_ready_device(fake: FakeSysfs) -> None:
     _to_vfio(fake, EDU)
     d = require_ready(EDU, root=fake.root)
