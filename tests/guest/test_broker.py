@@ -316,3 +316,23 @@ def test_qemu_args_use_fds_the_vmm_inherits(broker: BrokerProcess, backend: str)
         container = re.search(r"vfio-container,id=ct0,fd=(\d+)", " ".join(args)).group(1)
         group = re.search(r"vfio-group,id=grp\d+,fd=(\d+)", " ".join(args)).group(1)
         assert fds[container] == "/dev/vfio/vfio" and fds[group] == f"/dev/vfio/{g}"
+
+
+@pytest.mark.parametrize("backend", ["legacy", "iommufd"])
+def test_edu_driver_and_pyvfio_info_take_broker(broker: BrokerProcess, backend: str) -> None:
+    need_backend(backend)
+    cli = "import sys; from pyvfio.cli import main; sys.exit(main(sys.argv[1:]))"
+    edu = "import sys; from pyvfio.drivers.edu import main; sys.exit(main(sys.argv[1:]))"
+    with helpers.vfio_bound(EDU):
+        info = last_json_doc(as_nobody(cli, "info", "--broker", broker.socket, "--backend",
+                                       backend, "--json", EDU))
+        driver = last_json_doc(as_nobody(edu, "--broker", broker.socket, "--backend", backend,
+                                         "--json", EDU))
+    assert info["backend"] == backend and info["ids"]["vendor"] == "1234"
+    assert info["backend_reason"] == "fds passed by the pyvfio broker"
+    assert driver["ok"] is True and driver["backend"] == backend
+
+
+def last_json_doc(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
