@@ -231,6 +231,18 @@ class Iommufd:
                 raise IommufdUnavailable(
                     "IOMMU_TEST_CMD answered ENOTTY: the kernel is built without "
                     "CONFIG_IOMMUFD_TEST, so iommufd mock domains are not reachable") from None
+            others = [n for n in list_dir("/sys/class/iommu")
+                      if not n.startswith("iommufd_selftest")]
+            if exc.errno == errno.EINVAL and others:
+                # 6.12's iommu core probes a device without firmware data with
+                # the ops of the first IOMMU registered: with a real one (VT-d's
+                # dmar0) the mock device is offered to that driver, which
+                # refuses it, and binding it to iommufd then fails.
+                raise IommufdUnavailable(
+                    "IOMMU_TEST_CMD(MOCK_DOMAIN) answered EINVAL: the mock device was "
+                    f"probed by the real IOMMU ({', '.join(others)}) instead of the mock "
+                    "one; iommufd mock domains need a kernel without another IOMMU "
+                    "driver active") from None
             raise
         return MockDevice(self, stdev_id=int(cmd.mock_domain.out_stdev_id),
                           hwpt_id=int(cmd.mock_domain.out_hwpt_id),
@@ -491,8 +503,9 @@ class Ioas(DmaSpace):
     def copy_from(self, src: Ioas, src_iova: int, length: int, iova: int | None = None, *,
                   readable: bool = True, writable: bool = True) -> int:
         """``IOMMU_IOAS_COPY``: map into this IOAS the same pages ``src`` maps at
-        ``src_iova`` (which must be exactly one earlier map), pinned once for
-        both.  Both IOAS must live in the same iommufd.  Returns the IOVA."""
+        ``src_iova``, pinned once for both.  The header asks for exactly one
+        earlier map; 6.12 takes any range the source's mappings cover (ENOENT
+        otherwise).  Both IOAS must live in the same iommufd.  Returns the IOVA."""
         if src.iommufd.fileno() != self.iommufd.fileno():
             raise UsageError(f"{src.target} and {self.target} belong to different iommufds")
         arg = U.new(U.iommu_ioas_copy, flags=self._flags(readable, writable, iova),
@@ -502,8 +515,8 @@ class Ioas(DmaSpace):
             self._ioctl(U.IOMMU_IOAS_COPY, arg)
         except KernelError as exc:
             if exc.errno == errno.ENOENT:
-                raise IoasRangeError(exc, f"{src_iova:#x}+{length:#x} is not exactly one "
-                                          f"mapping of {src.target}") from None
+                raise IoasRangeError(exc, f"{src_iova:#x}+{length:#x} is not covered by "
+                                          f"mappings of {src.target}") from None
             raise self._map_error(exc, "IOMMU_IOAS_COPY", iova, length) from None
         return int(arg.dst_iova)
 
@@ -701,6 +714,13 @@ def cdev_for(device: str, root: str = "/") -> CdevInfo:
             f"{device} is bound to {driver} but has no {base}/vfio-dev/: this kernel has no "
             "VFIO device cdevs (Linux 6.6+ with CONFIG_VFIO_DEVICE_CDEV)")
     name = sorted(names)[0]
+    if not os.path.exists(os.path.join(base, "vfio-dev", name, "dev")) and is_noiommu(device, root):
+        # vfio_device_add: "cdev does not support noiommu device" - the vfio
+        # device is registered, but with no character device behind it.
+        raise IommufdUnavailable(
+            f"{device} is in vfio's no-IOMMU mode, where vfio gives devices no cdev "
+            f"(only {base}/vfio-dev/{name} without a device node); open it through its "
+            "/dev/vfio/noiommu-N group")
     return CdevInfo(device, name, _path(root, f"dev/vfio/devices/{name}"))
 
 
@@ -741,10 +761,9 @@ class IommufdBinding:
     """What keeps an iommufd device's DMA working, owned by the device and
     closed after its fd (closing the device fd detaches and unbinds it): the
     IOAS if it was made for this device, then ``/dev/iommu`` if it was opened
-    for this device.  Shared ones are left to their owner.  ``ioas`` is None
-    for a no-IOMMU device (bound, never attached)."""
+    for this device.  Shared ones are left to their owner."""
 
-    def __init__(self, iommufd: Iommufd, ioas: Ioas | None, *, own_ioas: bool,
+    def __init__(self, iommufd: Iommufd, ioas: Ioas, *, own_ioas: bool,
                  own_iommufd: bool) -> None:
         self.iommufd = iommufd
         self.ioas = ioas
@@ -756,7 +775,7 @@ class IommufdBinding:
 
     def close(self) -> None:
         try:
-            if self.own_ioas and self.ioas is not None:
+            if self.own_ioas:
                 self.ioas.close()
         finally:
             if self.own_iommufd:
@@ -768,13 +787,11 @@ class IommufdDevice(KernelDevice):
 
     ``dev_id`` is its ID in the iommufd (for :meth:`hw_info` and HWPT
     allocation), ``pt_id`` the HWPT it is attached to (0 when detached),
-    ``ioas`` its :class:`Ioas` (also ``dma``).  A device in vfio's no-IOMMU
-    mode (``noiommu``) is bound but cannot be attached: it has no ``ioas``,
-    no ``dev_id`` and no DMA address space.
+    ``ioas`` its :class:`Ioas` (also ``dma``).
     """
 
     def __init__(self, name: str, fd: int, binding: IommufdBinding, dev_id: int,
-                 pt_id: int, *, noiommu: bool = False, backend_reason: str = "") -> None:
+                 pt_id: int, *, backend_reason: str = "") -> None:
         super().__init__(name, fd, binding.ioas, [binding], backend="iommufd",
                          backend_reason=backend_reason or "iommufd and the device cdev")
         self.binding = binding
@@ -782,13 +799,9 @@ class IommufdDevice(KernelDevice):
         self.ioas = binding.ioas
         self.dev_id = dev_id
         self.pt_id = pt_id
-        self.noiommu = noiommu
 
     def _require_ioas(self, what: str) -> Ioas:
         self._ensure_open()
-        if self.ioas is None:
-            raise UsageError(f"{what}: {self.name} is in vfio's no-IOMMU mode; there is no "
-                             "IOMMU behind it and nothing to attach")
         return self.ioas
 
     def hw_info(self) -> HwInfo:
@@ -831,13 +844,11 @@ class IommufdDevice(KernelDevice):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         info: dict[str, Any] = {"dev_id": self.dev_id, "pt_id": self.pt_id,
-                                "ioas_id": self.ioas.id if self.ioas else None,
-                                "noiommu": self.noiommu}
-        if self.ioas is not None:
-            try:
-                info["hw_info"] = self.hw_info().as_dict()
-            except KernelError as exc:
-                info["hw_info"] = {"error": str(exc)}
+                                "ioas_id": self.ioas.id}
+        try:
+            info["hw_info"] = self.hw_info().as_dict()
+        except KernelError as exc:
+            info["hw_info"] = {"error": str(exc)}
         out["iommufd"] = info
         return out
 
@@ -886,29 +897,20 @@ def open_cdev_device(bdf: str, root: str = "/", iommufd: Iommufd | int | None = 
            else Iommufd.from_fd(iommufd, owned=False) if isinstance(iommufd, int) else iommufd)
     space: Ioas | None = None
     fd = -1
-    noiommu = device_fd is None and is_noiommu(bdf, root)
     try:
         fd = _open_cdev(bdf, root) if device_fd is None else device_fd
         target = f"device {bdf}"
         dev_id = bind_iommufd(fd, ifd, target)
-        pt_id = 0
-        if noiommu:
-            # vfio_df_iommufd_bind lets a no-IOMMU device open without binding
-            # it to anything (dev_id stays 0); attaching it is refused.
-            if ioas is not None:
-                raise UsageError(f"{bdf} is in vfio's no-IOMMU mode: it cannot be attached "
-                                 "to an IOAS")
+        if ioas is None:
+            space = ifd.alloc_ioas()
+        elif isinstance(ioas, int):
+            space = ifd.ioas(ioas)
         else:
-            if ioas is None:
-                space = ifd.alloc_ioas()
-            elif isinstance(ioas, int):
-                space = ifd.ioas(ioas)
-            else:
-                space = ioas
-            pt_id = attach_pt(fd, space.id, target)
-            space.ranges_changed()
+            space = ioas
+        pt_id = attach_pt(fd, space.id, target)
+        space.ranges_changed()
         binding = IommufdBinding(ifd, space, own_ioas=ioas is None, own_iommufd=own_iommufd)
-        device = IommufdDevice(bdf, fd, binding, dev_id, pt_id, noiommu=noiommu)
+        device = IommufdDevice(bdf, fd, binding, dev_id, pt_id)
     except BaseException:
         if fd >= 0 and device_fd is None:  # a handed-in fd stays the caller's on failure
             os.close(fd)
@@ -917,9 +919,6 @@ def open_cdev_device(bdf: str, root: str = "/", iommufd: Iommufd | int | None = 
         if own_iommufd:
             ifd.close()
         raise
-    if noiommu:
-        device.backend_reason = ("iommufd and the device cdev, in vfio's UNSAFE no-IOMMU mode: "
-                                 "no DMA isolation and no DMA mapping")
     return device
 
 

@@ -104,7 +104,7 @@ def test_mtty_offers_migration(mtty: None) -> None:
         assert isinstance(mig, KernelMigration)
         assert mig.flags == MigFlag.STOP_COPY | MigFlag.P2P | MigFlag.PRE_COPY
         assert mig.get_state() == MigState.RUNNING
-        assert src.describe()["migration_flags"] == 7
+        assert src.migration_flags() == 7
         assert src.region_info(RegionIndex.BAR0).size == 8
 
 

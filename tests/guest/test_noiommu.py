@@ -4,8 +4,8 @@ vIOMMU and with ``vfio.enable_unsafe_noiommu_mode=1``.
 The host diagnosis must say so loudly (the device is usable but nothing
 isolates its DMA), the device opens through ``/dev/vfio/noiommu-N`` with a
 legacy container of type ``VFIO_NOIOMMU_IOMMU`` (8) - which offers no DMA
-mapping at all - and, on 6.12, through its cdev bound to an iommufd without
-being attached.  Debian's 6.1 kernel is built without CONFIG_VFIO_NOIOMMU.
+mapping at all.  vfio gives no-IOMMU devices no cdev, so iommufd is not a
+way in.  Debian's 6.1 kernel is built without CONFIG_VFIO_NOIOMMU.
 """
 
 from __future__ import annotations
@@ -117,14 +117,19 @@ def test_open_device_legacy_in_noiommu_mode() -> None:
         assert Edu(dev).liveness(1) == 0xFFFFFFFE
 
 
-def test_noiommu_cdev_binds_without_attaching() -> None:
-    if not os.path.exists("/dev/iommu"):
-        pytest.skip(f"kernel {os.uname().release} has no iommufd")
-    from pyvfio.kernel.iommufd import open_cdev_device
+def test_no_cdev_for_a_noiommu_device_and_auto_takes_the_group() -> None:
+    """6.12 registers no-IOMMU vfio devices without a character device
+    ("cdev does not support noiommu device"): the iommufd backend says so,
+    and ``auto`` opens the device through its no-IOMMU group."""
+    from pyvfio.kernel import open_device
+    from pyvfio.kernel.iommufd import IommufdUnavailable, open_cdev_device
 
-    with helpers.vfio_bound(EDU), open_cdev_device(EDU) as dev:
-        assert dev.noiommu and dev.ioas is None and dev.dma is None and dev.pt_id == 0
-        assert "no-IOMMU" in dev.backend_reason
-        assert Edu(dev).factorial(5) == 120
-        with pytest.raises(UsageError, match="no-IOMMU mode"):
-            dev.hw_info()
+    with helpers.vfio_bound(EDU):
+        entries = os.listdir(f"/sys/bus/pci/devices/{EDU}/vfio-dev")
+        assert entries and all(not os.path.exists(f"/dev/vfio/devices/{n}") for n in entries)
+        if os.path.exists("/dev/iommu"):
+            with pytest.raises(IommufdUnavailable, match=r"no-IOMMU mode.*no cdev"):
+                open_cdev_device(EDU)
+        with open_device(EDU) as dev:
+            assert dev.backend == "legacy" and dev.dma is None
+            assert Edu(dev).factorial(5) == 120

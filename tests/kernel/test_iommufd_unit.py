@@ -247,3 +247,15 @@ def test_noiommu_is_told_by_the_group_node_not_the_group_name(tmp_path: Path) ->
     assert not I.is_noiommu("0000:00:04.0", str(tmp_path))
     make_device(tmp_path, UUID, driver="mtty", cdev="vfio9", bus="mdev")
     assert not I.is_noiommu(UUID, str(tmp_path))
+
+
+def test_noiommu_device_has_no_cdev(tmp_path: Path) -> None:
+    base = make_device(tmp_path, cdev="vfio2")  # vfio-dev/vfio2 but no "dev" attribute
+    groups = tmp_path / "sys/kernel/iommu_groups/3"
+    groups.mkdir(parents=True)
+    (base / "iommu_group").symlink_to(groups)
+    (tmp_path / "dev/vfio/noiommu-3").touch()
+    with pytest.raises(I.IommufdUnavailable, match="no-IOMMU mode, where vfio gives devices no cdev"):
+        I.cdev_for(BDF, str(tmp_path))
+    (base / "vfio-dev/vfio2/dev").write_text("511:2\n")  # a kernel that does make one
+    assert I.cdev_for(BDF, str(tmp_path)).name == "vfio2"
