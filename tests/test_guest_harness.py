@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyvfio.errors import UsageError
-from pyvfio.testing import debian, guest, initramfs, pytest_guest, topology
+from pyvfio.testing import debian, guest, initramfs, kernel, pytest_guest, topology
 
 DEBIAN_MODULES = sorted(Path("/lib/modules").glob("6.1.0-*/modules.dep"))
 
@@ -332,3 +332,39 @@ def test_backports_stanza_names_no_host_of_its_own() -> None:
     text = debian.backports_sources_text("http://m.example/debian", "bookworm")
     assert "URIs: http://m.example/debian\n" in text
     assert "Suites: bookworm-backports\n" in text
+
+
+# --- the pyvfio-6.12 kernel's configuration checks -----------------------------------------
+
+
+def test_fragment_options_are_parsed() -> None:
+    options = kernel.requested_options(
+        "# comment\nCONFIG_VFIO=y\n\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=4\n")
+    assert options == {"CONFIG_VFIO": "y", "CONFIG_MODULES": "n", "CONFIG_NR_CPUS": "4"}
+
+
+def test_the_shipped_fragment_asks_for_what_issue_6_lists() -> None:
+    options = kernel.requested_options(kernel.CONFIG_FRAGMENT.read_text())
+    for name in ("IOMMUFD", "VFIO_DEVICE_CDEV", "IOMMUFD_TEST", "VFIO_NOIOMMU", "VFIO_CONTAINER",
+                 "VFIO_PCI", "SAMPLE_VFIO_MDEV_MTTY", "INTEL_IOMMU", "IRQ_REMAP", "9P_FS",
+                 "NET_9P_VIRTIO", "E1000", "E1000E", "DEVTMPFS", "TMPFS", "EVENTFD", "UNIX"):
+        assert options[f"CONFIG_{name}"] == "y", name
+    assert all(v == "y" for v in options.values())
+
+
+def test_options_that_did_not_stick_are_named() -> None:
+    requested = {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "n", "CONFIG_D": "y"}
+    final = kernel.config_values("CONFIG_A=y\nCONFIG_B=m\n# CONFIG_D is not set\n")
+    assert kernel.options_that_did_not_stick(requested, final) == [
+        "CONFIG_B=y requested, .config has CONFIG_B=m",
+        "CONFIG_D=y requested, .config has CONFIG_D=n",
+    ]
+    final["CONFIG_B"] = final["CONFIG_D"] = "y"
+    assert kernel.options_that_did_not_stick(requested, final) == []
+
+
+def test_kernel_cache_key_follows_version_and_options() -> None:
+    key = kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\n")
+    assert key == kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\n")
+    assert key != kernel.cache_key("6.12.96-1~bpo12+1", "CONFIG_VFIO=y\n")
+    assert key != kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\nCONFIG_E1000=y\n")

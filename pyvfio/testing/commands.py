@@ -40,6 +40,14 @@ def register(sub: Any) -> None:
                        help="the command to run in the guest")
     guest.set_defaults(func=run_guest)
 
+    build = sub.add_parser(
+        "guest-kernel",
+        help="build the pyvfio-6.12 guest kernel if the cache is cold; print its path",
+        description="Build (only when its cache is cold) the all-built-in 6.12 guest kernel "
+        "from Debian's linux-source-6.12 and print the bzImage path.",
+    )
+    build.set_defaults(func=run_guest_kernel)
+
     demo = sub.add_parser(
         "demo",
         help="the whole story in a real guest: list, check, bind edu, DMA and interrupts",
@@ -76,6 +84,13 @@ def run_guest(args: argparse.Namespace) -> int:
     if not kept:
         result.cleanup()
     return result.returncode
+
+
+def run_guest_kernel(args: argparse.Namespace) -> int:
+    from pyvfio.testing import kernel
+
+    print(kernel.pyvfio_kernel().image)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -23,7 +23,6 @@ The accelerator is KVM when a tiny timed boot under KVM works on this machine
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -148,10 +147,9 @@ def kernel_by_name(name: str) -> Kernel:
     if name == "debian":
         return debian_kernel()
     if name == "pyvfio-6.12":
-        # Imported here: building a kernel is rare and its module is large.
-        kernel_build = importlib.import_module("pyvfio.testing.kernel")
-        built: Kernel = kernel_build.pyvfio_kernel()
-        return built
+        from pyvfio.testing import kernel as kernel_build  # imports this module
+
+        return kernel_build.pyvfio_kernel()
     path = Path(name)
     if path.is_file():
         release = path.name[len("vmlinuz-"):] if path.name.startswith("vmlinuz-") else ""
@@ -467,6 +465,7 @@ class Guest:
         wall = time.monotonic() - started
         console = "".join(console_parts)
         qemu_stderr = b"".join(stderr_parts).decode("utf-8", "replace").strip()
+        (run_dir / "console.log").write_text(console)  # kept with the run, for post-mortems
         if timed_out:
             raise GuestTimeout(f"guest ({self.kernel.name}, {accel}) still running after "
                                f"{timeout:.0f} s; killed", console, run_dir)

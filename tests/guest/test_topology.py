@@ -117,7 +117,8 @@ def test_mtty_mdev_parent(guest_kernel: str) -> None:
 def test_noiommu_mode(guest_kernel: str, vfio_bound: Callable[[str], None]) -> None:
     if guest_kernel == "debian":
         pytest.skip("Debian's 6.1 kernel is built without CONFIG_VFIO_NOIOMMU")
-    assert not any(Path("/sys/class/iommu").iterdir()), "booted without a vIOMMU"
+    # No Intel vIOMMU (dmarN); iommufd's selftest registers its own mock iommu here.
+    assert not any(p.name.startswith("dmar") for p in Path("/sys/class/iommu").iterdir())
     param = Path("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode")
     assert param.read_text().strip() == "Y"
     vfio_bound(topology.EDU)
