@@ -30,7 +30,7 @@ from typing import Any
 from pyvfio.broker import wire
 from pyvfio.broker.policy import normalize_address
 from pyvfio.device import Device
-from pyvfio.errors import BrokerRefused, ClosedError, ProtocolError, UsageError
+from pyvfio.errors import BrokerRefused, ClosedError, ProtocolError, PyvfioError, UsageError
 from pyvfio.kernel.device import KernelDevice
 from pyvfio.kernel.iommufd import Ioas, Iommufd, IommufdBinding, IommufdDevice
 from pyvfio.kernel.legacy import Container, Group
@@ -70,8 +70,16 @@ class BrokerSession:
         """Send one request and return the reply (raising on an error reply)."""
         if self._closed:
             raise ClosedError("broker session is closed")
-        wire.send_message(self.sock, body)
-        reply = wire.recv_message(self.sock, max_fds=_MAX_REPLY_FDS)
+        try:
+            wire.send_message(self.sock, body)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The broker may have said why before hanging up (e.g. "busy").
+            try:
+                reply = wire.recv_message(self.sock, max_fds=_MAX_REPLY_FDS)
+            except (OSError, PyvfioError):
+                raise BrokerRefused(f"the broker closed the connection: {exc}") from None
+        else:
+            reply = wire.recv_message(self.sock, max_fds=_MAX_REPLY_FDS)
         if not reply.body.get("ok"):
             wire.close_fds(reply.fds)
             kind = reply.body.get("error", "error")

@@ -50,6 +50,17 @@ managed = true
 """
 
 
+def settled_fds(expected: set[str], timeout: float = 3.0) -> set[str]:
+    """open_fds(), once it equals ``expected`` or ``timeout`` passes (session
+    threads of earlier tests may still be closing their last fds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = open_fds()
+        if now == expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.02)
+
+
 def open_fds() -> set[str]:
     """What this process's fds point at (the fd number of the listing itself
     varies, so targets are compared, not numbers)."""
@@ -186,7 +197,7 @@ def test_kernel_failure_is_an_error_not_a_crash(fake: FakeSysfs, broker: Running
     with pytest.raises(BrokerRefused, match=r"failed: opening 0000:00:03.0 failed: .*VFIO_GET_API"):
         open_device(broker.path, EDU, backend="legacy")
     broker.wait_sessions(0)
-    assert open_fds() == before
+    assert settled_fds(before) == before
     with BrokerSession(broker.path) as s:
         assert s.hello()["version"] == 1
 
@@ -253,7 +264,7 @@ def test_fds_from_a_client_are_closed(broker: Running) -> None:
     s.close()
     wire.close_fds(extra)
     broker.wait_sessions(0)
-    assert open_fds() == before
+    assert settled_fds(before) == before
 
 
 def test_clients_that_vanish_mid_message(broker: Running) -> None:
@@ -295,8 +306,7 @@ def test_fifty_clients_leave_no_fd_behind(fake: FakeSysfs, broker: Running) -> N
             s.hello()
         s.close()
     broker.wait_sessions(0)
-    time.sleep(0.1)
-    assert open_fds() == before
+    assert settled_fds(before) == before
     assert threading.active_count() <= threads_before
 
 
