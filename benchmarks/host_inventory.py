@@ -5,28 +5,33 @@ same generated sysfs tree (pyvfio.testing.fakesysfs: devices with uevent,
 config, resource, driver and iommu_group links, the system's pci.ids linked in).
 
 Each command runs as its own process (interpreter start-up included for
-pyvfio, as an operator would see it); the commands run interleaved and the
-figure is the fastest of several runs (the least disturbed on a shared
-machine), with the median beside it.  Before timing, the script checks that lspci really read the tree: it
+pyvfio, as an operator would see it); the commands run interleaved, several
+rounds.  Two figures per command: CPU time (user + system of the child, the
+least of the runs), which is what the work costs and holds still on a shared
+machine, and wall time (fastest run, median in brackets).  Before timing, the script checks that lspci really read the tree: it
 must print one ``Slot:`` record per generated device.
 
     python3 benchmarks/host_inventory.py [--sizes 1000,2500,5000,10000] [--runs 5]
 
-Output: per size, the median wall time of each command, the ratio
-pyvfio/lspci (below 1.0 means pyvfio is faster) and microseconds per device
-(flat across sizes means the cost grows linearly).
+Output: per size, the wall time of each command, the ratio pyvfio/lspci
+(below 1.0 means pyvfio is faster) and microseconds per device; then a
+straight-line fit over the sizes, t = fixed + per_device * n, for each tool:
+a good fit with a constant per-device cost is linear growth, and the fixed
+part is process start-up (for pyvfio: the interpreter and imports).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -41,27 +46,42 @@ def build_tree(directory: str, count: int) -> None:
     fake.populate(count)
 
 
-def run_once(cmd: list[str]) -> tuple[float, bytes]:
+def run_once(cmd: list[str]) -> tuple[float, float, bytes]:
+    """Wall time and CPU time (user + system, from the child's rusage) of one
+    run.  On a shared, loaded machine the wall time mostly measures the
+    queue for a CPU; the CPU time measures the work done."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False, timeout=300)
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}")
-    return elapsed, proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, proc.stdout
 
 
-def timed_interleaved(cmds: list[list[str]], runs: int) -> list[tuple[float, float, bytes]]:
+@dataclass
+class Timing:
+    wall: float  # fastest run
+    cpu: float  # least CPU of the runs
+    wall_median: float
+    out: bytes
+
+
+def timed_interleaved(cmds: list[list[str]], runs: int) -> list[Timing]:
     """Run the commands in turn, ``runs`` rounds, so that load from other
-    processes on a shared machine hits all of them alike.  Returns, per
-    command, the fastest and the median time and the last output: the fastest
-    run is the least disturbed one."""
-    times: list[list[float]] = [[] for _ in cmds]
+    processes hits all of them alike; keep the least disturbed run."""
+    walls: list[list[float]] = [[] for _ in cmds]
+    cpus: list[list[float]] = [[] for _ in cmds]
     outs: list[bytes] = [b""] * len(cmds)
     for _ in range(runs):
         for i, cmd in enumerate(cmds):
-            t, outs[i] = run_once(cmd)
-            times[i].append(t)
-    return [(min(t), statistics.median(t), o) for t, o in zip(times, outs, strict=True)]
+            wall, cpu, outs[i] = run_once(cmd)
+            walls[i].append(wall)
+            cpus[i].append(cpu)
+    return [Timing(min(w), min(c), statistics.median(w), o)
+            for w, c, o in zip(walls, cpus, outs, strict=True)]
 
 
 def main() -> int:
@@ -86,29 +106,50 @@ def main() -> int:
             lspci_cmd = ["lspci", "-A", "linux-sysfs", "-O", f"sysfs.path={root}/sys/bus/pci", "-vmmnnk"]
             ls_cmd = [*pyvfio, "--root", root, "ls", "--json"]
             groups_cmd = [*pyvfio, "--root", root, "groups", "--json"]
-            (t_lspci, m_lspci, out_lspci), (t_ls, m_ls, out_ls), (t_groups, m_groups, _) = \
-                timed_interleaved([lspci_cmd, ls_cmd, groups_cmd], args.runs)
-            slots = out_lspci.count(b"\nSlot:") + out_lspci.startswith(b"Slot:")
+            lspci, ls, groups = timed_interleaved([lspci_cmd, ls_cmd, groups_cmd], args.runs)
+            slots = lspci.out.count(b"\nSlot:") + lspci.out.startswith(b"Slot:")
             if slots != n:
                 raise SystemExit(f"lspci read {slots} devices from {root}, expected {n}")
-            if out_ls.count(b'"device": ') != n:
+            if ls.out.count(b'"device": ') != n:
                 raise SystemExit("pyvfio ls --json did not list every device")
-            rows.append((n, t_lspci, t_ls, t_groups, m_lspci, m_ls, m_groups))
+            rows.append((n, lspci, ls, groups))
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    startup, _, _ = timed_interleaved([[sys.executable, "-c", "import pyvfio.cli; pyvfio.cli.build_parser()"]],
-                                      args.runs)[0]
-    print(f"fastest of {args.runs} interleaved runs (median in brackets); "
-          f"pyvfio start-up alone (import + parser): {startup:.3f} s")
-    print(f"{'devices':>8} {'lspci s':>15} {'ls s':>15} {'groups s':>15} {'ls/lspci':>9} "
-          f"{'groups/lspci':>13} {'lspci us/dev':>13} {'ls us/dev':>10} {'groups us/dev':>14}")
-    for n, t_lspci, t_ls, t_groups, m_lspci, m_ls, m_groups in rows:
-        print(f"{n:>8} {t_lspci:>6.3f} ({m_lspci:.3f}) {t_ls:>6.3f} ({m_ls:.3f}) "
-              f"{t_groups:>6.3f} ({m_groups:.3f}) {t_ls / t_lspci:>9.2f} "
-              f"{t_groups / t_lspci:>13.2f} {t_lspci / n * 1e6:>13.1f} {t_ls / n * 1e6:>10.1f} "
-              f"{t_groups / n * 1e6:>14.1f}")
+    startup = timed_interleaved([[sys.executable, "-c", "import pyvfio.cli; pyvfio.cli.build_parser()"]],
+                                args.runs)[0]
+    print(f"{args.runs} interleaved runs per command; CPU = least user+system time of the runs, "
+          f"wall = fastest run (median)")
+    print(f"pyvfio start-up alone (interpreter, imports, parser): CPU {startup.cpu:.3f} s, "
+          f"wall {startup.wall:.3f} s")
+    print(f"{'devices':>8} | {'CPU s: lspci':>12} {'ls':>6} {'groups':>6} | {'ls/lspci':>8} "
+          f"{'groups/lspci':>12} | {'wall s: lspci':>20} {'ls':>15} {'groups':>15} | "
+          f"{'ls/lspci':>8} {'groups/lspci':>12}")
+    for n, lspci, ls, groups in rows:
+        print(f"{n:>8} | {lspci.cpu:>12.3f} {ls.cpu:>6.3f} {groups.cpu:>6.3f} | "
+              f"{ls.cpu / lspci.cpu:>8.2f} {groups.cpu / lspci.cpu:>12.2f} | "
+              f"{lspci.wall:>12.3f} ({lspci.wall_median:.3f}) {ls.wall:>6.3f} ({ls.wall_median:.3f}) "
+              f"{groups.wall:>6.3f} ({groups.wall_median:.3f}) | "
+              f"{ls.wall / lspci.wall:>8.2f} {groups.wall / lspci.wall:>12.2f}")
+    if len(rows) >= 2:
+        print("least-squares fit of CPU time, t = fixed + per_device * n:")
+        ns = [r[0] for r in rows]
+        fits = {}
+        for name, col in (("lspci", 1), ("pyvfio ls", 2), ("pyvfio groups", 3)):
+            fixed, per_device = _fit(ns, [r[col].cpu for r in rows])
+            fits[name] = per_device
+            print(f"  {name:<14} fixed {fixed * 1e3:7.1f} ms   per device {per_device * 1e6:6.1f} us")
+        for name in ("pyvfio ls", "pyvfio groups"):
+            print(f"  per-device cost {name} / lspci: {fits[name] / fits['lspci']:.2f}")
     return 0
+
+
+def _fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """Ordinary least squares: (intercept, slope)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
 
 
 if __name__ == "__main__":

@@ -156,3 +156,30 @@ def test_restore_usage(fake: FakeSysfs, capsys) -> None:
     assert code == 2 and "--all" in err
     code, _, err = run(capsys, "--root", fake.root, "restore", EDU)
     assert code == 1 and "no binding of 0000:06:00.0 is recorded" in err
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["ls"], "ls"),
+    (["--root", "/x", "check", "01:00.0"], "check"),
+    (["--root=/x", "groups"], "groups"),
+    (["--ro", "ls", "info", "01:00.0"], "info"),  # argparse takes --ro for --root
+    (["--root", "ls", "bind", "x"], "bind"),
+    (["--help"], None),
+])
+def test_command_detection(argv: list[str], command: str | None) -> None:
+    from pyvfio.cli import _command_of
+
+    assert _command_of(argv) == command
+
+
+def test_host_commands_import_only_the_host_area(fake: FakeSysfs) -> None:
+    """Start-up cost: `pyvfio ls` must not import every other area's commands."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pyvfio.cli import main; rc = main(sys.argv[1:]); "
+            "print(sorted(m for m in sys.modules if m.endswith('.commands')), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, "--root", fake.root, "ls", "--json"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stderr.strip() == "['pyvfio.host.commands']"
+    assert len(json.loads(proc.stdout)) == len(fake.devices)
