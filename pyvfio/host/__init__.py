@@ -11,17 +11,50 @@ Public API (other parts of pyvfio call these; keep the names)::
     bind([bdf], group=True), restore([bdf]) / restore(all_devices=True)
 """
 
-from pyvfio.host.binding import BindResult, BindState, bind, restore, state_dir_for
-from pyvfio.host.diagnosis import Diagnosis, Member, Problem, diagnose, require_ready
-from pyvfio.host.model import (
-    DRIVER_KINDS,
-    Host,
-    IommuGroup,
-    PciDevice,
-    ReservedRegion,
-    normalize_bdf,
-)
-from pyvfio.host.sysfs import RealSysfsWriter, SysfsWriter, install_writer, uninstall_writer
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyvfio.host.binding import BindResult, BindState, bind, restore, state_dir_for
+    from pyvfio.host.diagnosis import Diagnosis, Member, Problem, diagnose, require_ready
+    from pyvfio.host.model import (
+        DRIVER_KINDS,
+        Host,
+        IommuGroup,
+        PciDevice,
+        ReservedRegion,
+        normalize_bdf,
+    )
+    from pyvfio.host.sysfs import (
+        RealSysfsWriter,
+        SysfsWriter,
+        install_writer,
+        uninstall_writer,
+    )
+
+# Loaded on first use: `pyvfio ls` needs the model, not binding or diagnosis,
+# and every module imported is start-up time for each command.
+_HOME = {
+    "BindResult": "binding", "BindState": "binding", "bind": "binding", "restore": "binding",
+    "state_dir_for": "binding",
+    "Diagnosis": "diagnosis", "Member": "diagnosis", "Problem": "diagnosis",
+    "diagnose": "diagnosis", "require_ready": "diagnosis",
+    "DRIVER_KINDS": "model", "Host": "model", "IommuGroup": "model", "PciDevice": "model",
+    "ReservedRegion": "model", "normalize_bdf": "model",
+    "RealSysfsWriter": "sysfs", "SysfsWriter": "sysfs", "install_writer": "sysfs",
+    "uninstall_writer": "sysfs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'pyvfio.host' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"pyvfio.host.{home}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DRIVER_KINDS",

@@ -38,12 +38,12 @@ from pyvfio.host.model import (
     KIND_STUB,
     KIND_VARIANT,
     KIND_VFIO,
+    VIABLE_KINDS,
     Host,
     PciDevice,
     normalize_bdf,
 )
 
-VIABLE_KINDS = (KIND_VFIO, KIND_VARIANT, KIND_STUB, KIND_NONE, KIND_BRIDGE)
 VFIO_KINDS = (KIND_VFIO, KIND_VARIANT)
 
 # Problem kinds (the "kind" field of each problem object).

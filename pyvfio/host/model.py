@@ -51,6 +51,8 @@ KIND_HOST = "host"
 KIND_BRIDGE = "bridge"
 KIND_NONE = "none"
 DRIVER_KINDS = (KIND_VFIO, KIND_VARIANT, KIND_STUB, KIND_HOST, KIND_BRIDGE, KIND_NONE)
+# Kinds that keep a group viable (see pyvfio.host.diagnosis).
+VIABLE_KINDS = (KIND_VFIO, KIND_VARIANT, KIND_STUB, KIND_NONE, KIND_BRIDGE)
 
 VFIO_PCI = "vfio-pci"
 PCI_STUB = "pci-stub"
