@@ -229,6 +229,18 @@ def _region_name(index: int) -> str:
         return f"REGION{index}"
 
 
+def outside_region_error(device: str, index: int, size: int, offset: int, width: int
+                         ) -> UsageError:
+    """The error of an access outside a region, naming the device and region
+    (shared by every backend's accessors so that they all say the same)."""
+    region = f"region {index} ({_region_name(index)})"
+    if size == 0:
+        return UsageError(f"{device}: {region} is not implemented (size 0); "
+                          f"`pyvfio info` lists the regions the device has")
+    return UsageError(f"{device}: {width}-byte access at {offset:#x} is outside {region}, "
+                      f"which is {size:#x} bytes")
+
+
 def _irq_name(index: int) -> str:
     try:
         return IrqIndex(index).name
@@ -280,6 +292,9 @@ class EventFd:
 
     def __enter__(self) -> EventFd:
         return self
+
+    def __repr__(self) -> str:
+        return f"<EventFd fd={self.fd}>" if self.fd >= 0 else "<EventFd closed>"
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -483,14 +498,20 @@ class DmaBuffer:
 
     @property
     def view(self) -> memoryview:
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed (unmapped and freed)")
         return self.memory.view
 
     def read(self, offset: int = 0, size: int | None = None) -> bytes:
         end = self.size if size is None else offset + size
-        return bytes(self.memory.view[offset:end])
+        if not 0 <= offset <= end <= self.size:
+            raise UsageError(f"{offset:#x}+{end - offset:#x} is outside {self!r}")
+        return bytes(self.view[offset:end])
 
     def write(self, data: bytes, offset: int = 0) -> None:
-        self.memory.view[offset:offset + len(data)] = data
+        if not 0 <= offset <= offset + len(data) <= self.size:
+            raise UsageError(f"writing {len(data):#x} bytes at {offset:#x} overruns {self!r}")
+        self.view[offset:offset + len(data)] = data
 
     def close(self) -> None:
         if self._closed:
@@ -509,7 +530,8 @@ class DmaBuffer:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<DmaBuffer iova={self.iova:#x} size={self.size:#x}>"
+        state = " closed" if self._closed else ""
+        return f"<DmaBuffer iova={self.iova:#x} size={self.size:#x}{state}>"
 
 
 # --- regions ---------------------------------------------------------------------------------
@@ -540,7 +562,7 @@ class Region:
         of a driver, and in CPython every call layer costs about as much as
         the ``pread`` itself; the methods below stay as the reference
         behaviour (and the fallback for subclasses)."""
-        size, index = self.size, self.index
+        size, index, name = self.size, self.index, self.device.name
         native = self.device._region_int_accessors(self.info)
         if native is not None:
             for width, (read_n, write_n) in native.items():
@@ -551,8 +573,7 @@ class Region:
         from_bytes = int.from_bytes
 
         def bad(offset: int, width: int) -> UsageError:
-            return UsageError(f"access {offset:#x}+{width} is outside region {index} "
-                              f"of size {size:#x}")
+            return outside_region_error(name, index, size, offset, width)
 
         def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
             limit = size - width
@@ -577,8 +598,7 @@ class Region:
 
     def _check(self, offset: int, size: int) -> None:
         if offset < 0 or size <= 0 or offset + size > self.size:
-            raise UsageError(f"access {offset:#x}+{size} is outside region {self.index} "
-                             f"of size {self.size:#x}")
+            raise outside_region_error(self.device.name, self.index, self.size, offset, size)
 
     def read(self, offset: int, size: int) -> bytes:
         self._check(offset, size)
@@ -863,7 +883,8 @@ class Device(abc.ABC):
             from pyvfio.pci.config import ConfigSpace
 
             region = self.region(RegionIndex.CONFIG)
-            self._config = ConfigSpace(region.read, region.write, size=region.size)
+            self._config = ConfigSpace(region.read, region.write, size=region.size,
+                                       name=self.name)
         return self._config
 
     def irq_info(self, index: int) -> IrqInfo:

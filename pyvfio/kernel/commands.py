@@ -3,37 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from importlib import import_module
 from typing import Any
 
-from pyvfio.cli import CommandFailed, add_json_flag, print_json
+from pyvfio.cli import add_json_flag, print_json
 from pyvfio.device import Device
+from pyvfio.errors import UsageError
+
+INFO_EPILOG = """\
+examples:
+  pyvfio info 0000:00:03.0                   a device bound to vfio-pci (pyvfio bind BDF)
+  pyvfio info 0000:00:03.0 --backend legacy  force the container/group API
+  pyvfio info --vfio-user /tmp/edu.sock      a vfio-user server (pyvfio serve edu --socket ...)
+  pyvfio info --broker /run/pyvfio-broker.sock 0000:00:03.0 --json
+
+exit status: 0 success, 2 the device could not be opened (one line on stderr says why)
+"""
 
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "info", help="open a device through VFIO and print its backend, IDs, regions and IRQs",
-        description="Open a device (kernel VFIO by PCI address, a vfio-user socket, or fds "
-                    "from the broker) and print its backend, IDs, regions (index, size, "
-                    "flags, mmap areas) and IRQs (index, count, flags).")
-    p.add_argument("bdf", nargs="?", help="PCI address (0000:00:03.0)")
-    p.add_argument("--backend", choices=("auto", "legacy", "iommufd"), default="auto",
-                   help="kernel backend: auto takes iommufd when /dev/iommu and the device "
-                        "cdev exist (default: auto)")
-    p.add_argument("--vfio-user", metavar="PATH", help="connect to a vfio-user server socket")
-    p.add_argument("--broker", metavar="PATH",
-                   help="ask the pyvfio broker on this socket for the device's fds")
+        description=textwrap.fill(
+            "Open a device (kernel VFIO by PCI address, a vfio-user socket, or fds from the "
+            "broker) and print its backend, IDs, regions (index, size, flags, mmap areas) "
+            "and IRQs (index, count, flags).", 78),
+        epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_arguments(p)
     add_json_flag(p)
     p.set_defaults(func=run_info)
 
 
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """The ways to name a device, shared with ``python -m pyvfio.drivers.edu``."""
+    p.add_argument("bdf", nargs="?", metavar="BDF",
+                   help="PCI address of a device bound to vfio-pci (0000:00:03.0; the "
+                        "domain may be left out)")
+    p.add_argument("--backend", choices=("auto", "legacy", "iommufd"), default="auto",
+                   help="kernel backend: auto takes iommufd when /dev/iommu and the device "
+                        "cdev exist, else legacy (default: auto)")
+    p.add_argument("--vfio-user", metavar="PATH",
+                   help="connect to the vfio-user server on this UNIX socket instead")
+    p.add_argument("--broker", metavar="PATH",
+                   help="ask the pyvfio broker on this socket for the device's fds")
+    p.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                   help="vfio-user: how long to wait for the server's replies (default: 30)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
 def open_for_args(args: argparse.Namespace) -> Device:
+    """Open the device named by :func:`add_device_arguments`' options."""
     if args.vfio_user:
         if args.broker:
-            raise CommandFailed("--vfio-user and --broker exclude each other", 2)
-        return import_module("pyvfio.user.client").connect(args.vfio_user)
+            raise UsageError("--vfio-user and --broker exclude each other")
+        if args.bdf:
+            raise UsageError(f"give either a PCI address ({args.bdf}) or --vfio-user PATH, "
+                             "not both")
+        return import_module("pyvfio.user.client").connect(
+            args.vfio_user, timeout=getattr(args, "timeout", 30.0))
     if not args.bdf:
-        raise CommandFailed("info: a PCI address is needed (or --vfio-user PATH)", 2)
+        raise UsageError("name a device: a PCI address (e.g. 0000:00:03.0), "
+                         "--vfio-user PATH, or --broker PATH BDF")
     if args.broker:
         return import_module("pyvfio.broker.client").open_device(
             args.broker, args.bdf, backend=args.backend)

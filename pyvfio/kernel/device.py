@@ -33,6 +33,7 @@ from pyvfio.device import (
     RegionFlag,
     RegionInfo,
     SparseArea,
+    outside_region_error,
 )
 from pyvfio.errors import KernelError, UsageError
 from pyvfio.uapi import vfio as V
@@ -229,8 +230,7 @@ class KernelDevice(Device):
 
         def fail(op: str, offset: int, width: int, exc: OSError | None, got: int) -> Exception:
             if not 0 <= offset <= size - width:
-                return UsageError(f"access {offset:#x}+{width} is outside region {index} "
-                                  f"of size {size:#x}")
+                return outside_region_error(self.name, index, size, offset, width)
             if exc is not None:
                 return KernelError.from_oserror(exc, op, target, f"{width} bytes at {offset:#x}")
             return KernelError(errno.EIO, op, target,

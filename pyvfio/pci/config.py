@@ -123,10 +123,18 @@ class Capability:
 class ConfigSpace:
     """Typed access to a PCI config space and its capability lists."""
 
-    def __init__(self, read: Reader, write: Writer | None = None, size: int = 256) -> None:
+    def __init__(self, read: Reader, write: Writer | None = None, size: int = 256, *,
+                 name: str = "") -> None:
         self._read = read
         self._write = write
         self.size = size
+        self.name = name  # whose config space, for repr and errors
+
+    def __repr__(self) -> str:
+        # No config read here: a repr must not do I/O on a device.
+        of = f" of {self.name}" if self.name else ""
+        mode = "" if self._write is not None else ", read-only"
+        return f"<ConfigSpace{of} ({self.size:#x} bytes{mode})>"
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray) -> ConfigSpace:

@@ -62,6 +62,7 @@ from pyvfio.device import (
     RegionInfo,
     SharedMemory,
     SparseArea,
+    outside_region_error,
 )
 from pyvfio.errors import ClosedError, ConnectionClosed, PeerError, ProtocolError, UsageError
 from pyvfio.migration import MigFlag, Migration, MigrationError, MigState, arc_path
@@ -404,6 +405,12 @@ class VfioUserDmaSpace(DmaSpace):
     def mappings(self) -> list[DmaMapping]:
         with self._table_lock:
             return list(self._mappings)
+
+    def __repr__(self) -> str:
+        with self._table_lock:
+            n = len(self._mappings)
+        how = "fds shared" if self.share_fds else "no fds: DMA_READ/DMA_WRITE"
+        return f"<VfioUserDmaSpace of {self._device.name}: {n} mapping(s), {how}>"
 
     def map(self, iova: int, memory: SharedMemory, offset: int = 0, size: int | None = None,
             *, readable: bool = True, writable: bool = True,
@@ -783,9 +790,10 @@ class VfioUserDevice(Device):
         malformed = self._malformed
         from_bytes = int.from_bytes
 
+        name = self.name
+
         def bad(offset: int, width: int) -> UsageError:
-            return UsageError(f"access {offset:#x}+{width} is outside region {index} "
-                              f"of size {size:#x}")
+            return outside_region_error(name, index, size, offset, width)
 
         def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
             limit = size - width
@@ -1104,21 +1112,46 @@ def connect(path: str, *, timeout: float | None = DEFAULT_TIMEOUT, share_dma_fds
         raise
 
 
+def _check_first_reply(sock: socket.socket, path: str, max_size: int) -> None:
+    """Look at (without taking) the first bytes the server sent: a peer that
+    is not a vfio-user server (an HTTP or ssh socket, say) answers something
+    whose "header" claims an absurd size, which the reader would otherwise
+    wait for until the timeout.  A header split over two sends is left to
+    the reader."""
+    head = sock.recv(HEADER_SIZE, socket.MSG_PEEK)
+    if len(head) < HEADER_SIZE:
+        return
+    _msg_id, command, msg_size, _flags, _err = HEADER.unpack(head)
+    if command != Command.VERSION or not HEADER_SIZE <= msg_size <= max_size:
+        raise ProtocolError(f"{path} is not a vfio-user server: its first bytes "
+                            f"{head[:HEADER_SIZE]!r} are not a VERSION reply")
+
+
 def _negotiate(sock: socket.socket, reader: MessageReader, path: str, offer_twin: bool,
                timeout: float | None) -> tuple[tuple[int, int], Capabilities, socket.socket | None]:
     ours = Capabilities(max_msg_fds=CLIENT_MAX_MSG_FDS, max_data_xfer_size=CLIENT_MAX_DATA_XFER,
                         write_multiple=True,
                         twin_socket={"supported": True} if offer_twin else None)
     request = P.Version(P.VERSION_MAJOR, P.VERSION_MINOR, ours).pack()
+    not_vfio_user = "is it a vfio-user server?"
     try:
         sock.sendall(HEADER.pack(0, Command.VERSION, HEADER_SIZE + len(request), 0, 0) + request)
+    except (BrokenPipeError, ConnectionResetError):
+        raise ConnectionClosed(f"{path} closed the connection before taking our VERSION "
+                               f"request; {not_vfio_user}") from None
     except OSError as exc:
         raise ConnectionClosed(f"VERSION to {path}: {exc}") from None
     try:
+        _check_first_reply(sock, path, reader.max_msg_size)
         msg = reader.read()
     except BlockingIOError:
         raise ConnectionClosed(f"{path} did not answer VERSION within {timeout}s (a server "
                                "that serves one client at a time may be busy)") from None
+    except (ConnectionResetError, BrokenPipeError):
+        raise ConnectionClosed(f"{path} broke the connection instead of answering VERSION; "
+                               f"{not_vfio_user}") from None
+    except ConnectionClosed as exc:
+        raise ConnectionClosed(f"VERSION to {path}: {exc}; {not_vfio_user}") from None
     except OSError as exc:
         raise ConnectionClosed(f"VERSION to {path}: {exc}") from None
     if msg is None:

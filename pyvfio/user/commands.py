@@ -12,12 +12,14 @@ import argparse
 import resource
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from pyvfio.devices.model import PciDeviceModel
+from pyvfio.errors import UsageError
 
 __all__ = ["MODELS", "register"]
 
@@ -33,20 +35,39 @@ MODELS: dict[str, tuple[Callable[[argparse.Namespace], PciDeviceModel], str]] = 
 }
 
 
+SERVE_EPILOG = """\
+examples:
+  pyvfio serve edu --socket /tmp/edu.sock                     one edu device
+  pyvfio serve edu --socket /tmp/a.sock --socket /tmp/b.sock  two independent ones
+  pyvfio serve --list                                         the models there are
+
+then, from another shell:
+  pyvfio info --vfio-user /tmp/edu.sock
+  python -m pyvfio.drivers.edu --vfio-user /tmp/edu.sock
+
+Runs in the foreground until Ctrl-C or SIGTERM (exit 0) and removes its socket
+files. A stale socket left by a killed server is replaced; one with a live
+server behind it is refused (exit 2).
+"""
+
+
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "serve", help="serve an emulated device over vfio-user",
-        description="Serve an emulated PCI device on a UNIX socket with the vfio-user "
-        "protocol, until SIGINT/SIGTERM. Models: "
-        + "; ".join(f"{name}: {text}" for name, (_f, text) in MODELS.items()),
+        description=textwrap.fill(
+            "Serve an emulated PCI device on a UNIX socket with the vfio-user protocol, "
+            "one client at a time per socket (later clients wait their turn). Models: "
+            + "; ".join(f"{name}: {text}" for name, (_f, text) in MODELS.items()), 78),
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", nargs="?", choices=sorted(MODELS), help="the device model")
+    parser.add_argument("model", nargs="?", choices=sorted(MODELS), metavar="MODEL",
+                        help=f"the device model: {', '.join(sorted(MODELS))}")
     parser.add_argument("--socket", "--socket-path", dest="sockets", action="append",
                         metavar="PATH", help="socket path to listen on (repeat to serve "
                         "several independent devices)")
     parser.add_argument("--dma-delay", type=float, default=0.1, metavar="SECONDS",
                         help="edu: delay between the DMA start command and the transfer "
-                        "(QEMU: 0.1)")
+                        "(default: 0.1, as QEMU)")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
     parser.set_defaults(func=run)
 
@@ -60,7 +81,6 @@ def _raise_fd_limit() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyvfio.cli import CommandFailed
     from pyvfio.user.server import Server
 
     if args.list:
@@ -68,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:8} {text}")
         return 0
     if not args.model:
-        raise CommandFailed("serve: name a device model (see --list)", 2)
+        raise UsageError(f"name a device model ({', '.join(sorted(MODELS))}), e.g. "
+                         "pyvfio serve edu --socket /tmp/edu.sock")
     if not args.sockets:
-        raise CommandFailed("serve: --socket PATH is required", 2)
+        raise UsageError(f"say where to listen: pyvfio serve {args.model} --socket PATH")
+    if args.dma_delay < 0:
+        raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
     factory = MODELS[args.model][0]
     _raise_fd_limit()
     server = Server()
@@ -89,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
             server.add(model, path)
             print(f"pyvfio: serving {args.model} on {path}", file=sys.stderr, flush=True)
         server.serve_forever()
+        if stop.is_set():
+            served = sum(ds.clients_served for ds in server.devices)
+            print(f"pyvfio: stopped serving {args.model} ({served} client(s) served)",
+                  file=sys.stderr, flush=True)
     finally:
         server.close()
         for model in models:

@@ -63,6 +63,7 @@ SERVER_MAX_MSG_FDS = 16
 SERVER_MAX_DATA_XFER_SIZE = P.DEFAULT_MAX_DATA_XFER_SIZE
 SERVER_MAX_DMA_MAPS = 4096
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+LISTEN_BACKLOG = 64
 MAX_WAITING_CLIENTS = 4  # clients queued behind the connected one
 CLIENT_REPLY_TIMEOUT = 10.0  # seconds a model waits for a DMA_READ/WRITE reply
 _FD_COMMANDS = frozenset({P.Command.DMA_MAP, P.Command.DEVICE_SET_IRQS})
@@ -878,11 +879,13 @@ class DeviceServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.path)
-            sock.listen(4)
+            # Room for clients that connect before the accept loop runs (or
+            # while it is busy): a full backlog fails their connect() at once.
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise _listen_error(self.path, exc) from exc
         self.listener = sock
 
     def accept(self) -> None:
@@ -953,6 +956,25 @@ class DeviceServer:
                 conn.thread.join(5)
 
 
+# sun_path holds 108 bytes with the terminating NUL (unix(7)).
+_SUN_PATH_MAX = 107
+
+
+def _listen_error(path: str, exc: OSError) -> UsageError:
+    """Say which path failed and what to do, instead of a bare errno."""
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        return UsageError(f"socket path {path!r} is {len(os.fsencode(path))} bytes; UNIX "
+                          f"socket paths hold at most {_SUN_PATH_MAX}: use a shorter one")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        return UsageError(f"cannot create socket {path}: {parent} {what}")
+    if isinstance(exc, PermissionError):
+        return UsageError(f"cannot create socket {path}: permission denied in {parent}")
+    return UsageError(f"cannot create socket {path}: {exc.strerror or exc} "
+                      f"(is {parent} a writable directory?)")
+
+
 def _prepare_socket_path(path: str) -> None:
     """Remove a stale socket left by a dead server; refuse a live one or a
     non-socket file."""
@@ -960,6 +982,8 @@ def _prepare_socket_path(path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:  # a path component is not a directory, no permission...
+        raise _listen_error(path, exc) from exc
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
