@@ -35,6 +35,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fcntl import ioctl as _fcntl_ioctl
 from typing import Any
 
 from pyvfio.device import PAGE_SIZE, DmaSpace, SharedMemory
@@ -76,6 +77,17 @@ __all__ = [
 ]
 
 U64_MAX = (1 << 64) - 1
+_STRUCT_CACHE = 256  # prebuilt map/unmap structs per IOAS (see Ioas.__init__)
+_IOMMU_IOAS_MAP = U.IOMMU_IOAS_MAP  # module globals: one lookup less on the hot path
+_IOMMU_IOAS_UNMAP = U.IOMMU_IOAS_UNMAP
+# (readable, writable, fixed IOVA) -> IOMMU_IOAS_MAP flags, as plain ints:
+# IntFlag arithmetic is slow enough to show in the map+unmap benchmark.
+_MAP_FLAGS = {
+    (r, w, f): (int(U.IoasMapFlag.READABLE) if r else 0)
+    | (int(U.IoasMapFlag.WRITEABLE) if w else 0)
+    | (int(U.IoasMapFlag.FIXED_IOVA) if f else 0)
+    for r in (False, True) for w in (False, True) for f in (False, True)
+}
 _NO_HWPT_FLAGS = U.HwptAllocFlag(0)
 
 
@@ -351,10 +363,17 @@ class Ioas(DmaSpace):
         self.owned = owned
         self._closed = False
         self.target = f"IOAS {ioas_id}"
-        # Reused for every map/unmap: building a ctypes struct costs more than
-        # the ioctl's Python overhead, and map+unmap is the hot path.
-        self._map_arg = U.new(U.iommu_ioas_map, ioas_id=ioas_id)
-        self._unmap_arg = U.new(U.iommu_ioas_unmap, ioas_id=ioas_id)
+        # map+unmap is the hot path (a driver maps and unmaps per I/O), and
+        # under TCG every Python step costs ~20x: building a ctypes struct or
+        # OR-ing IntFlags costs more than the ioctl's own Python overhead.  So
+        # the structs for fixed-IOVA maps and for unmaps are built once per
+        # (address, length, IOVA, access) and reused; the call is then one
+        # dict lookup and fcntl.ioctl.  (The kernel writes back only what was
+        # passed in for a fixed map, and the unmap length is reset per call.)
+        self._map_cache: dict[tuple[int, int, int, int], U.iommu_ioas_map] = {}
+        self._fixed_maps: dict[tuple[int, int | None, int, int, bool, bool],
+                               U.iommu_ioas_map] = {}
+        self._unmap_cache: dict[tuple[int, int], U.iommu_ioas_unmap] = {}
 
     def _fd(self) -> int:
         if self._closed:
@@ -425,14 +444,7 @@ class Ioas(DmaSpace):
 
     @staticmethod
     def _flags(readable: bool, writable: bool, iova: int | None) -> int:
-        flags = 0
-        if readable:
-            flags |= U.IoasMapFlag.READABLE
-        if writable:
-            flags |= U.IoasMapFlag.WRITEABLE
-        if iova is not None:
-            flags |= U.IoasMapFlag.FIXED_IOVA
-        return flags
+        return _MAP_FLAGS[bool(readable), bool(writable), iova is not None]
 
     def _map_error(self, exc: KernelError, op: str, iova: int | None, length: int) -> Exception:
         where = f"{iova:#x}+{length:#x}" if iova is not None else f"{length:#x} bytes"
@@ -460,23 +472,59 @@ class Ioas(DmaSpace):
         """``IOMMU_IOAS_MAP``: map ``length`` bytes of this process's memory at
         ``user_va``; at ``iova`` if given, else where the kernel chooses.
         Returns the IOVA."""
-        arg = self._map_arg
-        arg.flags = self._flags(readable, writable, iova)
-        arg.user_va = user_va
-        arg.length = length
-        arg.iova = 0 if iova is None else iova
+        flags = _MAP_FLAGS[bool(readable), bool(writable), iova is not None]
+        if iova is None:
+            arg = U.new(U.iommu_ioas_map, flags=flags, ioas_id=self.id, user_va=user_va,
+                        length=length)
+        else:
+            key = (user_va, length, iova, flags)
+            cached = self._map_cache.get(key)
+            if cached is None:
+                if len(self._map_cache) >= _STRUCT_CACHE:
+                    self._map_cache.clear()
+                cached = self._map_cache[key] = U.new(
+                    U.iommu_ioas_map, flags=flags, ioas_id=self.id, user_va=user_va,
+                    length=length, iova=iova)
+            arg = cached
+        if self._closed or self.iommufd.fd < 0:
+            self._fd()  # raises ClosedError
         try:
-            ioctl(self._fd(), U.IOMMU_IOAS_MAP, arg, target=self.target)
-        except KernelError as exc:
-            raise self._map_error(exc, "IOMMU_IOAS_MAP", iova, length) from None
+            _fcntl_ioctl(self.iommufd.fd, _IOMMU_IOAS_MAP, arg)
+        except OSError as exc:
+            err = KernelError(exc.errno or errno.EIO, "IOMMU_IOAS_MAP", self.target)
+            raise self._map_error(err, "IOMMU_IOAS_MAP", iova, length) from None
         return int(arg.iova)
 
     def map(self, iova: int, memory: SharedMemory, offset: int = 0, size: int | None = None,
             *, readable: bool = True, writable: bool = True) -> None:
-        size = memory.size - offset if size is None else size
+        # The hot path: one dict lookup and the ioctl (see __init__).  The key
+        # holds everything the struct and the bounds check depend on.
+        key = (memory.address + offset, size, memory.size, iova, readable, writable)
+        arg = self._fixed_maps.get(key)
+        if arg is None:
+            arg = self._fixed_map(key, memory, offset, size)
+        fd = self.iommufd.fd
+        if fd < 0 or self._closed:
+            self._fd()  # raises ClosedError
+        try:
+            _fcntl_ioctl(fd, _IOMMU_IOAS_MAP, arg)
+        except OSError as exc:
+            err = KernelError(exc.errno or errno.EIO, "IOMMU_IOAS_MAP", self.target)
+            raise self._map_error(err, "IOMMU_IOAS_MAP", iova, int(arg.length)) from None
+
+    def _fixed_map(self, key: tuple[int, int | None, int, int, bool, bool], memory: SharedMemory,
+                   offset: int, size: int | None) -> U.iommu_ioas_map:
+        user_va, _size, _total, iova, readable, writable = key
+        if size is None:
+            size = memory.size - offset
         if offset < 0 or size <= 0 or offset + size > memory.size:
             raise UsageError(f"{offset:#x}+{size:#x} is outside the {memory.size:#x}-byte memory")
-        self.map_user(memory.address + offset, size, iova, readable=readable, writable=writable)
+        if len(self._fixed_maps) >= _STRUCT_CACHE:
+            self._fixed_maps.clear()
+        arg = self._fixed_maps[key] = U.new(
+            U.iommu_ioas_map, flags=_MAP_FLAGS[bool(readable), bool(writable), True],
+            ioas_id=self.id, user_va=user_va, length=size, iova=iova)
+        return arg
 
     def map_file(self, fd: int | SharedMemory, length: int, start: int = 0,
                  iova: int | None = None, *, readable: bool = True,
@@ -523,18 +571,28 @@ class Ioas(DmaSpace):
     def unmap(self, iova: int, size: int) -> int:  # type: ignore[override]
         """``IOMMU_IOAS_UNMAP``: unmap whole earlier mappings covering
         ``iova..iova+size``.  Returns the bytes unmapped."""
-        arg = self._unmap_arg
-        arg.iova = iova
-        arg.length = size
+        arg = self._unmap_cache.get((iova, size))
+        if arg is None:
+            if len(self._unmap_cache) >= _STRUCT_CACHE:
+                self._unmap_cache.clear()
+            arg = self._unmap_cache[iova, size] = U.new(U.iommu_ioas_unmap, ioas_id=self.id,
+                                                        iova=iova, length=size)
+        fd = self.iommufd.fd
+        if fd < 0 or self._closed:
+            self._fd()  # raises ClosedError
         try:
-            ioctl(self._fd(), U.IOMMU_IOAS_UNMAP, arg, target=self.target)
-        except KernelError as exc:
+            _fcntl_ioctl(fd, _IOMMU_IOAS_UNMAP, arg)
+        except OSError as exc:
+            err = KernelError(exc.errno or errno.EIO, "IOMMU_IOAS_UNMAP", self.target)
             if exc.errno == errno.ENOENT:
                 raise IoasRangeError(
-                    exc, f"no mapping lies wholly inside {iova:#x}+{size:#x} (an unmap must "
+                    err, f"no mapping lies wholly inside {iova:#x}+{size:#x} (an unmap must "
                     "cover whole earlier mappings)") from None
-            raise
-        return int(arg.length)
+            raise err from None
+        done: int = arg.length  # in/out: the kernel returns the bytes unmapped here
+        if done != size:
+            arg.length = size  # put the request back for the next use
+        return done
 
     def unmap_all(self) -> int:
         """Unmap everything (IOVA 0, length U64_MAX); returns the bytes unmapped."""

@@ -226,11 +226,37 @@ def test_eexist_on_map_is_an_iova_error() -> None:
     assert "0x10000+0x1000 is already mapped" in str(err)
 
 
-def test_map_reuses_one_struct_per_ioas() -> None:
-    """The hot path builds no ctypes objects (measured in benchmarks/iommufd_bench.py)."""
-    ioas = I.Ioas(I.Iommufd(-1, owned=False), 9, owned=False)
-    assert ioas._map_arg.size == ctypes.sizeof(U.iommu_ioas_map)
-    assert ioas._map_arg.ioas_id == 9 and ioas._unmap_arg.ioas_id == 9
+def test_fixed_maps_and_unmaps_reuse_prebuilt_structs() -> None:
+    """The hot path builds no ctypes objects after the first call (measured in
+    benchmarks/iommufd_bench.py).  A pipe stands in for /dev/iommu: the ioctl
+    fails with ENOTTY, after the struct was built and cached."""
+    r, w = os.pipe()
+    ioas = I.Ioas(I.Iommufd(r), 9, owned=False)
+    mem = SharedMemory(4096)
+    try:
+        for _ in range(2):
+            with pytest.raises(KernelError, match="IOMMU_IOAS_MAP on IOAS 9") as exc:
+                ioas.map(0x100000, mem)
+            assert exc.value.errno == errno.ENOTTY
+            with pytest.raises(KernelError, match="IOMMU_IOAS_UNMAP on IOAS 9"):
+                ioas.unmap(0x100000, 4096)
+        (arg,) = ioas._fixed_maps.values()
+        assert (arg.size, arg.ioas_id, arg.user_va, arg.length, arg.iova, arg.flags) == (
+            ctypes.sizeof(U.iommu_ioas_map), 9, mem.address, 4096, 0x100000, 7)
+        (unmap,) = ioas._unmap_cache.values()
+        assert (unmap.ioas_id, unmap.iova, unmap.length) == (9, 0x100000, 4096)
+        with pytest.raises(KernelError):
+            ioas.map_user(mem.address, 4096, readable=True, writable=False)  # kernel-chosen
+        assert len(ioas._map_cache) == 0  # kernel-chosen IOVAs: a new struct each time
+        with pytest.raises(KernelError):
+            ioas.map_user(mem.address, 4096, 0x200000)
+        assert len(ioas._map_cache) == 1
+    finally:
+        mem.close()
+        ioas.iommufd.close()
+        os.close(w)
+    with pytest.raises(ClosedError):
+        ioas.unmap(0x100000, 4096)
 
 
 def test_noiommu_is_told_by_the_group_node_not_the_group_name(tmp_path: Path) -> None:
