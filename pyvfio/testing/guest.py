@@ -237,8 +237,9 @@ def probe_kvm(qemu: str = QEMU, *, timeout: float = 30.0) -> tuple[str, str]:
 
 # Packages every guest test run imports; their bytecode is compiled on the host
 # (fast) rather than in the guest (seconds per module under TCG).
-_HOT_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "hypothesis",
-                 "sortedcontainers", "attr", "attrs", "pyvfio")
+_HOT_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments",
+                 "hypothesis", "_hypothesis_pytestplugin", "sortedcontainers", "attr", "attrs",
+                 "certifi", "_distutils_hack", "pyvfio")
 _STDLIB_SKIP = (r"/python3\.\d+/(test|idlelib|tkinter|lib2to3|turtledemo|ensurepip|pydoc_data"
                 r"|site-packages|dist-packages)/")
 _pycache_warmed = False
@@ -265,13 +266,18 @@ def warm_pycache() -> None:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             paths.extend(spec.submodule_search_locations)
+        elif spec is not None and spec.origin and spec.origin.endswith(".py"):
+            paths.append(spec.origin)
+    # The .pth files run at every interpreter start (the editable install's finder...).
+    for site_dir in {os.path.dirname(p) for p in paths if p.endswith("site-packages/pytest")}:
+        paths.extend(str(p) for p in Path(site_dir).glob("__editable__*.py"))
     cold = not any(pycache_dir().iterdir())
     # Worker processes pay off only when there is compiling to do.
     compileall = [sys.executable, "-X", f"pycache_prefix={pycache_dir()}", "-m", "compileall",
                   "-q", *(["-j0"] if cold else [])]
     for argv in (
         [*compileall, "-x", _STDLIB_SKIP, stdlib],
-        [*compileall, *dict.fromkeys(p for p in paths if os.path.isdir(p))],
+        [*compileall, *dict.fromkeys(p for p in paths if os.path.exists(p))],
     ):
         subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     _pycache_warmed = True

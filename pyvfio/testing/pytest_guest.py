@@ -269,7 +269,7 @@ class GuestSuites:
         files = sorted({n.split("::", 1)[0] for n in nodeids})
         rootdir = Path(self.session.config.rootpath)
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs",
-                f"--junitxml={guest.GUEST_OUT}/junit.xml", *files]
+                *guest_plugin_args(), f"--junitxml={guest.GUEST_OUT}/junit.xml", *files]
         started = time.monotonic()
         try:
             kernel = guest.kernel_by_name(kernel_name)
@@ -280,6 +280,7 @@ class GuestSuites:
                 RESULTS_ENV: f"{guest.GUEST_OUT}/results.jsonl",
                 SELECT_ENV: f"{guest.GUEST_RUN_DIR}/select.txt",
                 CONFIG_ENV: config_name,
+                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             })
         except (PyvfioError, OSError) as exc:
             group.error = f"guest {kernel_name}/{config_name} did not run: {exc}"
@@ -313,6 +314,22 @@ class GuestSuites:
                    + (f"; {g.error.splitlines()[0]}" if g.error else ""))
         if self.groups and (self.keep or any(g.error for g in self.groups.values())):
             yield f"guest run directories kept in {self.base_dir}"
+
+
+# Plugins guest tests may use.  Entry-point autoloading is off in the guest: it
+# scans every installed distribution's metadata over 9p and imports plugins
+# (pytest-benchmark...) that guest tests do not use, seconds under TCG.
+GUEST_PLUGINS = ("_hypothesis_pytestplugin",)
+
+
+def guest_plugin_args() -> list[str]:
+    import importlib.util
+
+    args = []
+    for name in GUEST_PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            args += ["-p", name]
+    return args
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
