@@ -256,8 +256,8 @@ def test_guest_rejects_bad_parameters() -> None:
         guest.Guest(KERNEL, accel="xen")
     with pytest.raises(UsageError, match="no command"):
         guest.Guest(KERNEL).run([])
-    with pytest.raises(UsageError, match="mounts its own /tmp"):
-        guest.Guest(KERNEL).run(["true"], cwd="/tmp/somewhere")
+    with pytest.raises(UsageError, match="mounts its own /proc"):
+        guest.Guest(KERNEL).run(["true"], cwd="/proc/somewhere")
 
 
 def test_run_script_passes_argv_and_env_exactly(tmp_path: Path) -> None:

@@ -62,8 +62,11 @@ GUEST_OUT = f"{GUEST_RUN_DIR}/out"  # $PYVFIO_GUEST_OUT inside the guest
 # must leave them free.
 HARNESS_SLOTS = (0x1C, 0x1D, 0x1E)
 
-# Host paths the guest hides under its own mounts: a command cannot run there.
-_GUEST_MOUNTS = ("/tmp", "/run", "/var/tmp", "/proc", "/sys", "/dev")
+# Host paths the guest replaces with its own: a command cannot run there.
+_GUEST_MOUNTS = ("/proc", "/sys", "/dev")
+# Host paths the guest covers with tmpfs: a working directory below one of them
+# (a checkout cloned under /tmp, as CI does) is bound back into the guest.
+_GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 
 # The guest's environment: nothing leaks in from the host except what run(env=) adds.
 # PATH starts with the directory of the Python running the harness, so that
@@ -421,6 +424,7 @@ class Guest:
         for hidden in _GUEST_MOUNTS:
             if cwd == Path(hidden) or Path(hidden) in cwd.parents:
                 raise UsageError(f"cannot run in {cwd}: the guest mounts its own {hidden}")
+        expose = [str(cwd) for tmpfs in _GUEST_TMPFS if Path(tmpfs) in cwd.parents]
         debian.ensure_packages(HOST_PACKAGES)
         initramfs = build_initramfs(self.kernel.modules_dir)
         accel = self.accel or choose_accel(self.qemu)
@@ -431,6 +435,7 @@ class Guest:
         (run_dir / "status").unlink(missing_ok=True)
         full_env = {**_BASE_ENV, "PYVFIO_GUEST_KERNEL": self.kernel.name, **(env or {})}
         (run_dir / "run.sh").write_text(self.run_script(argv, cwd, full_env))
+        (run_dir / "expose").write_text("".join(f"{p}\n" for p in expose))
         qemu_argv = self.qemu_argv(initramfs, run_dir, accel)
 
         started = time.monotonic()

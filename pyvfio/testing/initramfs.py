@@ -89,6 +89,10 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts 2>/dev/null
+# A second view of the host root, taken before the tmpfs mounts hide parts of
+# it: a checkout under /tmp (CI clones there) is bound back from it below.
+mkdir -p /host
+mount --bind /newroot /host || die "cannot bind the host root"
 for dir in /tmp /run /var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs "/newroot$dir" || die "cannot mount tmpfs on $dir"
 done
@@ -98,6 +102,13 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {RUN_TAG} /newroot{GUE
 mkdir -p /newroot{GUEST_PYCACHE_DIR}
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {PYCACHE_TAG} /newroot{GUEST_PYCACHE_DIR} \
     || die "cannot mount the bytecode cache share (9p tag {PYCACHE_TAG})"
+if [ -f /newroot{GUEST_RUN_DIR}/expose ]; then
+    while read -r path; do
+        [ -n "$path" ] || continue
+        mkdir -p "/newroot$path"
+        mount --bind "/host$path" "/newroot$path" || die "cannot expose $path"
+    done < /newroot{GUEST_RUN_DIR}/expose
+fi
 echo "{START_MARKER} uptime=$(cut -d' ' -f1 /proc/uptime)"
 chroot /newroot /bin/sh {GUEST_RUN_DIR}/run.sh
 rc=$?
