@@ -288,6 +288,21 @@ def test_a_kernel_qemu_cannot_load_is_a_guest_error(tmp_path: Path) -> None:
     assert "QEMU exited 1" in str(info.value)
 
 
+@pytest.mark.skipif(shutil.which(guest.QEMU) is None, reason="QEMU is not installed")
+def test_a_working_directory_under_tmp_is_visible_in_the_guest(tmp_path: Path) -> None:
+    # CI clones the checkout under /tmp, which the guest covers with its own tmpfs.
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (work / "marker").write_text("from the host\n")
+    vm = guest.Guest(guest.debian_kernel(), iommu=False)
+    result = vm.run(["sh", "-c", "pwd; cat marker; touch x || echo read-only"], cwd=work,
+                    timeout=240)
+    result.cleanup()
+    assert result.returncode == 0, result.output
+    assert f"{work}\nfrom the host\n" in result.output
+    assert "read-only" in result.output  # the host root stays read-only in the guest
+
+
 # --- pytest integration pieces -------------------------------------------------------------
 
 
