@@ -374,6 +374,10 @@ class Ioas(DmaSpace):
         self._fixed_maps: dict[tuple[int, int | None, int, int, bool, bool],
                                U.iommu_ioas_map] = {}
         self._unmap_cache: dict[tuple[int, int], U.iommu_ioas_unmap] = {}
+        self._last_iova = self._last_address = self._last_total = -1
+        self._last_arg = U.new(U.iommu_ioas_map)
+        self._last_unmap_iova = self._last_unmap_size = -1
+        self._last_unmap = U.new(U.iommu_ioas_unmap)
 
     def _fd(self) -> int:
         if self._closed:
@@ -497,12 +501,20 @@ class Ioas(DmaSpace):
 
     def map(self, iova: int, memory: SharedMemory, offset: int = 0, size: int | None = None,
             *, readable: bool = True, writable: bool = True) -> None:
-        # The hot path: one dict lookup and the ioctl (see __init__).  The key
-        # holds everything the struct and the bounds check depend on.
-        key = (memory.address + offset, size, memory.size, iova, readable, writable)
-        arg = self._fixed_maps.get(key)
-        if arg is None:
-            arg = self._fixed_map(key, memory, offset, size)
+        # The hot path (see __init__): the same buffer mapped at the same IOVA
+        # as last time costs a few comparisons; otherwise one dict lookup.  The
+        # key holds everything the struct and the bounds check depend on.
+        if (iova == self._last_iova and memory.address == self._last_address
+                and memory.size == self._last_total and offset == 0 and size is None
+                and readable and writable):
+            arg = self._last_arg
+        else:
+            key = (memory.address + offset, size, memory.size, iova, readable, writable)
+            arg = self._fixed_maps.get(key) or self._fixed_map(key, memory, offset, size)
+            if offset == 0 and size is None and readable and writable:
+                self._last_iova, self._last_address, self._last_total = (
+                    iova, memory.address, memory.size)
+                self._last_arg = arg
         fd = self.iommufd.fd
         if fd < 0 or self._closed:
             self._fd()  # raises ClosedError
@@ -571,12 +583,16 @@ class Ioas(DmaSpace):
     def unmap(self, iova: int, size: int) -> int:  # type: ignore[override]
         """``IOMMU_IOAS_UNMAP``: unmap whole earlier mappings covering
         ``iova..iova+size``.  Returns the bytes unmapped."""
-        arg = self._unmap_cache.get((iova, size))
-        if arg is None:
-            if len(self._unmap_cache) >= _STRUCT_CACHE:
-                self._unmap_cache.clear()
-            arg = self._unmap_cache[iova, size] = U.new(U.iommu_ioas_unmap, ioas_id=self.id,
-                                                        iova=iova, length=size)
+        if iova == self._last_unmap_iova and size == self._last_unmap_size:
+            arg = self._last_unmap
+        else:
+            arg = self._unmap_cache.get((iova, size))  # type: ignore[assignment]
+            if arg is None:
+                if len(self._unmap_cache) >= _STRUCT_CACHE:
+                    self._unmap_cache.clear()
+                arg = self._unmap_cache[iova, size] = U.new(
+                    U.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=size)
+            self._last_unmap_iova, self._last_unmap_size, self._last_unmap = iova, size, arg
         fd = self.iommufd.fd
         if fd < 0 or self._closed:
             self._fd()  # raises ClosedError
