@@ -515,13 +515,15 @@ class Ioas(DmaSpace):
                 self._last_iova, self._last_address, self._last_total = (
                     iova, memory.address, memory.size)
                 self._last_arg = arg
-        fd = self.iommufd.fd
-        if fd < 0 or self._closed:
+        if self._closed:  # checked first: iommufd reuses a destroyed object's ID
             self._fd()  # raises ClosedError
         try:
-            _fcntl_ioctl(fd, _IOMMU_IOAS_MAP, arg)
-        except OSError as exc:
-            err = KernelError(exc.errno or errno.EIO, "IOMMU_IOAS_MAP", self.target)
+            _fcntl_ioctl(self.iommufd.fd, _IOMMU_IOAS_MAP, arg)
+        except (OSError, ValueError) as exc:  # ValueError: fcntl refuses fd -1
+            if self.iommufd.fd < 0:  # the iommufd was closed (its fd is -1)
+                self._fd()  # raises ClosedError
+            err = KernelError(getattr(exc, "errno", None) or errno.EIO, "IOMMU_IOAS_MAP",
+                              self.target)
             raise self._map_error(err, "IOMMU_IOAS_MAP", iova, int(arg.length)) from None
 
     def _fixed_map(self, key: tuple[int, int | None, int, int, bool, bool], memory: SharedMemory,
@@ -593,14 +595,16 @@ class Ioas(DmaSpace):
                 arg = self._unmap_cache[iova, size] = U.new(
                     U.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=size)
             self._last_unmap_iova, self._last_unmap_size, self._last_unmap = iova, size, arg
-        fd = self.iommufd.fd
-        if fd < 0 or self._closed:
-            self._fd()  # raises ClosedError
+        if self._closed:  # see map
+            self._fd()
         try:
-            _fcntl_ioctl(fd, _IOMMU_IOAS_UNMAP, arg)
-        except OSError as exc:
-            err = KernelError(exc.errno or errno.EIO, "IOMMU_IOAS_UNMAP", self.target)
-            if exc.errno == errno.ENOENT:
+            _fcntl_ioctl(self.iommufd.fd, _IOMMU_IOAS_UNMAP, arg)
+        except (OSError, ValueError) as exc:  # ValueError: fcntl refuses fd -1
+            if self.iommufd.fd < 0:
+                self._fd()  # raises ClosedError (see map)
+            err = KernelError(getattr(exc, "errno", None) or errno.EIO, "IOMMU_IOAS_UNMAP",
+                              self.target)
+            if err.errno == errno.ENOENT:
                 raise IoasRangeError(
                     err, f"no mapping lies wholly inside {iova:#x}+{size:#x} (an unmap must "
                     "cover whole earlier mappings)") from None
