@@ -10,17 +10,43 @@ Public surface (pinned by ``tests/test_public_api.py``):
 - :mod:`pyvfio.errors` — the exception tree.
 """
 
-from pyvfio.device import Device, DmaBuffer, EventFd, IrqIndex, RegionIndex
-from pyvfio.errors import (
-    BrokerRefused,
-    DeviceInUse,
-    DeviceNotFound,
-    KernelError,
-    NotBoundToVfio,
-    NotViable,
-    ProtocolError,
-    PyvfioError,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyvfio.device import Device, DmaBuffer, EventFd, IrqIndex, RegionIndex
+    from pyvfio.errors import (
+        BrokerRefused,
+        DeviceInUse,
+        DeviceNotFound,
+        KernelError,
+        NotBoundToVfio,
+        NotViable,
+        ProtocolError,
+        PyvfioError,
+    )
+
+# Loaded on first use (PEP 562): every ``pyvfio`` command imports this package,
+# and most of them need neither the device core nor ctypes.
+_LAZY = {
+    "Device": "pyvfio.device", "DmaBuffer": "pyvfio.device", "EventFd": "pyvfio.device",
+    "IrqIndex": "pyvfio.device", "RegionIndex": "pyvfio.device",
+    "BrokerRefused": "pyvfio.errors", "DeviceInUse": "pyvfio.errors",
+    "DeviceNotFound": "pyvfio.errors", "KernelError": "pyvfio.errors",
+    "NotBoundToVfio": "pyvfio.errors", "NotViable": "pyvfio.errors",
+    "ProtocolError": "pyvfio.errors", "PyvfioError": "pyvfio.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyvfio' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
