@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
     except CommandFailed as exc:
         if str(exc):
-            print(f"pyvfio: {exc}", file=sys.stderr)
+            print(f"pyvfio {args.command}: {exc}", file=sys.stderr)
         return exc.code
     except PyvfioError as exc:
         print(f"pyvfio {args.command}: {exc}", file=sys.stderr)

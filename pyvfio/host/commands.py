@@ -209,10 +209,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # ---- bind / restore ----
 
-def _refused(args: argparse.Namespace, what: str, exc: HostStateError) -> CommandFailed:
+def _refused(args: argparse.Namespace, exc: HostStateError) -> CommandFailed:
     if args.json:
         print_json({"error": str(exc), "problems": exc.problems})
-    return CommandFailed(f"{what}: {exc}", 1)
+    return CommandFailed(str(exc), 1)
 
 
 def _print_results(results: list[BindResult], dry_run: bool) -> None:
@@ -240,7 +240,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
             state_dir=args.state_dir, host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, "bind", exc) from exc
+        raise _refused(args, exc) from exc
     diags = [] if args.dry_run else diagnose_many(host, [normalize_bdf(a) for a in args.devices])
     if args.json:
         print_json({
@@ -262,14 +262,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     host = Host(args.root)
     if not args.all and not args.devices:
-        raise CommandFailed("restore: name the devices to restore, or use --all", 2)
+        raise CommandFailed("name the devices to restore, or use --all", 2)
     try:
         results = restore(
             args.devices, all_devices=args.all, dry_run=args.dry_run, state_dir=args.state_dir,
             host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, "restore", exc) from exc
+        raise _refused(args, exc) from exc
     if args.json:
         print_json({"dry_run": args.dry_run, "devices": [r.as_dict() for r in results]})
     else:

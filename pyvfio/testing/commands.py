@@ -64,7 +64,7 @@ def run_guest(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise CommandFailed("guest: no command given (pyvfio guest [options] -- COMMAND...)", 2)
+        raise CommandFailed("no command given (pyvfio guest [options] -- COMMAND...)", 2)
     extra = list(args.append)
     if args.noiommu:
         extra.append("vfio.enable_unsafe_noiommu_mode=1")
@@ -99,6 +99,6 @@ def run_demo(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "pyvfio.testing.demo":
             raise
-        raise CommandFailed("demo: not available yet (pyvfio/testing/demo.py is not written)",
+        raise CommandFailed("not available yet (pyvfio/testing/demo.py is not written)",
                             2) from None
     return int(demo.main(args) or 0)
