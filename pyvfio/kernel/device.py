@@ -283,9 +283,11 @@ class KernelDevice(Device):
             ioctl(self.fd, V.VFIO_DEVICE_GET_IRQ_INFO, info, op="VFIO_DEVICE_GET_IRQ_INFO",
                   target=f"{self.target} IRQ index {index}")
         except KernelError as exc:
-            # vfio-pci answers EINVAL for the ERR index of a conventional
-            # (non-PCIe) device even though num_irqs counts it: no vectors.
-            if exc.errno == errno.EINVAL and index >= V.VFIO_PCI_ERR_IRQ_INDEX:
+            # num_irqs counts every index the bus type defines, but a device
+            # answers EINVAL for those it does not implement: vfio-pci for the
+            # ERR index of a conventional (non-PCIe) device, mtty for MSI-X.
+            # Such an index has no vectors.
+            if exc.errno == errno.EINVAL:
                 return IrqInfo(index, 0, IrqFlag(0))
             raise
         return IrqInfo(index, int(info.count), IrqFlag(info.flags))

@@ -108,6 +108,13 @@ def test_mtty_offers_migration(mtty: None) -> None:
         assert src.region_info(RegionIndex.BAR0).size == 8
 
 
+def test_describe_an_mdev_that_rejects_some_irq_indexes(mtty: None) -> None:
+    # mtty counts five IRQ indexes but answers EINVAL for MSI-X: no vectors there.
+    with two_mttys() as (src, _dst):
+        irqs = {irq["name"]: irq["count"] for irq in src.describe()["irqs"]}
+        assert irqs["INTX"] == 1 and irqs["MSIX"] == 0
+
+
 def test_migrate_mtty_state_into_a_second_instance(mtty: None) -> None:
     with two_mttys() as (src, dst):
         put_state(src, b"pyvfio", scratch=0x5A, lcr=0x03)
