@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+# Measure this checkout's pyvfio, whatever an editable install points at.
+sys.path.insert(0, str(HERE.parent))
 CPU = 0
 
 
