@@ -20,3 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "guest_config(name): boot this guest test's guest with configuration NAME "
         "(see pyvfio.testing.pytest_guest.GUEST_CONFIGS, e.g. noiommu)",
     )
+    config.addinivalue_line(
+        "markers",
+        "guest_timeout(seconds): per-phase deadline of this guest test inside the guest "
+        "(default 300 s, or $PYVFIO_GUEST_TEST_TIMEOUT)",
+    )

@@ -28,11 +28,15 @@ configuration gets its own boot.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -401,6 +405,48 @@ def guest_logreport(config: pytest.Config, report: pytest.TestReport) -> None:
     if _REPORTER_KEY not in config.stash:
         config.stash[_REPORTER_KEY] = GuestReporter(Path(path))
     config.stash[_REPORTER_KEY].logreport(report)
+
+
+# --- guest side: a deadline per test phase -------------------------------------------------
+
+DEFAULT_TEST_TIMEOUT = 300.0  # seconds per setup/call/teardown; guest_timeout(s) overrides
+
+
+class GuestTestTimeout(BaseException):
+    """Raised in a guest test that outlived its deadline.  A BaseException so that
+    ``except Exception`` in the code under test does not swallow it."""
+
+
+def test_timeout(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("guest_timeout")
+    if marker is not None:
+        return float(marker.args[0])
+    return float(os.environ.get("PYVFIO_GUEST_TEST_TIMEOUT", DEFAULT_TEST_TIMEOUT))
+
+
+@contextlib.contextmanager
+def deadline(item: pytest.Item, when: str) -> Iterator[None]:
+    """In the guest, fail a test phase that runs longer than its deadline, with
+    every thread's stack dumped to the captured stderr, instead of letting one
+    hung test eat the whole guest run (whose tests would then all fail)."""
+    if not in_guest() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seconds = test_timeout(item)
+
+    def expired(signum: int, frame: Any) -> None:
+        faulthandler.dump_traceback(all_threads=True)
+        raise GuestTestTimeout(f"{when} of {item.nodeid} still running after {seconds:.0f} s "
+                               "(guest per-test deadline; @pytest.mark.guest_timeout(s) "
+                               "raises it)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # --- fixtures' helpers ---------------------------------------------------------------------

@@ -24,6 +24,24 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     pytest_guest.modify_items(session, config, items)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with pytest_guest.deadline(item, "setup"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with pytest_guest.deadline(item, "call"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    with pytest_guest.deadline(item, "teardown"):
+        return (yield)
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     pytest_guest.guest_logreport(_config, report)
 
