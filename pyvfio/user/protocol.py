@@ -37,6 +37,10 @@ from typing import Any, ClassVar
 from pyvfio.device import DeviceFlag, IrqAction, IrqFlag, RegionFlag
 from pyvfio.errors import ConnectionClosed, ProtocolError
 
+# The migration states and flags are vfio.h's, shared with the kernel backend.
+from pyvfio.migration import MigFlag as MigrationFlag
+from pyvfio.migration import MigState
+
 __all__ = [
     "DEFAULT_MAX_DATA_XFER_SIZE",
     "DEFAULT_MAX_DMA_MAPS",
@@ -945,27 +949,6 @@ class FeatureIndex(enum.IntEnum):
     DMA_LOGGING_START = 6
     DMA_LOGGING_STOP = 7
     DMA_LOGGING_REPORT = 8
-
-
-class MigrationFlag(enum.IntFlag):
-    """``VFIO_MIGRATION_*``."""
-
-    STOP_COPY = 1 << 0
-    P2P = 1 << 1
-    PRE_COPY = 1 << 2
-
-
-class MigState(enum.IntEnum):
-    """``enum vfio_device_mig_state`` (wire values)."""
-
-    ERROR = 0
-    STOP = 1
-    RUNNING = 2
-    STOP_COPY = 3
-    RESUMING = 4
-    RUNNING_P2P = 5
-    PRE_COPY = 6
-    PRE_COPY_P2P = 7
 
 
 _FEATURE = struct.Struct("=II")
