@@ -23,5 +23,5 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "guest_timeout(seconds): per-phase deadline of this guest test inside the guest "
-        "(default 300 s, or $PYVFIO_GUEST_TEST_TIMEOUT)",
+        "(default 180 s, or $PYVFIO_GUEST_TEST_TIMEOUT)",
     )

@@ -409,7 +409,7 @@ def guest_logreport(config: pytest.Config, report: pytest.TestReport) -> None:
 
 # --- guest side: a deadline per test phase -------------------------------------------------
 
-DEFAULT_TEST_TIMEOUT = 300.0  # seconds per setup/call/teardown; guest_timeout(s) overrides
+DEFAULT_TEST_TIMEOUT = 180.0  # seconds per setup/call/teardown; guest_timeout(s) overrides
 
 
 class GuestTestTimeout(BaseException):
