@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,18 @@ class GuestSuites:
         self.keep = os.environ.get("PYVFIO_GUEST_KEEP") == "1"
         self.timeout = float(os.environ.get("PYVFIO_GUEST_SUITE_TIMEOUT", DEFAULT_SUITE_TIMEOUT))
         self.base_dir = Path(tempfile.mkdtemp(prefix="pyvfio-guest-suites-"))
+        # Getting a kernel may mean building it (minutes on a cold cache): start every
+        # kernel the session needs now, in the background, so a build overlaps the
+        # guest runs of the kernels already at hand instead of adding to them.
+        from pyvfio.testing import guest
+
+        needed = dict.fromkeys(i.kernel for i in session.items if isinstance(i, GuestTestItem))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyvfio-kernel")
+        self.kernels: dict[str, Future[Any]] = {
+            name: self._pool.submit(guest.kernel_by_name, name)
+            for name in needed if name != "debian"
+        }
+        self._pool.shutdown(wait=False)
 
     @classmethod
     def of(cls, session: pytest.Session) -> GuestSuites:
@@ -276,7 +289,8 @@ class GuestSuites:
                 *guest_plugin_args(), f"--junitxml={guest.GUEST_OUT}/junit.xml", *files]
         started = time.monotonic()
         try:
-            kernel = guest.kernel_by_name(kernel_name)
+            pending = self.kernels.get(kernel_name)
+            kernel = pending.result() if pending else guest.kernel_by_name(kernel_name)
             group.kernel_seconds = time.monotonic() - started
             vm = guest.Guest(kernel, topology.by_name(cfg.topology), iommu=cfg.iommu,
                              cmdline_extra=cfg.cmdline_extra)
