@@ -513,6 +513,10 @@ class DmaBuffer:
             raise UsageError(f"writing {len(data):#x} bytes at {offset:#x} overruns {self!r}")
         self.view[offset:offset + len(data)] = data
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return
@@ -521,6 +525,14 @@ class DmaBuffer:
             self.space.unmap(self.iova, self.size)
             self.space.allocator.free(self.iova, self.size)
         finally:
+            self.memory.close()
+
+    def release(self) -> None:
+        """Drop this process's hold on the memory but leave the mapping in
+        place: another process that received the memfd (handoff) owns it now,
+        and the device keeps reaching the pages through the IOMMU."""
+        if not self._closed:
+            self._closed = True
             self.memory.close()
 
     def __enter__(self) -> DmaBuffer:
@@ -978,6 +990,49 @@ class Device(abc.ABC):
         finally:
             self._closed = True
             self._close()
+
+    # ---- handing a live device to another process ----
+
+    @property
+    def irq_eventfds(self) -> dict[int, list[EventFd]]:
+        """The eventfds of each enabled IRQ index (what the kernel signals)."""
+        return {index: list(state.eventfds) for index, state in self._irqs.items()}
+
+    @property
+    def dma_buffers(self) -> list[DmaBuffer]:
+        """The DMA buffers allocated through :meth:`dma_alloc` and not closed."""
+        return [b for b in self._buffers if not b.closed]
+
+    def adopt_irq(self, index: int, eventfds: Sequence[EventFd]) -> None:
+        """Take over eventfds already routed to IRQ ``index`` (by a previous
+        owner of the device): no SET_IRQS call, the vectors stay as they are."""
+        self._ensure_open()
+        if index in self._irqs:
+            raise UsageError(f"IRQ index {_irq_name(index)} of {self.name} is already enabled")
+        self._irqs[index] = _IrqState(list(eventfds))
+
+    def adopt_buffer(self, buffer: DmaBuffer) -> None:
+        """Take over a buffer that is already mapped (a handed-over memfd):
+        it is unmapped when the device closes, like one from :meth:`dma_alloc`."""
+        self._ensure_open()
+        self._buffers.append(buffer)
+
+    def release(self) -> None:
+        """Close this process's fds *without* the teardown :meth:`close` does:
+        no IRQ disable, no DMA unmap, no reset.  For a device handed over to
+        another process, whose copies of the fds keep the device, its vectors
+        and its mappings live.  Idempotent."""
+        if self._closed:
+            return
+        for buf in self._buffers:
+            buf.release()
+        self._buffers.clear()
+        for state in self._irqs.values():
+            for e in state.eventfds:
+                e.close()
+        self._irqs.clear()
+        self._closed = True
+        self._close()
 
     def __enter__(self) -> Device:
         return self

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pyvfio.broker import wire
-from pyvfio.device import Device, DmaBuffer, DmaSpace, EventFd, SharedMemory, _IrqState
+from pyvfio.device import Device, DmaBuffer, DmaSpace, EventFd, SharedMemory
 from pyvfio.errors import ProtocolError, UsageError
 from pyvfio.kernel.device import KernelDevice
 from pyvfio.kernel.iommufd import Ioas, Iommufd, IommufdBinding, IommufdDevice
@@ -81,16 +81,6 @@ def _describe_space(space: DmaSpace | None, table: _FdTable) -> dict[str, Any]:
                      "only kernel VFIO devices (legacy container or iommufd IOAS) can be")
 
 
-def _irq_state(device: Device) -> dict[int, _IrqState]:
-    # The IRQ bookkeeping is the core's (pyvfio.device); the eventfds in it are
-    # what the kernel signals, so they travel with the device.
-    return device._irqs
-
-
-def _buffers_of(device: Device) -> list[DmaBuffer]:
-    return device._buffers
-
-
 def build_message(devices: Sequence[Device],
                   buffers: Sequence[DmaBuffer] = ()) -> tuple[dict[str, Any], list[int]]:
     """The handoff message for ``devices`` and ``buffers`` and its fd list."""
@@ -121,10 +111,11 @@ def build_message(devices: Sequence[Device],
             if group is None:
                 raise UsageError(f"legacy device {device.name} has no group to hand over")
             entry.update(group=table.add(group.fd), group_id=group.id)
-        entry["irqs"] = {str(index): [table.add(e.fileno()) for e in state.eventfds]
-                         for index, state in _irq_state(device).items()}
+        # The eventfds are what the kernel signals: they travel with the device.
+        entry["irqs"] = {str(index): [table.add(e.fileno()) for e in eventfds]
+                         for index, eventfds in device.irq_eventfds.items()}
         out_devices.append(entry)
-    owners = {id(b): n for n, d in enumerate(devices) for b in _buffers_of(d)}
+    owners = {id(b): n for n, d in enumerate(devices) for b in d.dma_buffers}
     out_buffers = []
     for buf in buffers:
         if buf.memory.fd < 0:
@@ -170,17 +161,8 @@ def release_without_teardown(devices: Sequence[Device],
     """Close this process's fds of handed-over devices and buffers *without*
     the usual teardown (no IRQ disable, no DMA unmap, no reset): the
     receiver's copies keep the device, its interrupts and its mappings live."""
-    seen: set[int] = set()
     for device in devices:
-        for buf in _buffers_of(device):
-            _drop_buffer(buf)
-        _buffers_of(device).clear()
-        for state in _irq_state(device).values():
-            for e in state.eventfds:
-                e.close()
-        _irq_state(device).clear()
-        if not device.closed and id(device) not in seen:
-            seen.add(id(device))
+        if not device.closed:
             for owner in getattr(device, "owners", ()):
                 if isinstance(owner, IommufdBinding):
                     # Closing our iommufd fd is fine; destroying the IOAS is
@@ -188,18 +170,9 @@ def release_without_teardown(devices: Sequence[Device],
                     owner.own_ioas = False
                     if owner.ioas is not None:
                         owner.ioas.owned = False
-            # Device.close() would disable IRQs and unmap buffers first; the
-            # backend's _close() only closes fds (device, then group/container).
-            device._closed = True
-            device._close()
+        device.release()
     for buf in buffers:
-        _drop_buffer(buf)
-
-
-def _drop_buffer(buf: DmaBuffer) -> None:
-    if not buf._closed:
-        buf._closed = True
-        buf.memory.close()  # munmap + close the memfd; the pages stay pinned by the mapping
+        buf.release()  # munmap + close the memfd; the pages stay pinned by the mapping
 
 
 def _index(entry: dict[str, Any], key: str, fds: list[int], required: bool = True) -> int:
@@ -313,7 +286,7 @@ def _rebuild(body: dict[str, Any], fds: list[int], root: str,
                 if not isinstance(members, list):
                     raise ProtocolError("handoff IRQ entries must be arrays of fd indexes")
                 eventfds = [EventFd(take({"fd": m}, "fd")) for m in members]
-                _irq_state(device)[int(index)] = _IrqState(eventfds)
+                device.adopt_irq(int(index), eventfds)
         # A space closes after the last of its devices, whichever that is.
         for n, owner in enumerate(space_owners):
             space_owner = _SpaceOwner(owner, built, spaces[n])
@@ -337,7 +310,7 @@ def _rebuild(body: dict[str, Any], fds: list[int], root: str,
             buf = DmaBuffer(space, memory, iova)
             owner = entry.get("owner")
             if isinstance(owner, int) and not isinstance(owner, bool) and 0 <= owner < len(built):
-                _buffers_of(built[owner]).append(buf)
+                built[owner].adopt_buffer(buf)
             buffers.append(buf)
     except BaseException:
         for d in built:

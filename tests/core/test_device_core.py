@@ -18,6 +18,7 @@ from pyvfio.device import (
     Device,
     DeviceFlag,
     DeviceInfo,
+    DmaBuffer,
     DmaSpace,
     EventFd,
     IovaAllocator,
@@ -244,3 +245,37 @@ def test_config_and_describe() -> None:
     assert desc["ids"]["vendor"] == "1234"
     assert desc["regions"][0]["mmap_areas"] == [{"offset": 0, "size": 0x1000}]
     assert desc["irqs"][IrqIndex.MSIX]["count"] == 4
+
+
+def test_release_hands_over_without_teardown() -> None:
+    dev = MemoryDevice()
+    space = dev.dma
+    assert isinstance(space, MemorySpace)
+    buf = dev.dma_alloc(PAGE_SIZE)
+    (ev,) = dev.enable_irq(IrqIndex.MSI)
+    calls = len(dev.irq_calls)
+    assert dev.irq_eventfds == {IrqIndex.MSI: [ev]} and dev.dma_buffers == [buf]
+    dev.release()
+    # no SET_IRQS teardown, no unmap: the mapping belongs to the successor now
+    assert len(dev.irq_calls) == calls and buf.iova in space.maps
+    assert dev.closed and buf.closed and ev.fd == -1 and dev.closed_backend == 1
+    dev.release()
+    dev.close()
+    assert dev.closed_backend == 1
+
+
+def test_adopted_buffers_and_irqs_are_torn_down_on_close() -> None:
+    dev = MemoryDevice()
+    space = dev.dma
+    assert isinstance(space, MemorySpace)
+    memory = SharedMemory(PAGE_SIZE)
+    space.map(0x5000, memory)
+    space.allocator.reserve(0x5000, PAGE_SIZE)
+    buf = DmaBuffer(space, memory, 0x5000)
+    dev.adopt_buffer(buf)
+    dev.adopt_irq(IrqIndex.MSI, [EventFd()])
+    with pytest.raises(UsageError, match="already enabled"):
+        dev.adopt_irq(IrqIndex.MSI, [])
+    dev.close()
+    assert space.maps == {}
+    assert dev.irq_calls[-1][1] == IrqAction.DATA_NONE | IrqAction.ACTION_TRIGGER
