@@ -143,19 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.inside or os.environ.get("PYVFIO_GUEST") == "1":
         return inside(args.seconds, args.rounds, args.json)
-    from pyvfio.testing import guest, topology
+    from pyvfio.testing.guest import run_script_in_guest
 
-    vm = guest.Guest(guest.kernel_by_name(args.kernel), topology.standard())
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--inside", "--seconds",
-           str(args.seconds), "--rounds", str(args.rounds)] + (["--json"] if args.json else [])
-    result = vm.run(cmd, timeout=600)
-    try:
-        sys.stdout.write(result.output)
-        if not args.json:
-            print(f"(guest {args.kernel}, {result.accel}; whole run {result.wall_seconds:.0f} s)")
-        return result.returncode
-    finally:
-        result.cleanup()
+    inner = ["--inside", "--seconds", str(args.seconds), "--rounds", str(args.rounds)]
+    return run_script_in_guest(__file__, inner + (["--json"] if args.json else []), args.kernel,
+                               quiet=args.json)
 
 
 if __name__ == "__main__":

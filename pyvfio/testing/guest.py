@@ -513,3 +513,22 @@ class Guest:
             boot_seconds=float(start.group(1)) if start else None, wall_seconds=wall,
             accel=accel, qemu_stderr=qemu_stderr, qemu_argv=qemu_argv,
         )
+
+
+def run_script_in_guest(script: Path | str, args: Sequence[str], kernel: str, *,
+                        quiet: bool = False, timeout: float = 600) -> int:
+    """Boot ``kernel`` with the standard topology, run the Python ``script``
+    with ``args`` inside, echo its output and return its exit status.  For
+    scripts (benchmarks) that measure in the guest what they cannot on the host;
+    ``quiet`` leaves out the closing line about the run (for JSON output)."""
+    from pyvfio.testing import topology
+
+    vm = Guest(kernel_by_name(kernel), topology.standard())
+    result = vm.run([sys.executable, str(Path(script).resolve()), *args], timeout=timeout)
+    try:
+        sys.stdout.write(result.output)
+        if not quiet:
+            print(f"(guest {kernel}, {result.accel}; whole run {result.wall_seconds:.0f} s)")
+        return result.returncode
+    finally:
+        result.cleanup()
