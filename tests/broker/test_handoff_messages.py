@@ -11,16 +11,7 @@ import pytest
 
 from pyvfio.broker import handoff, wire
 from pyvfio.errors import ProtocolError, UsageError
-
-
-def open_fds() -> set[str]:
-    out = set()
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{n}:{os.readlink(f'/proc/self/fd/{n}')}")
-        except OSError:
-            pass
-    return out
+from pyvfio.testing.fds import fd_targets as open_fds
 
 
 @pytest.fixture

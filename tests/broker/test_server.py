@@ -25,6 +25,7 @@ from pyvfio.broker.policy import Policy
 from pyvfio.broker.server import Broker
 from pyvfio.errors import BrokerRefused, ProtocolError
 from pyvfio.testing.fakesysfs import FakeSysfs
+from pyvfio.testing.fds import fd_targets as open_fds
 
 EDU = "0000:00:03.0"
 BRIDGE = "0000:01:00.0"
@@ -59,18 +60,6 @@ def settled_fds(expected: set[str], timeout: float = 3.0) -> set[str]:
         if now == expected or time.monotonic() > deadline:
             return now
         time.sleep(0.02)
-
-
-def open_fds() -> set[str]:
-    """What this process's fds point at (the fd number of the listing itself
-    varies, so targets are compared, not numbers)."""
-    out = set()
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{n}:{os.readlink(f'/proc/self/fd/{n}')}")
-        except OSError:  # the directory fd of this very listing, already closed
-            pass
-    return out
 
 
 class Running:

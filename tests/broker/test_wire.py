@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pyvfio.broker import wire
 from pyvfio.errors import ConnectionClosed, ProtocolError
+from pyvfio.testing.fds import fd_targets as open_fds
 
 
 @pytest.fixture
@@ -23,18 +24,6 @@ def pair():
     yield a, b
     a.close()
     b.close()
-
-
-def open_fds() -> set[str]:
-    """What this process's fds point at (the fd number of the listing itself
-    varies, so targets are compared, not numbers)."""
-    out = set()
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            out.add(f"{n}:{os.readlink(f'/proc/self/fd/{n}')}")
-        except OSError:  # the directory fd of this very listing, already closed
-            pass
-    return out
 
 
 def test_round_trip_with_fds(pair) -> None:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pyvfio.device import DeviceFlag, DeviceInfo
 from pyvfio.errors import ConnectionClosed, PeerError, ProtocolError
+from pyvfio.testing.fds import fd_numbers
 from pyvfio.user.client import VfioUserDevice
 from pyvfio.user.protocol import HEADER, REGION_ACCESS, Capabilities, MessageReader
 
@@ -27,7 +28,7 @@ ALLOWED = (ProtocolError, PeerError, ConnectionClosed)
 
 
 def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return len(fd_numbers())
 
 
 def assert_no_new_fds(before: int) -> None:

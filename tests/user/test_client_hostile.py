@@ -25,6 +25,7 @@ import pytest
 
 from pyvfio.device import IrqAction, IrqIndex, SharedMemory
 from pyvfio.errors import ConnectionClosed, PeerError, ProtocolError, UsageError
+from pyvfio.testing.fds import fd_numbers as open_fds
 from pyvfio.user import protocol as P
 from pyvfio.user.client import connect
 from pyvfio.user.protocol import HEADER, Command, Message, MessageReader, send_message
@@ -114,10 +115,6 @@ class FakeServer:
             m.close_fds()
         if self.error is not None:
             raise self.error
-
-
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import socket
 import threading
 
 import pytest
-from vfu_raw import open_fds
 
 from pyvfio.errors import ConnectionClosed, ProtocolError
+from pyvfio.testing.fds import fd_numbers as open_fds
 from pyvfio.user import protocol as P
 
 

@@ -12,10 +12,11 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vfu_raw import RawClient, open_fds, wait_until
+from vfu_raw import RawClient, wait_until
 
 from pyvfio.device import SharedMemory
 from pyvfio.devices.edu import EduDevice
+from pyvfio.testing.fds import fd_numbers as open_fds
 from pyvfio.user import protocol as P
 from pyvfio.user.server import Server
 

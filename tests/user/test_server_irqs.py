@@ -7,9 +7,10 @@ import os
 import struct
 
 import pytest
-from vfu_raw import open_fds, wait_until
+from vfu_raw import wait_until
 
 from pyvfio.device import IrqAction as A
+from pyvfio.testing.fds import fd_numbers as open_fds
 from pyvfio.user import protocol as P
 
 EVENTFD_TRIGGER = A.DATA_EVENTFD | A.ACTION_TRIGGER

@@ -3,7 +3,6 @@ returns exact replies, so tests do not depend on :mod:`pyvfio.user.client`."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
@@ -105,10 +104,6 @@ class RawClient:
         self.sock.close()
         if self.twin is not None:
             self.twin.close()
-
-
-def open_fds() -> set[int]:
-    return {int(x) for x in os.listdir("/proc/self/fd")}
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
