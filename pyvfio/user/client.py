@@ -476,33 +476,32 @@ class VfioUserDmaSpace(DmaSpace):
                 if mapping in self._mappings:
                     self._mappings.remove(mapping)
 
-    def _find(self, address: int, count: int) -> DmaMapping:
+    def _window(self, address: int, count: int, write: bool) -> memoryview:
+        """The bytes of our memory behind ``address..address+count``, if one
+        mapping covers it and allows the access.  Call with the table lock held."""
         for m in self._mappings:
             if m.iova <= address and address + count <= m.end:
-                return m
+                if write and not m.writable:
+                    raise PeerError(errno.EPERM, "DMA_WRITE to a mapping that is not writable")
+                if not write and not m.readable:
+                    raise PeerError(errno.EPERM, "DMA_READ of a mapping that is not readable")
+                start = m.offset + address - m.iova
+                return m.memory.view[start:start + count]
         raise PeerError(errno.EFAULT, f"DMA access {address:#x}+{count:#x} outside every mapping")
 
     def serve(self, msg: Message) -> bytes:
         """Answer ``DMA_READ``/``DMA_WRITE`` from the server (reply payload)."""
-        if msg.command == Command.DMA_READ:
-            access = P.DmaAccess.unpack(msg.payload, with_data=False, max_count=CLIENT_MAX_DATA_XFER)
-            with self._table_lock:
-                m = self._find(access.address, access.count)
-                if not m.readable:
-                    raise PeerError(errno.EPERM, "DMA_READ of a mapping that is not readable")
-                start = m.offset + access.address - m.iova
-                data = bytes(m.memory.view[start:start + access.count])
-            return DMA_ACCESS.pack(access.address, access.count) + data
-        if msg.command == Command.DMA_WRITE:
-            access = P.DmaAccess.unpack(msg.payload, with_data=True, max_count=CLIENT_MAX_DATA_XFER)
-            with self._table_lock:
-                m = self._find(access.address, access.count)
-                if not m.writable:
-                    raise PeerError(errno.EPERM, "DMA_WRITE to a mapping that is not writable")
-                start = m.offset + access.address - m.iova
-                m.memory.view[start:start + access.count] = access.data
-            return DMA_ACCESS.pack(access.address, access.count)
-        raise PeerError(errno.ENOSYS, _command_name(msg.command))
+        if msg.command not in (Command.DMA_READ, Command.DMA_WRITE):
+            raise PeerError(errno.ENOSYS, _command_name(msg.command))
+        write = msg.command == Command.DMA_WRITE
+        access = P.DmaAccess.unpack(msg.payload, with_data=write, max_count=CLIENT_MAX_DATA_XFER)
+        head = DMA_ACCESS.pack(access.address, access.count)
+        with self._table_lock:
+            window = self._window(access.address, access.count, write)
+            if write:
+                window[:] = access.data
+                return head
+            return head + bytes(window)
 
     def forget_all(self) -> None:
         with self._table_lock:
