@@ -9,7 +9,11 @@ depend on each other's order.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 
@@ -56,3 +60,17 @@ def vfio_bound(bdf: str) -> Iterator[str]:
         _write(f"{base}/driver_override", "\n")
         if original:
             _write(f"/sys/bus/pci/drivers/{original}/bind", bdf)
+
+
+def send_fds_to_child(code: str, fds: dict[str, int]) -> subprocess.Popen[str]:
+    """Start ``python -c code SOCKFD`` and send it ``fds`` over SCM_RIGHTS, with
+    their names as a JSON list in the same message (what the children in the
+    fd-passing tests expect).  The caller still owns and closes its copies."""
+    parent, child = socket.socketpair()
+    with parent, child:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(child.fileno())],
+                                pass_fds=[child.fileno()], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        names = list(fds)
+        socket.send_fds(parent, [json.dumps(names).encode()], [fds[n] for n in names])
+    return proc

@@ -16,9 +16,6 @@ import ctypes
 import errno
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -362,13 +359,7 @@ def test_iommufd_and_cdev_fds_passed_over_scm_rights(need_iommufd: None) -> None
         fds = {"iommufd": os.open("/dev/iommu", os.O_RDWR | os.O_CLOEXEC),
                "device": os.open(cdev.path, os.O_RDWR | os.O_CLOEXEC)}
         try:
-            parent, child = socket.socketpair()
-            with parent, child:
-                proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(child.fileno())],
-                                        pass_fds=[child.fileno()], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-                names = list(fds)
-                socket.send_fds(parent, [json.dumps(names).encode()], [fds[n] for n in names])
+            proc = helpers.send_fds_to_child(_CHILD, fds)
         finally:
             for f in fds.values():
                 os.close(f)  # the sender lets go before the receiver even starts

@@ -5,9 +5,6 @@ opens /dev/vfio/* and hands the fds to an unprivileged VMM)."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -44,13 +41,7 @@ def test_fds_passed_over_scm_rights_drive_edu() -> None:
         dev = open_device(EDU, "legacy")
         fds = dev.fds()
         assert set(fds) == {"device", "group", "container"}
-        parent, child = socket.socketpair()
-        with parent, child:
-            proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(child.fileno())],
-                                    pass_fds=[child.fileno()], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-            names = list(fds)
-            socket.send_fds(parent, [json.dumps(names).encode()], [fds[n] for n in names])
+        proc = helpers.send_fds_to_child(_CHILD, fds)
         dev.close()  # the sender lets go; the receiver's copies keep everything open
         out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
