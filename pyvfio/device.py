@@ -257,6 +257,7 @@ class EventFd:
 
     def __init__(self, fd: int | None = None) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
+        self._poller: select.poll | None = None
 
     def fileno(self) -> int:
         if self.fd < 0:
@@ -264,11 +265,11 @@ class EventFd:
         return self.fd
 
     def wait(self, timeout: float | None = None) -> int:
-        poller = self.__dict__.get("_poller")
+        poller = self._poller
         if poller is None:  # made once: interrupt round trips are a hot path
             poller = select.poll()
             poller.register(self.fileno(), select.POLLIN)
-            self.__dict__["_poller"] = poller
+            self._poller = poller
         elif self.fd < 0:
             raise ClosedError("eventfd is closed")
         if not poller.poll(None if timeout is None else int(timeout * 1000)):
@@ -434,14 +435,23 @@ class DmaSpace(abc.ABC):
     at ``offset`` visible to the device at ``iova``; ``unmap`` undoes it.
     """
 
+    # Made on first use (:attr:`allocator`).  Subclasses set it to None in
+    # __init__ too: attributes first set later, or through __dict__, cost
+    # CPython its fast attribute access for the whole object, and the DMA
+    # hot path reads several attributes per call.
+    _iova_allocator: IovaAllocator | None = None
+
     @property
     @abc.abstractmethod
     def iova_ranges(self) -> list[tuple[int, int]]:
         """Inclusive ``(start, last)`` ranges the device can reach."""
 
+    # readable/writable are not keyword-only on purpose: CPython looks each
+    # missing keyword-only default up in a dict on every call, which is a
+    # measurable share of a map+unmap pair (benchmarks/iommufd_bench.py).
     @abc.abstractmethod
     def map(self, iova: int, memory: SharedMemory, offset: int = 0, size: int | None = None,
-            *, readable: bool = True, writable: bool = True) -> None: ...
+            readable: bool = True, writable: bool = True) -> None: ...
 
     @abc.abstractmethod
     def unmap(self, iova: int, size: int) -> None: ...
@@ -452,10 +462,10 @@ class DmaSpace(abc.ABC):
 
     @property
     def allocator(self) -> IovaAllocator:
-        alloc: IovaAllocator | None = self.__dict__.get("_iova_allocator")
+        alloc = self._iova_allocator
         if alloc is None:
             alloc = IovaAllocator(self.iova_ranges, self.page_size)
-            self.__dict__["_iova_allocator"] = alloc
+            self._iova_allocator = alloc
         return alloc
 
     def alloc_buffer(self, size: int, *, iova: int | None = None, below: int | None = None,
@@ -578,8 +588,8 @@ class Region:
         native = self.device._region_int_accessors(self.info)
         if native is not None:
             for width, (read_n, write_n) in native.items():
-                self.__dict__[f"read{8 * width}"] = read_n
-                self.__dict__[f"write{8 * width}"] = write_n
+                setattr(self, f"read{8 * width}", read_n)
+                setattr(self, f"write{8 * width}", write_n)
             return
         reader, writer = self.device._region_accessors(self.info)
         from_bytes = int.from_bytes
@@ -605,8 +615,8 @@ class Region:
 
         for width in (1, 2, 4, 8):
             read_n, write_n = make(width)
-            self.__dict__[f"read{8 * width}"] = read_n
-            self.__dict__[f"write{8 * width}"] = write_n
+            setattr(self, f"read{8 * width}", read_n)
+            setattr(self, f"write{8 * width}", write_n)
 
     def _check(self, offset: int, size: int) -> None:
         if offset < 0 or size <= 0 or offset + size > self.size:
@@ -694,8 +704,8 @@ class MappedRegion:
         # load, and the Python around it is the whole cost (benchmarks/).
         for width, view in self._views.items():
             read_n, write_n = self._accessors(view, width)
-            self.__dict__[f"read{8 * width}"] = read_n
-            self.__dict__[f"write{8 * width}"] = write_n
+            setattr(self, f"read{8 * width}", read_n)
+            setattr(self, f"write{8 * width}", write_n)
 
     def _accessors(self, view: memoryview, width: int
                    ) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
@@ -707,17 +717,35 @@ class MappedRegion:
         def bad(offset: int) -> UsageError:
             return UsageError(f"unaligned or out-of-range {width}-byte access at {offset:#x}")
 
-        def read_n(offset: int) -> int:
+        if self.size & (self.size - 1) == 0:
+            # BARs are powers of two: then one AND finds a misaligned, negative
+            # (Python ints have infinite sign bits) or too large offset.  A
+            # register read is one Python frame, so every test in it counts.
+            invalid = ~(self.size - 1) | misaligned
+
+            def read_n(offset: int) -> int:
+                if offset & invalid:
+                    raise bad(offset)
+                return view[offset >> shift]
+
+            def write_n(offset: int, value: int) -> None:
+                if offset & invalid:
+                    raise bad(offset)
+                view[offset >> shift] = value & mask
+
+            return read_n, write_n
+
+        def read_any(offset: int) -> int:
             if offset & misaligned or not 0 <= offset <= limit:
                 raise bad(offset)
             return view[offset >> shift]
 
-        def write_n(offset: int, value: int) -> None:
+        def write_any(offset: int, value: int) -> None:
             if offset & misaligned or not 0 <= offset <= limit:
                 raise bad(offset)
             view[offset >> shift] = value & mask
 
-        return read_n, write_n
+        return read_any, write_any
 
     def _view(self, offset: int, width: int) -> memoryview:
         if offset % width or offset < 0 or offset + width > self.size:

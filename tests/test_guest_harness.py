@@ -159,6 +159,7 @@ def fresh_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     real_access = os.access
     monkeypatch.setattr(guest.os, "access",
                         lambda p, m: True if p == "/dev/kvm" else real_access(p, m))
+    monkeypatch.setattr(guest, "kvm_is_pvm", lambda: False)
 
 
 def test_kvm_verdict_is_probed_once_and_cached(
@@ -188,6 +189,23 @@ def test_kvm_verdict_is_reprobed_when_the_host_changes(
     monkeypatch.setattr(guest, "probe_kvm", lambda qemu, *, timeout: ("kvm", "ran"))
     assert guest.choose_accel(cache=tmp_path) == "kvm"
     assert json.loads((tmp_path / "accel.json").read_text())["accel"] == "kvm"
+
+
+def test_pvm_is_told_from_hardware_kvm(tmp_path: Path) -> None:
+    (tmp_path / "kvm").mkdir()
+    assert not guest.kvm_is_pvm(tmp_path)
+    (tmp_path / "kvm_pvm").mkdir()
+    assert guest.kvm_is_pvm(tmp_path)
+    (tmp_path / "kvm_amd").mkdir()  # hardware KVM loaded too: a stock guest may run
+    assert not guest.kvm_is_pvm(tmp_path)
+
+
+def test_pvm_means_tcg_without_a_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_verdict: None
+) -> None:
+    monkeypatch.setattr(guest, "kvm_is_pvm", lambda: True)
+    monkeypatch.setattr(guest, "probe_kvm", lambda *a, **k: pytest.fail("probed"))
+    assert guest.choose_accel(cache=tmp_path) == "tcg"
 
 
 def test_accel_can_be_forced_and_is_validated(

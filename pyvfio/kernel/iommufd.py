@@ -363,18 +363,24 @@ class Ioas(DmaSpace):
         self.owned = owned
         self._closed = False
         self.target = f"IOAS {ioas_id}"
+        self._iova_allocator = None  # see DmaSpace
         # map+unmap is the hot path (a driver maps and unmaps per I/O), and
-        # under TCG every Python step costs ~20x: building a ctypes struct or
-        # OR-ing IntFlags costs more than the ioctl's own Python overhead.  So
-        # the structs for fixed-IOVA maps and for unmaps are built once per
-        # (address, length, IOVA, access) and reused; the call is then one
-        # dict lookup and fcntl.ioctl.  (The kernel writes back only what was
-        # passed in for a fixed map, and the unmap length is reset per call.)
+        # in CPython each step of it costs about as much as the ioctl's own
+        # Python overhead (20x more under TCG).  So the structs for fixed-IOVA
+        # maps and for unmaps are built once per (address, length, IOVA,
+        # access) and kept; a repeat of the last call is recognised by
+        # identity and a few comparisons and goes straight to fcntl.ioctl
+        # (benchmarks/iommufd_bench.py).  close() clears the "last call"
+        # fields, so a destroyed IOAS always takes the checked slow path.
         self._map_cache: dict[tuple[int, int, int, int], U.iommu_ioas_map] = {}
         self._fixed_maps: dict[tuple[int, int | None, int, int, bool, bool],
                                U.iommu_ioas_map] = {}
         self._unmap_cache: dict[tuple[int, int], U.iommu_ioas_unmap] = {}
-        self._last_iova = self._last_address = self._last_total = -1
+        self._forget_last_calls()
+
+    def _forget_last_calls(self) -> None:
+        self._last_memory: SharedMemory | None = None
+        self._last_iova = -1
         self._last_arg = U.new(U.iommu_ioas_map)
         self._last_unmap_iova = self._last_unmap_size = -1
         self._last_unmap = U.new(U.iommu_ioas_unmap)
@@ -423,9 +429,9 @@ class Ioas(DmaSpace):
     def ranges_changed(self) -> None:
         """Forget the IOVA allocator's view of the ranges (after an attach or
         detach changed them), if it has handed nothing out yet."""
-        alloc = self.__dict__.get("_iova_allocator")
+        alloc = self._iova_allocator
         if alloc is not None and alloc._free == alloc._ranges:
-            del self.__dict__["_iova_allocator"]
+            self._iova_allocator = None
 
     def allow_iovas(self, ranges: Sequence[tuple[int, int]]) -> None:
         """``IOMMU_IOAS_ALLOW_IOVAS``: promise these inclusive ranges stay
@@ -500,23 +506,14 @@ class Ioas(DmaSpace):
         return int(arg.iova)
 
     def map(self, iova: int, memory: SharedMemory, offset: int = 0, size: int | None = None,
-            *, readable: bool = True, writable: bool = True) -> None:
-        # The hot path (see __init__): the same buffer mapped at the same IOVA
-        # as last time costs a few comparisons; otherwise one dict lookup.  The
-        # key holds everything the struct and the bounds check depend on.
-        if (iova == self._last_iova and memory.address == self._last_address
-                and memory.size == self._last_total and offset == 0 and size is None
-                and readable and writable):
+            readable: bool = True, writable: bool = True) -> None:
+        # The hot path (see __init__): the same whole buffer at the same IOVA
+        # as last time is an identity test and four comparisons.
+        if (memory is self._last_memory and iova == self._last_iova and offset == 0
+                and size is None and readable and writable):
             arg = self._last_arg
         else:
-            key = (memory.address + offset, size, memory.size, iova, readable, writable)
-            arg = self._fixed_maps.get(key) or self._fixed_map(key, memory, offset, size)
-            if offset == 0 and size is None and readable and writable:
-                self._last_iova, self._last_address, self._last_total = (
-                    iova, memory.address, memory.size)
-                self._last_arg = arg
-        if self._closed:  # checked first: iommufd reuses a destroyed object's ID
-            self._fd()  # raises ClosedError
+            arg = self._map_arg(iova, memory, offset, size, readable, writable)
         try:
             _fcntl_ioctl(self.iommufd.fd, _IOMMU_IOAS_MAP, arg)
         except (OSError, ValueError) as exc:  # ValueError: fcntl refuses fd -1
@@ -525,6 +522,18 @@ class Ioas(DmaSpace):
             err = KernelError(getattr(exc, "errno", None) or errno.EIO, "IOMMU_IOAS_MAP",
                               self.target)
             raise self._map_error(err, "IOMMU_IOAS_MAP", iova, int(arg.length)) from None
+
+    def _map_arg(self, iova: int, memory: SharedMemory, offset: int, size: int | None,
+                 readable: bool, writable: bool) -> U.iommu_ioas_map:
+        """The struct for this fixed-IOVA map, checked, built or found in the
+        cache, and remembered as the last call when it maps a whole buffer."""
+        if self._closed:  # first: iommufd reuses a destroyed object's ID
+            self._fd()  # raises ClosedError
+        key = (memory.address + offset, size, memory.size, iova, readable, writable)
+        arg = self._fixed_maps.get(key) or self._fixed_map(key, memory, offset, size)
+        if offset == 0 and size is None and readable and writable:
+            self._last_memory, self._last_iova, self._last_arg = memory, iova, arg
+        return arg
 
     def _fixed_map(self, key: tuple[int, int | None, int, int, bool, bool], memory: SharedMemory,
                    offset: int, size: int | None) -> U.iommu_ioas_map:
@@ -585,18 +594,10 @@ class Ioas(DmaSpace):
     def unmap(self, iova: int, size: int) -> int:  # type: ignore[override]
         """``IOMMU_IOAS_UNMAP``: unmap whole earlier mappings covering
         ``iova..iova+size``.  Returns the bytes unmapped."""
-        if iova == self._last_unmap_iova and size == self._last_unmap_size:
+        if iova == self._last_unmap_iova and size == self._last_unmap_size:  # see map
             arg = self._last_unmap
         else:
-            arg = self._unmap_cache.get((iova, size))  # type: ignore[assignment]
-            if arg is None:
-                if len(self._unmap_cache) >= _STRUCT_CACHE:
-                    self._unmap_cache.clear()
-                arg = self._unmap_cache[iova, size] = U.new(
-                    U.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=size)
-            self._last_unmap_iova, self._last_unmap_size, self._last_unmap = iova, size, arg
-        if self._closed:  # see map
-            self._fd()
+            arg = self._unmap_arg(iova, size)
         try:
             _fcntl_ioctl(self.iommufd.fd, _IOMMU_IOAS_UNMAP, arg)
         except (OSError, ValueError) as exc:  # ValueError: fcntl refuses fd -1
@@ -613,6 +614,18 @@ class Ioas(DmaSpace):
         if done != size:
             arg.length = size  # put the request back for the next use
         return done
+
+    def _unmap_arg(self, iova: int, size: int) -> U.iommu_ioas_unmap:
+        if self._closed:  # see _map_arg
+            self._fd()
+        arg = self._unmap_cache.get((iova, size))
+        if arg is None:
+            if len(self._unmap_cache) >= _STRUCT_CACHE:
+                self._unmap_cache.clear()
+            arg = self._unmap_cache[iova, size] = U.new(
+                U.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=size)
+        self._last_unmap_iova, self._last_unmap_size, self._last_unmap = iova, size, arg
+        return arg
 
     def unmap_all(self) -> int:
         """Unmap everything (IOVA 0, length U64_MAX); returns the bytes unmapped."""
@@ -634,6 +647,7 @@ class Ioas(DmaSpace):
         if self.owned and not self.iommufd.closed:
             self.iommufd.destroy(self.id)
         self._closed = True
+        self._forget_last_calls()  # the map/unmap fast paths now fail over to the checks
 
     @property
     def closed(self) -> bool:

@@ -186,10 +186,11 @@ def choose_accel(qemu: str = QEMU, *, cache: Path | None = None,
                  probe_timeout: float = 30.0) -> str:
     """``kvm`` or ``tcg`` for this machine.
 
-    ``/dev/kvm`` existing is not enough: under nested virtualisation a KVM
-    guest was seen hanging at boot.  So a tiny guest is booted once under KVM
-    with a deadline; the verdict is cached in ``~/.cache/pyvfio/accel.json``
-    keyed by host kernel and QEMU version.
+    ``/dev/kvm`` existing is not enough.  When it is PVM (:func:`kvm_is_pvm`)
+    a stock kernel cannot boot on it, so the answer is TCG at once.  Otherwise
+    nested virtualisation may still hang a guest, so a tiny guest is booted
+    once under KVM with a deadline; the verdict is cached in
+    ``~/.cache/pyvfio/accel.json`` keyed by host kernel and QEMU version.
     """
     global _accel_verdict
     forced = os.environ.get("PYVFIO_GUEST_ACCEL", "auto")
@@ -199,7 +200,7 @@ def choose_accel(qemu: str = QEMU, *, cache: Path | None = None,
         raise UsageError(f"PYVFIO_GUEST_ACCEL={forced!r}: use kvm, tcg or auto")
     if _accel_verdict is not None:
         return _accel_verdict
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or kvm_is_pvm():
         _accel_verdict = "tcg"
         return "tcg"
     cache_file = (cache or cache_dir()) / "accel.json"
@@ -219,6 +220,18 @@ def choose_accel(qemu: str = QEMU, *, cache: Path | None = None,
     os.replace(tmp, cache_file)
     _accel_verdict = verdict
     return verdict
+
+
+def kvm_is_pvm(sys_module: Path = Path("/sys/module")) -> bool:
+    """Whether ``/dev/kvm`` is PVM (``kvm_pvm``, pagetable-based virtual
+    machines) rather than hardware virtualisation (``kvm_intel``/``kvm_amd``).
+
+    Cloud sandboxes offer PVM for nested guests without VMX/SVM.  PVM runs
+    only guest kernels built for it (its guest side is out of tree), so
+    Debian's kernel and ours hang in early boot there: no probe is needed.
+    """
+    return (sys_module / "kvm_pvm").is_dir() and not any(
+        (sys_module / hw).is_dir() for hw in ("kvm_intel", "kvm_amd"))
 
 
 def probe_kvm(qemu: str = QEMU, *, timeout: float = 30.0) -> tuple[str, str]:

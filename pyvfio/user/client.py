@@ -413,7 +413,7 @@ class VfioUserDmaSpace(DmaSpace):
         return f"<VfioUserDmaSpace of {self._device.name}: {n} mapping(s), {how}>"
 
     def map(self, iova: int, memory: SharedMemory, offset: int = 0, size: int | None = None,
-            *, readable: bool = True, writable: bool = True,
+            readable: bool = True, writable: bool = True, *,
             share_fd: bool | None = None) -> None:
         """``VFIO_USER_DMA_MAP``.  ``share_fd`` overrides the space's default."""
         if size is None:

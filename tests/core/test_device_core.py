@@ -204,6 +204,28 @@ def test_mmap_checks_areas_and_width() -> None:
         dev.region(7).mmap()
 
 
+@pytest.mark.parametrize("size", [0x1000, 0x3000])  # a BAR (power of two) and not
+def test_mapped_accessors_refuse_every_bad_offset(size: int) -> None:
+    from pyvfio.device import MappedRegion
+
+    mapped = MappedRegion(MemoryDevice().bar(0), 0, mmap.mmap(-1, size))
+    with mapped:
+        for width in (1, 2, 4, 8):
+            read = getattr(mapped, f"read{8 * width}")
+            write = getattr(mapped, f"write{8 * width}")
+            last = size - width
+            write(last, -1)  # masked to the width
+            assert read(last) == (1 << (8 * width)) - 1
+            bad = [-width, size, size + width, 1 << 40]
+            if width > 1:
+                bad += [1, last + 1, size - 1]
+            for offset in bad:
+                with pytest.raises(UsageError, match="unaligned or out-of-range"):
+                    read(offset)
+                with pytest.raises(UsageError, match="unaligned or out-of-range"):
+                    write(offset, 0)
+
+
 def test_irq_enable_disable_unmask_records_vfio_semantics() -> None:
     dev = MemoryDevice()
     fds = dev.enable_irq(IrqIndex.MSIX, 4)

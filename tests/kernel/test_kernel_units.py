@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,38 @@ def test_not_bound_to_vfio_on_a_fake_root(tmp_path) -> None:
     with pytest.raises(NotBoundToVfio) as exc:
         open_device("0000:00:05.0", "legacy", root=root)
     assert "e1000e" in str(exc.value) and "pyvfio bind 0000:00:05.0" in str(exc.value)
+
+
+# --- the register accessors, over a plain file standing in for the device fd ----------------
+
+
+def test_register_accessors_read_write_and_refuse(tmp_path: Path) -> None:
+    from pyvfio.device import RegionFlag, RegionInfo
+    from pyvfio.errors import KernelError
+    from pyvfio.kernel.device import KernelDevice
+
+    # The region is 16 bytes at file offset 0x100; the file ends 2 bytes into
+    # it, so wider reads there come back short, as from a misbehaving driver.
+    path = tmp_path / "fd"
+    path.write_bytes(bytes(0x100) + bytes(range(1, 15)))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        dev = KernelDevice("0000:00:00.0", fd)
+        info = RegionInfo(index=0, flags=RegionFlag.READ | RegionFlag.WRITE, size=16,
+                          offset=0x100)
+        acc = dev._region_int_accessors(info)
+        read32, write32 = acc[4]
+        read16, write16 = acc[2]
+        assert read32(0) == 0x04030201 and read16(12) == 0x0E0D
+        write32(4, 0x1_DEADBEEF)  # masked to the width, little-endian
+        assert path.read_bytes()[0x104:0x108] == bytes.fromhex("efbeadde")
+        assert read32(4) == 0xDEADBEEF
+        with pytest.raises(UsageError, match="4-byte access at 0xd is outside region 0"):
+            read32(13)
+        with pytest.raises(UsageError, match="outside region 0"):
+            write16(-2, 0)
+        os.truncate(path, 0x10E)  # now the region's last 2 bytes are past the end
+        with pytest.raises(KernelError, match="short pread: fewer than 4 bytes at 0xc"):
+            read32(12)
+    finally:
+        os.close(fd)
