@@ -135,8 +135,10 @@ def main() -> int:
         print("least-squares fit of CPU time, t = fixed + per_device * n:")
         ns = [r[0] for r in rows]
         fits = {}
-        for name, col in (("lspci", 1), ("pyvfio ls", 2), ("pyvfio groups", 3)):
-            fixed, per_device = _fit(ns, [r[col].cpu for r in rows])
+        cpu_times = {"lspci": [r[1].cpu for r in rows], "pyvfio ls": [r[2].cpu for r in rows],
+                     "pyvfio groups": [r[3].cpu for r in rows]}
+        for name, times in cpu_times.items():
+            fixed, per_device = _fit(ns, times)
             fits[name] = per_device
             print(f"  {name:<14} fixed {fixed * 1e3:7.1f} ms   per device {per_device * 1e6:6.1f} us")
         for name in ("pyvfio ls", "pyvfio groups"):
