@@ -17,9 +17,10 @@ memfd page at a fixed IOVA, with edu attached so every pair really programs
 Prints pyvfio/C for each path (goal for iommufd: >= 0.7) and iommufd/type1 for
 each language.  The *floor* is the same loop in Python calling bare
 ``fcntl.ioctl`` on structs built outside the loop: ``floor/C`` is what CPython
-itself costs, ``pyvfio/floor`` what pyvfio's checks cost on top.  pyvfio and C rounds alternate and each keeps its best round,
-so both see the same load on a shared machine (TCG when nested KVM does not
-work: absolute rates are small, ratios are the point).
+itself costs, ``pyvfio/floor`` what pyvfio's checks cost on top.  The sides
+alternate round by round and each keeps its best round, so all see the same
+load on a shared machine (TCG where there is no hardware KVM: absolute rates
+are small, ratios are the point).
 """
 
 from __future__ import annotations
