@@ -529,14 +529,14 @@ class Guest:
 
 
 def run_script_in_guest(script: Path | str, args: Sequence[str], kernel: str, *,
-                        quiet: bool = False, timeout: float = 600) -> int:
+                        quiet: bool = False, timeout: float = 600, smp: int = 2) -> int:
     """Boot ``kernel`` with the standard topology, run the Python ``script``
     with ``args`` inside, echo its output and return its exit status.  For
     scripts (benchmarks) that measure in the guest what they cannot on the host;
     ``quiet`` leaves out the closing line about the run (for JSON output)."""
     from pyvfio.testing import topology
 
-    vm = Guest(kernel_by_name(kernel), topology.standard())
+    vm = Guest(kernel_by_name(kernel), topology.standard(), smp=smp)
     result = vm.run([sys.executable, str(Path(script).resolve()), *args], timeout=timeout)
     try:
         sys.stdout.write(result.output)
