@@ -138,6 +138,35 @@ def test_ioas_map_unmap_and_ranges(need_iommufd: None) -> None:
         assert ioas.unmap_all() == 0
 
 
+def test_repeated_map_unmap_then_use_after_destroy(need_iommufd: None) -> None:
+    """The map/unmap fast path still reports the kernel's errors, and a
+    destroyed IOAS refuses a primed repeat even when iommufd has given its ID
+    to a new IOAS (which must not receive the mapping)."""
+    with Iommufd.open() as ifd, shared_memory(PAGE) as mem:
+        ioas = ifd.alloc_ioas()
+        for _ in range(3):
+            ioas.map(0x100000, mem)
+            assert ioas.unmap(0x100000, PAGE) == PAGE
+        ioas.map(0x100000, mem)
+        with pytest.raises(IovaRangeError, match="already mapped"):
+            ioas.map(0x100000, mem)
+        assert ioas.unmap(0x100000, PAGE) == PAGE
+        with pytest.raises(IovaRangeError, match="no mapping lies wholly inside"):
+            ioas.unmap(0x100000, PAGE)
+        old_id = ioas.id
+        ioas.close()
+        successor = ifd.alloc_ioas()
+        with pytest.raises(ClosedError):
+            ioas.map(0x100000, mem)
+        with pytest.raises(ClosedError):
+            ioas.unmap(0x100000, PAGE)
+        assert successor.unmap_all() == 0, f"IOAS {old_id}'s map reached IOAS {successor.id}"
+        successor.map(0x100000, mem)
+        ifd.close()
+        with pytest.raises(ClosedError):  # the iommufd itself is gone
+            successor.map(0x100000, mem)
+
+
 def test_ioas_allow_iovas_steers_kernel_chosen_iovas(need_iommufd: None) -> None:
     with Iommufd.open() as ifd, ifd.alloc_ioas() as ioas, shared_memory(PAGE) as mem:
         ioas.allow_iovas([(0x4000000, 0x4FFFFFF)])

@@ -3,6 +3,7 @@ what to do, instead of a bare errno."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -10,7 +11,15 @@ import sys
 
 import pytest
 
-from pyvfio.errors import IovaRangeError, KernelError, MemlockLimitError, NotBoundToVfio, NotViable
+from pyvfio.device import SharedMemory
+from pyvfio.errors import (
+    ClosedError,
+    IovaRangeError,
+    KernelError,
+    MemlockLimitError,
+    NotBoundToVfio,
+    NotViable,
+)
 from pyvfio.kernel import open_device
 from pyvfio.testing.topology import E1000_BRIDGED, EDU, EDU_BRIDGED
 
@@ -61,6 +70,31 @@ def test_dma_outside_the_iova_ranges() -> None:
         # A buffer inside the ranges still works afterwards.
         with dev.dma_alloc(4096) as buf:
             assert dev.dma.allocator.contains(buf.iova, 4096)
+
+
+def test_repeated_map_unmap_then_use_after_close() -> None:
+    """The map/unmap fast path (a repeat of the last call) still reports the
+    kernel's errors, and a closed container refuses even a primed repeat."""
+    memory = SharedMemory(4096)
+    try:
+        with helpers.vfio_bound(EDU), open_device(EDU, "legacy") as dev:
+            container = dev.dma
+            for _ in range(3):
+                container.map(0x100000, memory)
+                container.unmap(0x100000, 4096)
+            container.map(0x100000, memory)
+            with pytest.raises(IovaRangeError, match="already mapped") as exc:
+                container.map(0x100000, memory)  # the same call again: EEXIST from the kernel
+            assert exc.value.errno == errno.EEXIST
+            container.unmap(0x100000, 4096)
+            with pytest.raises(KernelError, match="unmapped 0x0 of 0x1000"):
+                container.unmap(0x100000, 4096)  # nothing left there
+        with pytest.raises(ClosedError):
+            container.map(0x100000, memory)
+        with pytest.raises(ClosedError):
+            container.unmap(0x100000, 4096)
+    finally:
+        memory.close()
 
 
 _MEMLOCK_CHILD = r"""

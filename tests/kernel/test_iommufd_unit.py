@@ -160,6 +160,32 @@ def test_map_outside_the_memory_is_a_usage_error() -> None:
         mem.close()
 
 
+def test_map_fast_path_reports_errors_and_respects_close() -> None:
+    """A pipe stands in for /dev/iommu: every ioctl fails with ENOTTY.  The
+    repeat of a call (the fast path) must report it like the first call, and
+    after close() even a primed repeat is refused before any ioctl."""
+    r, w = os.pipe()
+    mem = SharedMemory(4096)
+    try:
+        ioas = I.Ioas(I.Iommufd(r, owned=False), 1, owned=False)
+        for _ in range(2):
+            with pytest.raises(KernelError) as exc:
+                ioas.map(0x100000, mem)
+            assert exc.value.errno == errno.ENOTTY and exc.value.op == "IOMMU_IOAS_MAP"
+            with pytest.raises(KernelError) as exc:
+                ioas.unmap(0x100000, 4096)
+            assert exc.value.errno == errno.ENOTTY and exc.value.op == "IOMMU_IOAS_UNMAP"
+        ioas.close()
+        with pytest.raises(ClosedError, match="IOAS 1 is destroyed"):
+            ioas.map(0x100000, mem)
+        with pytest.raises(ClosedError, match="IOAS 1 is destroyed"):
+            ioas.unmap(0x100000, 4096)
+    finally:
+        mem.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_allow_iovas_rejects_backwards_ranges() -> None:
     ioas = I.Ioas(I.Iommufd(-1, owned=False), 1, owned=False)
     with pytest.raises(UsageError, match="ends before it starts"):
