@@ -31,6 +31,7 @@ import os
 import select
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -334,6 +335,14 @@ class SharedMemory:
             raise
         self.view = memoryview(self.mmap)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+        # The DMA spaces whose map fast path remembers this memory by identity
+        # (DmaSpace._remember_memory): close() makes them forget it, so that a
+        # closed buffer's stale address is never mapped again.
+        self._remembered_by: weakref.WeakSet[DmaSpace] = weakref.WeakSet()
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
     @classmethod
     def from_fd(cls, fd: int, size: int, fd_offset: int = 0) -> SharedMemory:
@@ -343,6 +352,8 @@ class SharedMemory:
     def close(self) -> None:
         if self.fd < 0:
             return
+        for space in list(self._remembered_by):
+            space._forget_memory(self)
         self.view.release()
         try:
             self.mmap.close()
@@ -440,6 +451,19 @@ class DmaSpace(abc.ABC):
     # CPython its fast attribute access for the whole object, and the DMA
     # hot path reads several attributes per call.
     _iova_allocator: IovaAllocator | None = None
+    # The memory of the last whole-buffer map, for backends whose map has a
+    # fast path for repeating it (kernel legacy and iommufd).
+    _last_memory: SharedMemory | None = None
+
+    def _remember_memory(self, memory: SharedMemory) -> None:
+        """Note that the map fast path now refers to ``memory``; its close()
+        then calls :meth:`_forget_memory`."""
+        memory._remembered_by.add(self)
+        self._last_memory = memory
+
+    def _forget_memory(self, memory: SharedMemory) -> None:
+        if self._last_memory is memory:
+            self._last_memory = None
 
     @property
     @abc.abstractmethod

@@ -529,10 +529,13 @@ class Ioas(DmaSpace):
         cache, and remembered as the last call when it maps a whole buffer."""
         if self._closed:  # first: iommufd reuses a destroyed object's ID
             self._fd()  # raises ClosedError
+        if memory.fd < 0:  # its address may belong to another mapping by now
+            raise ClosedError("DMA map of closed memory")
         key = (memory.address + offset, size, memory.size, iova, readable, writable)
         arg = self._fixed_maps.get(key) or self._fixed_map(key, memory, offset, size)
         if offset == 0 and size is None and readable and writable:
-            self._last_memory, self._last_iova, self._last_arg = memory, iova, arg
+            self._remember_memory(memory)
+            self._last_iova, self._last_arg = iova, arg
         return arg
 
     def _fixed_map(self, key: tuple[int, int | None, int, int, bool, bool], memory: SharedMemory,

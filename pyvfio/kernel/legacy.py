@@ -247,6 +247,8 @@ class Container(DmaSpace):
         the last call when it maps a whole buffer."""
         if self._closed:
             raise ClosedError("VFIO container is closed")
+        if memory.fd < 0:  # its address may belong to another mapping by now
+            raise ClosedError("DMA map of closed memory")
         whole = size is None and offset == 0
         size = memory.size - offset if size is None else size
         if offset < 0 or size <= 0 or offset + size > memory.size:
@@ -266,7 +268,8 @@ class Container(DmaSpace):
                 self._maps.clear()
             arg = self._maps[key] = self._new_map(flags, key[0], iova, size)
         if whole and readable and writable:
-            self._last_memory, self._last_iova, self._last_map = memory, iova, arg
+            self._remember_memory(memory)
+            self._last_iova, self._last_map = iova, arg
         return arg
 
     def _load_ranges(self) -> list[tuple[int, int]]:

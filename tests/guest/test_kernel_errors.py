@@ -89,6 +89,12 @@ def test_repeated_map_unmap_then_use_after_close() -> None:
             container.unmap(0x100000, 4096)
             with pytest.raises(KernelError, match="unmapped 0x0 of 0x1000"):
                 container.unmap(0x100000, 4096)  # nothing left there
+            other = SharedMemory(4096)
+            container.map(0x200000, other)
+            container.unmap(0x200000, 4096)
+            other.close()  # the fast path forgets it: a stale address never reaches the kernel
+            with pytest.raises(ClosedError, match="closed memory"):
+                container.map(0x200000, other)
         with pytest.raises(ClosedError):
             container.map(0x100000, memory)
         with pytest.raises(ClosedError):

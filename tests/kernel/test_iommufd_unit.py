@@ -175,6 +175,16 @@ def test_map_fast_path_reports_errors_and_respects_close() -> None:
             with pytest.raises(KernelError) as exc:
                 ioas.unmap(0x100000, 4096)
             assert exc.value.errno == errno.ENOTTY and exc.value.op == "IOMMU_IOAS_UNMAP"
+        # Closing the memory makes the primed fast path forget it: its stale
+        # address must never reach the kernel again.
+        other = SharedMemory(4096)
+        with pytest.raises(KernelError):
+            ioas.map(0x200000, other)
+        assert ioas._last_memory is other
+        other.close()
+        assert ioas._last_memory is None
+        with pytest.raises(ClosedError, match="closed memory"):
+            ioas.map(0x200000, other)
         ioas.close()
         with pytest.raises(ClosedError, match="IOAS 1 is destroyed"):
             ioas.map(0x100000, mem)
