@@ -30,32 +30,16 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Measure this checkout's pyvfio, whatever an editable install points at.
 sys.path.insert(0, str(HERE.parent))
+from inguest import bind_vfio, rate, type1_structs  # noqa: E402  (benchmarks/inguest.py)
+
 GOAL = 0.7
 IOVA = 0x100000
 BATCH = 64
-
-
-def _rate(fn: Callable[[], None], seconds: float) -> float:
-    # Warm up first: TCG translates new code on first use, and the first
-    # measurement after opening a device was seen to run a few percent slow.
-    warm_until = time.perf_counter() + min(0.1, seconds / 5)
-    while time.perf_counter() < warm_until:
-        fn()
-    n = 0
-    t0 = time.perf_counter()
-    while True:
-        fn()
-        n += BATCH
-        t = time.perf_counter()
-        if t - t0 >= seconds:
-            return n / (t - t0)
 
 
 def measure_pyvfio(bdf: str, mode: str, seconds: float) -> float:
@@ -74,7 +58,7 @@ def measure_pyvfio(bdf: str, mode: str, seconds: float) -> float:
                     dmap(IOVA, memory)
                     dunmap(IOVA, 4096)
 
-            return _rate(pairs, seconds)
+            return rate(pairs, BATCH, seconds)
     finally:
         memory.close()
 
@@ -107,19 +91,14 @@ def measure_floor(bdf: str, mode: str, seconds: float) -> float:
             else:
                 fd, map_req, unmap_req = (dev.fds()["container"], V.VFIO_IOMMU_MAP_DMA,
                                           V.VFIO_IOMMU_UNMAP_DMA)
-                m = V.vfio_iommu_type1_dma_map(
-                    argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_map),
-                    flags=V.VFIO_DMA_MAP_FLAG_READ | V.VFIO_DMA_MAP_FLAG_WRITE,
-                    vaddr=memory.address, iova=IOVA, size=4096)
-                u = V.vfio_iommu_type1_dma_unmap(
-                    argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_unmap), iova=IOVA, size=4096)
+                m, u = type1_structs(memory.address, IOVA, 4096)
 
             def pairs() -> None:
                 for _ in range(BATCH):
                     ioctl(fd, map_req, m)
                     ioctl(fd, unmap_req, u)
 
-            return _rate(pairs, seconds)
+            return rate(pairs, BATCH, seconds)
     finally:
         memory.close()
 
@@ -134,16 +113,6 @@ def measure_c(bdf: str, mode: str, seconds: float) -> float:
     return float(json.loads(res.stdout)["map_unmap"])
 
 
-def _bind_vfio(bdf: str) -> None:
-    base = f"/sys/bus/pci/devices/{bdf}"
-    if os.path.exists(f"{base}/driver"):
-        if os.path.basename(os.readlink(f"{base}/driver")) == "vfio-pci":
-            return
-        Path(f"{base}/driver/unbind").write_text(bdf)
-    Path(f"{base}/driver_override").write_text("vfio-pci")
-    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
-
-
 def inside(seconds: float, rounds: int, as_json: bool) -> int:
     from pyvfio.testing.topology import EDU
 
@@ -151,7 +120,7 @@ def inside(seconds: float, rounds: int, as_json: bool) -> int:
         print(f"kernel {os.uname().release} has no iommufd (/dev/iommu): run with "
               "--kernel pyvfio-6.12", file=sys.stderr)
         return 2
-    _bind_vfio(EDU)
+    bind_vfio(EDU)
     best: dict[tuple[str, str], float] = {}
     for _round in range(rounds):
         for mode in ("iommufd", "type1"):

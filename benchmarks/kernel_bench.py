@@ -36,30 +36,14 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Measure this checkout's pyvfio, whatever an editable install points at.
 sys.path.insert(0, str(HERE.parent))
+from inguest import bind_vfio, rate, type1_structs  # noqa: E402  (benchmarks/inguest.py)
+
 GOALS = {"map_unmap": 0.7, "pread": 0.7, "mmap": 0.5, "irq": None}
-
-
-def _rate(fn: Callable[[], None], batch: int, seconds: float) -> float:
-    # Warm up first: TCG translates new code on first use, and the first
-    # measurement after opening a device was seen to run a few percent slow.
-    warm_until = time.perf_counter() + min(0.1, seconds / 5)
-    while time.perf_counter() < warm_until:
-        fn()
-    n = 0
-    t0 = time.perf_counter()
-    while True:
-        fn()
-        n += batch
-        t = time.perf_counter()
-        if t - t0 >= seconds:
-            return n / (t - t0)
 
 
 def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
@@ -80,7 +64,7 @@ def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
                 cmap(iova, memory)
                 cunmap(iova, 4096)
 
-        out["map_unmap"] = _rate(map_unmap, 64, seconds)
+        out["map_unmap"] = rate(map_unmap, 64, seconds)
         memory.close()
 
         bar = dev.bar(0)
@@ -90,7 +74,7 @@ def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
             for _ in range(256):
                 read32(0)
 
-        out["pread"] = _rate(pread, 256, seconds)
+        out["pread"] = rate(pread, 256, seconds)
 
         mapped = bar.mmap()
         mread32 = mapped.read32
@@ -99,7 +83,7 @@ def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
             for _ in range(256):
                 mread32(0)
 
-        out["mmap"] = _rate(mm, 256, seconds)
+        out["mmap"] = rate(mm, 256, seconds)
         mapped.close()
 
         (eventfd,) = dev.enable_irq(IrqIndex.MSI, 1)
@@ -112,13 +96,12 @@ def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
                     raise RuntimeError("no interrupt from edu")
                 write32(0x64, 0x40)
 
-        out["irq"] = _rate(irq, 16, seconds)
+        out["irq"] = rate(irq, 16, seconds)
     return out
 
 
 def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
     """The same loops over bare builtins (see the module docstring)."""
-    import ctypes
     import fcntl
     import select
 
@@ -134,19 +117,14 @@ def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
         memory = SharedMemory(4096)
         cfd, ioctl = fds["container"], fcntl.ioctl
         map_req, unmap_req = V.VFIO_IOMMU_MAP_DMA, V.VFIO_IOMMU_UNMAP_DMA
-        m = V.vfio_iommu_type1_dma_map(
-            argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_map),
-            flags=V.VFIO_DMA_MAP_FLAG_READ | V.VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr=memory.address, iova=0x100000, size=4096)
-        u = V.vfio_iommu_type1_dma_unmap(argsz=ctypes.sizeof(V.vfio_iommu_type1_dma_unmap),
-                                         iova=0x100000, size=4096)
+        m, u = type1_structs(memory.address, 0x100000, 4096)
 
         def map_unmap() -> None:
             for _ in range(64):
                 ioctl(cfd, map_req, m)
                 ioctl(cfd, unmap_req, u)
 
-        out["map_unmap"] = _rate(map_unmap, 64, seconds)
+        out["map_unmap"] = rate(map_unmap, 64, seconds)
         memory.close()
 
         dfd, pread, pwrite = fds["device"], os.pread, os.pwrite
@@ -156,7 +134,7 @@ def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
             for _ in range(256):
                 pread(dfd, 4, bar0)
 
-        out["pread"] = _rate(pread_loop, 256, seconds)
+        out["pread"] = rate(pread_loop, 256, seconds)
 
         mapped = dev.bar(0).mmap()
         view = memoryview(mapped.mmap).cast("I")
@@ -165,7 +143,7 @@ def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
             for _ in range(256):
                 view[0]
 
-        out["mmap"] = _rate(mm, 256, seconds)
+        out["mmap"] = rate(mm, 256, seconds)
         view.release()
         mapped.close()
 
@@ -183,7 +161,7 @@ def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
                 read(efd, 8)
                 pwrite(dfd, raise_, bar0 + 0x64)
 
-        out["irq"] = _rate(irq, 16, seconds)
+        out["irq"] = rate(irq, 16, seconds)
     return out
 
 
@@ -199,20 +177,10 @@ def measure_c(bdf: str, seconds: float) -> dict[str, float]:
     return {k: float(v) for k, v in data.items()}
 
 
-def _bind_vfio(bdf: str) -> None:
-    base = f"/sys/bus/pci/devices/{bdf}"
-    if os.path.exists(f"{base}/driver"):
-        if os.path.basename(os.readlink(f"{base}/driver")) == "vfio-pci":
-            return
-        Path(f"{base}/driver/unbind").write_text(bdf)
-    Path(f"{base}/driver_override").write_text("vfio-pci")
-    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
-
-
 def inside(seconds: float, as_json: bool, rounds: int = 3) -> int:
     from pyvfio.testing.topology import EDU
 
-    _bind_vfio(EDU)
+    bind_vfio(EDU)
     # The guest shares a loaded host (TCG, other guests): alternate the three
     # sides round by round and keep each side's best, so all see the same weather.
     sides = {"pyvfio": measure_pyvfio, "floor": measure_floor, "c": measure_c}
