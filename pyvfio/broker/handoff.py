@@ -118,7 +118,7 @@ def build_message(devices: Sequence[Device],
     owners = {id(b): n for n, d in enumerate(devices) for b in d.dma_buffers}
     out_buffers = []
     for buf in buffers:
-        if buf.memory.fd < 0:
+        if buf.memory.closed:
             raise UsageError(f"{buf!r} is closed")
         out_buffers.append({"space": space_of(buf.space), "memfd": table.add(buf.memory.fd),
                             "size": buf.size, "fd_offset": buf.memory.fd_offset,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pyvfio.device import (
+    _FORMATS,
     Device,
     DeviceFlag,
     DeviceInfo,
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
     from pyvfio.kernel.migration import KernelMigration
 
 __all__ = ["DependentDevice", "FdOwner", "KernelDevice"]
-
-
-_INT_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}  # register widths, little-endian
 
 
 class FdOwner(Protocol):
@@ -244,7 +242,7 @@ class KernelDevice(Device):
         def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
             limit = size - width
             mask = (1 << (8 * width)) - 1
-            codec = struct.Struct(_INT_FORMATS[width])
+            codec = struct.Struct("<" + _FORMATS[width])  # little-endian registers
             unpack, pack = codec.unpack, codec.pack
 
             def read_n(offset: int) -> int:

@@ -379,7 +379,7 @@ class Ioas(DmaSpace):
         self._forget_last_calls()
 
     def _forget_last_calls(self) -> None:
-        self._last_memory: SharedMemory | None = None
+        self._last_memory = None
         self._last_iova = -1
         self._last_arg = U.new(U.iommu_ioas_map)
         self._last_unmap_iova = self._last_unmap_size = -1
@@ -529,7 +529,7 @@ class Ioas(DmaSpace):
         cache, and remembered as the last call when it maps a whole buffer."""
         if self._closed:  # first: iommufd reuses a destroyed object's ID
             self._fd()  # raises ClosedError
-        if memory.fd < 0:  # its address may belong to another mapping by now
+        if memory.closed:  # its address may belong to another mapping by now
             raise ClosedError("DMA map of closed memory")
         key = (memory.address + offset, size, memory.size, iova, readable, writable)
         arg = self._fixed_maps.get(key) or self._fixed_map(key, memory, offset, size)

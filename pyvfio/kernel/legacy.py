@@ -211,7 +211,7 @@ class Container(DmaSpace):
     # ---- DMA ----
 
     def _forget_last_calls(self) -> None:
-        self._last_memory: SharedMemory | None = None
+        self._last_memory = None
         self._last_iova = self._last_unmap_iova = self._last_unmap_size = -1
         self._last_map = self._new_map(0, 0, 0, 0)
         self._last_unmap = self._new_unmap(0, 0)
@@ -247,7 +247,7 @@ class Container(DmaSpace):
         the last call when it maps a whole buffer."""
         if self._closed:
             raise ClosedError("VFIO container is closed")
-        if memory.fd < 0:  # its address may belong to another mapping by now
+        if memory.closed:  # its address may belong to another mapping by now
             raise ClosedError("DMA map of closed memory")
         whole = size is None and offset == 0
         size = memory.size - offset if size is None else size

@@ -425,7 +425,7 @@ class VfioUserDmaSpace(DmaSpace):
         if iova % ps or size % ps or offset % PAGE_SIZE or iova < 0 or iova + size > 1 << 64:
             raise UsageError(f"DMA map {iova:#x}+{size:#x} (offset {offset:#x}) is not aligned "
                              f"to the {ps:#x}-byte page size")
-        if memory.fd < 0:
+        if memory.closed:
             raise ClosedError("DMA map of closed memory")
         share = self.share_fds if share_fd is None else share_fd
         if self._device.capabilities.max_msg_fds < 1:
