@@ -23,12 +23,12 @@ from pyvfio.errors import (
 from pyvfio.host.sysfs import list_dir, read_link_name
 from pyvfio.kernel.iommufd._common import IommufdUnavailable, _path
 from pyvfio.kernel.iommufd.iommufd import Iommufd
+from pyvfio.pci.address import PciAddress
 from pyvfio.uapi import vfio_cdev as C
 from pyvfio.uapi.ioctl import ioctl
 
 # --- device cdevs ----------------------------------------------------------------------------
 
-_BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
@@ -43,11 +43,11 @@ class CdevInfo:
 
 def sysfs_device_dir(device: str, root: str = "/") -> str:
     """``/sys/bus/pci/devices/BDF`` or, for an mdev (a UUID), ``/sys/bus/mdev/devices/UUID``."""
-    if _BDF.match(device):
-        return _path(root, f"sys/bus/pci/devices/{device.lower()}")
+    if PciAddress.is_address(device):
+        return _path(root, f"sys/bus/pci/devices/{PciAddress.normalize(device)}")
     if _UUID.match(device):
         return _path(root, f"sys/bus/mdev/devices/{device.lower()}")
-    raise UsageError(f"not a PCI address (DDDD:BB:DD.F) or mdev UUID: {device!r}")
+    raise UsageError(f"not a PCI address (DDDD:BB:DD.F, or BB:DD.F) or mdev UUID: {device!r}")
 
 
 def cdev_for(device: str, root: str = "/") -> CdevInfo:
