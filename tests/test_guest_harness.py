@@ -348,17 +348,17 @@ def test_archive_uri_from_deb822_skips_security(tmp_path: Path) -> None:
         "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\n"
         "Suites: bookworm bookworm-updates\nComponents: main\n"
     )
-    uri = debian.debian_archive_uri(tmp_path, tmp_path / "sources.list")
+    uri = debian.debian_archive_uri(tmp_path, tmp_path / "sources.list", codename="bookworm")
     assert uri == "http://mirror.example/debian"
 
 
 def test_archive_uri_from_one_line_sources(tmp_path: Path) -> None:
     (tmp_path / "sources.list").write_text(
         "deb [signed-by=/k.gpg] http://m.example/debian bookworm main\n")
-    assert debian.debian_archive_uri(tmp_path, tmp_path / "sources.list") == \
-        "http://m.example/debian"
-    with pytest.raises(debian.PackageError, match="cannot find"):
-        debian.debian_archive_uri(tmp_path / "empty", tmp_path / "none.list")
+    assert debian.debian_archive_uri(tmp_path, tmp_path / "sources.list",
+                                     codename="bookworm") == "http://m.example/debian"
+    with pytest.raises(debian.PackageError, match="no apt source carries the bookworm suite"):
+        debian.debian_archive_uri(tmp_path / "empty", tmp_path / "none.list", codename="bookworm")
 
 
 def test_backports_stanza_names_no_host_of_its_own() -> None:
