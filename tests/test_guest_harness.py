@@ -401,3 +401,115 @@ def test_kernel_cache_key_follows_version_and_options() -> None:
     assert key == kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\n")
     assert key != kernel.cache_key("6.12.96-1~bpo12+1", "CONFIG_VFIO=y\n")
     assert key != kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\nCONFIG_E1000=y\n")
+
+
+# --- finding Debian's kernel (Debian 12's 6.1, Debian 13's 6.12) ---------------------------
+
+
+def fake_kernel_tree(root: Path, releases: list[str], *, modules: list[str] | None = None,
+                     usr: bool = False) -> tuple[Path, Path]:
+    """``root/boot/vmlinuz-R`` (+ config-R) for each release, module trees for
+    ``modules`` (default: all) under ``root/lib/modules`` or ``root/usr/lib/modules``."""
+    boot = root / "boot"
+    mods = root / ("usr/lib/modules" if usr else "lib/modules")
+    boot.mkdir(parents=True)
+    for release in releases:
+        (boot / f"vmlinuz-{release}").write_bytes(b"kernel")
+        (boot / f"config-{release}").write_text("CONFIG_VFIO=m\n")
+    for release in releases if modules is None else modules:
+        (mods / release).mkdir(parents=True)
+        (mods / release / "modules.dep").write_text("")
+    return boot, mods
+
+
+BOOKWORM = "linux-image-6.1.0-57-amd64 (= 6.1.192-3)"
+TRIXIE = "linux-image-6.12.48+deb13-amd64 (= 6.12.48-1)"
+
+
+def test_releases_from_the_metapackages_depends() -> None:
+    assert guest.releases_from_depends(BOOKWORM) == ["6.1.0-57-amd64"]
+    assert guest.releases_from_depends(TRIXIE) == ["6.12.48+deb13-amd64"]
+    assert guest.releases_from_depends(
+        "linux-image-6.12.48+deb13-amd64 (= 6.12.48-1) | linux-image-6.12.48+deb13-amd64-unsigned"
+        " (= 6.12.48-1), initramfs-tools") == ["6.12.48+deb13-amd64"]
+    assert guest.releases_from_depends("") == []
+
+
+@pytest.mark.parametrize("depends, newest", [(BOOKWORM, "6.1.0-57-amd64"),
+                                              (TRIXIE, "6.12.48+deb13-amd64")])
+def test_debian_kernel_is_what_linux_image_amd64_depends_on(
+        tmp_path: Path, depends: str, newest: str) -> None:
+    # An older and a newer kernel beside the one the metapackage names.
+    boot, mods = fake_kernel_tree(tmp_path, [newest, "6.1.0-9-amd64", "6.19.1-custom"])
+    k = guest.debian_kernel(boot, mods, depends=depends)
+    assert (k.name, k.image, k.modules_dir, k.config) == (
+        "debian", boot / f"vmlinuz-{newest}", mods / newest, boot / f"config-{newest}")
+
+
+def test_debian_kernel_falls_back_to_the_newest_with_a_module_tree(tmp_path: Path) -> None:
+    boot, mods = fake_kernel_tree(
+        tmp_path, ["6.1.0-9-amd64", "6.1.0-57-amd64", "6.12.48+deb13-amd64", "6.19.1-nomods"],
+        modules=["6.1.0-9-amd64", "6.1.0-57-amd64", "6.12.48+deb13-amd64"])
+    # The metapackage names a kernel that is not there (removed by hand): newest with modules.
+    k = guest.debian_kernel(boot, mods, depends="linux-image-6.1.0-99-amd64")
+    assert k.image == boot / "vmlinuz-6.12.48+deb13-amd64" and k.modules_dir is not None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(guest.GuestError, match=r"no Debian kernel.*install linux-image-amd64"):
+        guest.debian_kernel(empty, empty, depends="")
+
+
+def test_this_machines_debian_kernel_has_a_module_tree_and_config() -> None:
+    try:
+        k = guest.debian_kernel()
+    except (guest.GuestError, debian.PackageError) as exc:
+        pytest.skip(f"no Debian kernel here: {exc}")
+    assert k.image.is_file() and k.modules_dir is not None
+    assert (k.modules_dir / "modules.dep").is_file()
+    assert k.config is not None and "CONFIG_VFIO=" in k.config.read_text()
+
+
+def test_a_kernel_unpacked_with_dpkg_x_finds_its_own_modules_and_config(tmp_path: Path) -> None:
+    release = "6.12.48+deb13-amd64"
+    boot, mods = fake_kernel_tree(tmp_path / "tree", [release], usr=True)
+    k = guest.kernel_by_name(str(boot / f"vmlinuz-{release}"))
+    assert k.name == f"vmlinuz-{release}"
+    assert k.modules_dir == mods / release and k.config == boot / f"config-{release}"
+    bare = tmp_path / "bzImage"
+    bare.write_bytes(b"k")
+    assert guest.kernel_by_name(str(bare)) == guest.Kernel("bzImage", bare, None, None)
+    with pytest.raises(UsageError, match="unknown kernel"):
+        guest.kernel_by_name(str(tmp_path / "missing"))
+
+
+def test_the_guests_python_is_the_venvs_not_its_base_interpreter() -> None:
+    # A venv's bin/python links to the base interpreter; the guest must run the
+    # venv (its packages, its pyvenv.cfg), so PATH starts with the venv's bin.
+    first = guest._BASE_ENV["PATH"].split(":")[0]
+    assert first == os.path.dirname(os.path.abspath(sys.executable))
+    if sys.prefix != sys.base_prefix:
+        assert Path(first, "python").exists() and Path(first).parent == Path(sys.prefix)
+
+
+def test_the_kernel_config_travels_to_the_guest(tmp_path: Path) -> None:
+    config = tmp_path / "config-x"
+    config.write_text("CONFIG_IOMMUFD=y\n")
+    bogus = tmp_path / "vmlinuz-x"
+    bogus.write_bytes(b"not a kernel")
+    vm = guest.Guest(guest.Kernel("bogus", bogus, None, config), accel="tcg")
+    with pytest.raises(guest.GuestError):
+        vm.run(["true"], timeout=60, run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "kernel.config").read_text() == "CONFIG_IOMMUFD=y\n"
+    assert Path(guest.GUEST_KERNEL_CONFIG).name == "kernel.config"
+
+
+# --- --guest-kernel PATH: the same test IDs on the host and in the guest --------------------
+
+
+def test_kernel_ids_are_the_same_on_host_and_guest() -> None:
+    assert pytest_guest.kernel_id("debian") == "debian"
+    assert pytest_guest.kernel_id("pyvfio-6.12") == "pyvfio-6.12"
+    host = pytest_guest.kernel_id("/x/tree/boot/vmlinuz-6.12.48+deb13-amd64")
+    name = guest.kernel_from_path(Path("/x/tree/boot/vmlinuz-6.12.48+deb13-amd64")).name
+    assert host == pytest_guest.kernel_id(name) == "vmlinuz-6.12.48+deb13-amd64"
+    assert pytest_guest.kernel_id("/k/my kernel") == "my_kernel"

@@ -110,13 +110,13 @@ def pyvfio_kernel(*, log: bool = True) -> Kernel:
     out = kernels_dir() / cache_key(version, fragment)
     image = out / "bzImage"
     if image.is_file():
-        return Kernel(NAME, image)
+        return Kernel(NAME, image, config=out / "config")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
         if not image.is_file():
             build(out, version, fragment, log=log)
-    return Kernel(NAME, image)
+    return Kernel(NAME, image, config=out / "config")
 
 
 def _run(argv: list[str], cwd: Path, log_file: Path, what: str) -> None:
