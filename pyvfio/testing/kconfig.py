@@ -71,3 +71,22 @@ def require(*options: str, feature: str) -> None:
 
         pytest.skip(f"kernel {os.uname().release} is built without {', '.join(missing)} "
                     f"({feature})")
+
+
+def require_feature(present: bool, *options: str, feature: str) -> None:
+    """For a test that found ``feature`` missing (``present`` false): skip when
+    the running kernel is built without one of ``options`` (the reason names
+    them), or when its configuration is unknown (the reason says so); fail
+    when the configuration has them all, since then the feature is broken,
+    not absent.  Does nothing when ``present``."""
+    if present:
+        return
+    import pytest
+
+    release = os.uname().release
+    missing = lacking(*options)
+    if missing:
+        pytest.skip(f"kernel {release} is built without {', '.join(missing)} ({feature})")
+    if running_config() is None:
+        pytest.skip(f"kernel {release} has no {feature} (its build configuration is unknown)")
+    pytest.fail(f"kernel {release} is built with {', '.join(options)}, yet has no {feature}")
