@@ -327,3 +327,93 @@ def ensure_package_or_backport(package: str, *, os_release: Path = OS_RELEASE,
         raise PackageError(f"apt has no {package} in this machine's suites nor in {suite}")
     ensure_packages([package], release=suite, update=False)
     return suite
+
+
+# --- another release's kernel, unpacked privately -----------------------------------------------
+
+DISTRO_INFO_CSV = Path("/usr/share/distro-info/debian.csv")
+
+
+def released_after(codename: str, distro_csv: Path = DISTRO_INFO_CSV,
+                   today: str | None = None) -> str | None:
+    """The Debian release after ``codename`` in ``distro-info-data``'s table if it
+    has been released by ``today`` (ISO date; default: now), else None."""
+    import csv
+    import datetime
+
+    today = today or datetime.date.today().isoformat()
+    try:
+        with distro_csv.open(newline="") as fh:
+            rows = [row for row in csv.DictReader(fh) if row.get("series")]
+    except OSError as exc:
+        raise PackageError(f"cannot read {distro_csv} ({exc.strerror}): "
+                           "install distro-info-data") from None
+    names = [row["series"] for row in rows]
+    if codename not in names:
+        raise PackageError(f"{distro_csv} does not list the release {codename!r}")
+    index = names.index(codename) + 1
+    if index < len(rows) and rows[index].get("release") and rows[index]["release"] <= today:
+        return names[index]
+    return None
+
+
+def fetch_kernel(codename: str, dest: Path) -> Path:
+    """Debian ``codename``'s kernel (what its ``linux-image-amd64`` depends on),
+    unpacked under ``dest/tree`` without touching the system: a private apt
+    configuration in ``dest/apt`` (its own sources list with this machine's
+    archive URI and keyring and the ``codename`` suite, its own lists, cache and
+    an empty dpkg status), ``apt-get download``, ``dpkg -x``, then ``depmod``
+    (what the package's postinst would do).  Returns the ``vmlinuz`` path, for
+    ``--kernel``/``--guest-kernel``.  Reuses an earlier unpacked tree.
+
+    Raises :class:`PackageError` when apt, dpkg or depmod fails.
+    """
+    from pyvfio.testing.guest import releases_from_depends  # guest imports this module
+
+    tree = dest / "tree"
+    done = sorted(tree.glob("boot/vmlinuz-*"))
+    if done:
+        return done[-1]
+    archive = debian_archive(debian_codename(), apt_sources())
+    keyring = archive.signed_by if archive.signed_by and "\n" not in archive.signed_by \
+        else DEFAULT_KEYRING
+    apt = dest / "apt"
+    for sub in ("lists/partial", "cache/archives/partial", "parts", "debs"):
+        (apt / sub).mkdir(parents=True, exist_ok=True)
+    (apt / "status").touch()
+    (apt / "sources.list").write_text(
+        f"deb [signed-by={keyring}] {archive.uris[0].rstrip('/')} {codename} main\n")
+    options = [f"-oDir::Etc::SourceList={apt / 'sources.list'}",
+               f"-oDir::Etc::SourceParts={apt / 'parts'}",
+               f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::State::Status={apt / 'status'}",
+               f"-oDir::Cache={apt / 'cache'}", "-oDebug::NoLocking=1"]
+    if os.geteuid() == 0:
+        options.append("-oAPT::Sandbox::User=root")  # _apt may not reach a cache under /root
+
+    def run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False,
+                              env=dict(os.environ, LC_ALL="C"))
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            raise PackageError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        return proc.stdout
+
+    run(["apt-get", *options, "-q", "update"], f"apt-get update ({codename}, private lists)")
+    shown = run(["apt-cache", *options, "show", "linux-image-amd64"],
+                f"apt-cache show linux-image-amd64 ({codename})")
+    depends = re.search(r"^Depends:\s*(.*)$", shown, re.M)
+    releases = releases_from_depends(depends.group(1) if depends else "")
+    if not releases:
+        raise PackageError(f"{codename}'s linux-image-amd64 names no kernel package")
+    release = releases[0]
+    debs = apt / "debs"
+    run(["apt-get", *options, "-q", "download", f"linux-image-{release}"],
+        f"apt-get download linux-image-{release}", cwd=debs)
+    deb = sorted(debs.glob(f"linux-image-{release}_*.deb"))[-1]
+    staging = dest / "tree.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    run(["dpkg", "-x", str(deb), str(staging)], f"dpkg -x {deb.name}")
+    base = staging / "usr" if (staging / "usr/lib/modules" / release).is_dir() else staging
+    run(["depmod", "-b", str(base), release], f"depmod -b {base} {release}")
+    os.replace(staging, tree)
+    return tree / "boot" / f"vmlinuz-{release}"
