@@ -543,3 +543,16 @@ def test_kernel_ids_are_the_same_on_host_and_guest() -> None:
     name = guest.kernel_from_path(Path("/x/tree/boot/vmlinuz-6.12.48+deb13-amd64")).name
     assert host == pytest_guest.kernel_id(name) == "vmlinuz-6.12.48+deb13-amd64"
     assert pytest_guest.kernel_id("/k/my kernel") == "my_kernel"
+
+
+def test_a_module_tree_without_modules_dep_says_to_run_depmod(tmp_path: Path) -> None:
+    release = "6.12.48+deb13-amd64"
+    boot = tmp_path / "tree/boot"
+    boot.mkdir(parents=True)
+    (boot / f"vmlinuz-{release}").write_bytes(b"k")
+    mods = tmp_path / "tree/usr/lib/modules" / release
+    mods.mkdir(parents=True)
+    (mods / "modules.order").write_text("kernel/drivers/vfio/vfio.ko\n")
+    with pytest.raises(guest.GuestError,
+                       match=f"has no modules.dep .*run depmod -b {tmp_path}/tree/usr"):
+        guest.kernel_by_name(str(boot / f"vmlinuz-{release}"))

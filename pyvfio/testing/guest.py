@@ -212,6 +212,10 @@ def kernel_from_path(path: Path) -> Kernel:
             if (candidate / "modules.dep").is_file():
                 modules_dir = candidate
                 break
+            if (candidate / "modules.order").is_file():  # unpacked, never depmod'ed
+                raise GuestError(
+                    f"{candidate} has no modules.dep (a package unpacked with dpkg -x): "
+                    f"run depmod -b {candidate.parent.parent.parent} {release}")
         if (image.parent / f"config-{release}").is_file():
             config = image.parent / f"config-{release}"
     if config is None and (image.parent / "config").is_file():
