@@ -4,8 +4,8 @@ through an IOAS, the ``auto`` backend choice, one iommufd shared by two
 devices, and iommufd + cdev fds passed over SCM_RIGHTS to another process.
 
 They run on both guest kernels: on ``pyvfio-6.12`` they must run (a missing
-``/dev/iommu`` there is a failure); on Debian's 6.1 the iommufd tests skip
-because that kernel has no iommufd, and the backend-choice test checks that
+``/dev/iommu`` there is a failure); on Debian's kernels (6.1, 6.12) the iommufd tests skip
+because they are built without CONFIG_IOMMUFD, and the backend-choice test checks that
 ``auto`` falls back to legacy and says why.
 """
 
