@@ -50,8 +50,8 @@ class Iommufd:
         except FileNotFoundError:
             raise IommufdUnavailable(
                 f"{path} does not exist: this kernel has no iommufd (it needs Linux 6.2+ "
-                "built with CONFIG_IOMMUFD; Debian 12's 6.1 kernel has only the legacy "
-                "container/group API)") from None
+                "built with CONFIG_IOMMUFD; Debian's own kernels, 6.1 and 6.12, are built "
+                "without it and offer only the legacy container/group API)") from None
         except OSError as exc:
             raise KernelError.from_oserror(exc, "open", path) from None
         return cls(fd, name=path)
