@@ -35,7 +35,7 @@ def stock_env() -> dict[str, str]:
 def copy_checkout(dest: Path) -> Path:
     """The checkout's files without its venv, caches, build metadata or git."""
     shutil.copytree(CHECKOUT, dest, symlinks=True, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache",
+        ".venv", ".git", ".cache", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache",
         ".pytest_cache", ".hypothesis", "build", "dist"))
     return dest
 
