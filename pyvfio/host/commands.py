@@ -18,7 +18,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pyvfio.cli import CommandFailed, add_json_flag, print_json
+from pyvfio.cli import CommandFailed, add_json_flag, error_kind, print_json
 from pyvfio.errors import DeviceNotFound, HostStateError
 from pyvfio.host.model import VIABLE_KINDS, Host, IommuGroup, normalize_bdf
 
@@ -102,7 +102,8 @@ def _yes(value: bool) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     host = Host(args.root)
     if args.devices:
-        devices = [host.device(normalize_bdf(a)) for a in args.devices]
+        # A device named twice (in any spelling) is listed once, in first-named order.
+        devices = [host.device(a) for a in dict.fromkeys(normalize_bdf(a) for a in args.devices)]
     else:
         devices = host.devices()
     ids = host.ids
@@ -209,10 +210,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # ---- bind / restore ----
 
-def _refused(args: argparse.Namespace, exc: HostStateError) -> CommandFailed:
-    if args.json:
-        print_json({"error": str(exc), "problems": exc.problems})
-    return CommandFailed(str(exc), 1)
+def _refused(exc: HostStateError) -> CommandFailed:
+    """A refused bind/restore: exit 1, the problems in the error object."""
+    return CommandFailed(str(exc), 1, kind=error_kind(exc), problems=exc.problems)
 
 
 def _print_results(results: list[BindResult], dry_run: bool) -> None:
@@ -240,7 +240,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
             state_dir=args.state_dir, host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, exc) from exc
+        raise _refused(exc) from exc
     diags = [] if args.dry_run else diagnose_many(host, [normalize_bdf(a) for a in args.devices])
     if args.json:
         print_json({
@@ -269,7 +269,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, exc) from exc
+        raise _refused(exc) from exc
     if args.json:
         print_json({"dry_run": args.dry_run, "devices": [r.as_dict() for r in results]})
     else:

@@ -139,7 +139,7 @@ def test_bind_group_and_restore_json(fake: FakeSysfs, capsys) -> None:
 def test_bind_refused_exits_1_with_the_problem(fake: FakeSysfs, capsys) -> None:
     code, out, err = run(capsys, "--root", fake.root, "bind", GPU, "--json")
     assert code == 1
-    assert json.loads(out)["problems"][0]["device"] == AUDIO
+    assert json.loads(out)["error"]["problems"][0]["device"] == AUDIO
     assert err.startswith("pyvfio bind: refusing to bind 0000:01:00.0") and err.count("\n") == 1
     code, _, err = run(capsys, "--root", fake.root, "bind", BUSY_NIC, "--driver", "pci-stub")
     assert code == 1 and "pid 4242 (qemu-system-x86)" in err
