@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import re
+import select
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -155,6 +156,17 @@ def reader_gone() -> int:
     return EXIT_OK
 
 
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone: a broken
+    pipe from a broker or vfio-user socket is an error, not the end of output."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def say(prog: str, message: str) -> None:
     """One line on stderr; never fails (stderr may be a closed pipe too)."""
     try:
@@ -183,17 +195,35 @@ def run_command(prog: str, func: Callable[[], int | None], *, json_errors: bool)
     try:
         result = func()
         sys.stdout.flush()
-    except BrokenPipeError:
-        return reader_gone()
+    except BrokenPipeError as exc:
+        if stdout_gone():
+            return reader_gone()
+        return fail(exc, EXIT_ERROR, describe_os_error(exc))  # a socket's peer, not our reader
     except KeyboardInterrupt as exc:
         return fail(exc, EXIT_INTERRUPTED, "interrupted")
     except CommandFailed as exc:
         return fail(exc, exc.code)
-    except PyvfioError as exc:
-        return fail(exc, EXIT_ERROR)
-    except OSError as exc:
-        return fail(exc, EXIT_ERROR, describe_os_error(exc))
+    except (PyvfioError, OSError) as exc:
+        if interrupted(exc):
+            return fail(KeyboardInterrupt(), EXIT_INTERRUPTED, "interrupted")
+        return fail(exc, EXIT_ERROR, describe_os_error(exc) if not isinstance(exc, PyvfioError)
+                    else None)
     return int(result or 0)
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` happened because of Ctrl-C: a KeyboardInterrupt that
+    left a connection mid-reply makes the clean-up on the way out fail (a
+    reply to the wrong request, a closed connection), and that error, not
+    the interrupt, is what reaches the top."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def describe_os_error(exc: OSError) -> str:
