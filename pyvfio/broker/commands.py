@@ -7,20 +7,51 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 import threading
 from typing import Any
 
 from pyvfio.errors import UsageError
 
+BROKER_EPILOG = """\
+examples:
+  pyvfio broker --socket /run/pyvfio-broker.sock --policy /etc/pyvfio/broker.toml
+  pyvfio broker --policy /etc/pyvfio/broker.toml --socket /run/b.sock --check
+  pyvfio broker ... --socket-mode 0660 --log /var/log/pyvfio-broker.log
+
+The socket's directory must be writable only by root (or be sticky, like /tmp),
+and the policy must be owned by root and writable by nobody else. A stale
+socket left by a dead broker is replaced; anything else at the path (a file, a
+symlink, a live broker) is refused and left as it is.
+
+exit status: 0 stopped by SIGTERM or Ctrl-C (or --check: the policy is valid),
+2 bad usage, an invalid or unsafe policy, an unsafe or busy socket path (one line
+on stderr)
+"""
+
+BROKER_OPEN_EPILOG = """\
+examples:
+  pyvfio broker-open --socket /run/pyvfio-broker.sock --list
+  pyvfio broker-open --socket /run/pyvfio-broker.sock --print-qemu-args 0000:00:03.0
+  pyvfio broker-open --socket /run/pyvfio-broker.sock 0000:00:03.0 \\
+      --exec qemu-system-x86_64 -M q35 -m 1G
+
+A peer that is not a pyvfio broker (a vfio-user server, say) is reported within
+5 s, naming what answered.
+
+exit status: 0 success (--exec: the command's own), 2 bad usage, no broker at
+the path, a refusal (one line on stderr says why), 130 interrupted
+"""
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "broker",
+        "broker", epilog=BROKER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run the fd broker: a root daemon that opens VFIO devices for allowed users",
-        description="Listen on a UNIX socket; for each client (identified by SO_PEERCRED) "
+        description=textwrap.fill("Listen on a UNIX socket; for each client (identified by SO_PEERCRED) "
                     "check the policy and the host's readiness, open the device "
                     "(group+container or iommufd+cdev) and pass the fds. "
-                    "Decisions are logged one per line (see docs/broker.md).")
+                    "Decisions are logged one per line (see docs/broker.md).", 78))
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
     p.add_argument("--policy", required=True, metavar="FILE", help="policy file (TOML)")
     p.add_argument("--log", metavar="FILE",
@@ -32,12 +63,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run_broker)
 
     c = sub.add_parser(
-        "broker-open",
+        "broker-open", epilog=BROKER_OPEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="get devices from the broker and print (or exec) the QEMU arguments using the fds",
-        description="Ask the broker for devices without set-up (iommufd + unbound cdev fds, "
+        description=textwrap.fill("Ask the broker for devices without set-up (iommufd + unbound cdev fds, "
                     "or container + group fds), then print the QEMU arguments that use them "
                     "(--print-qemu-args) or exec a command with the fds inherited and the "
-                    "arguments appended (--exec CMD ...). Without either, print what came.")
+                    "arguments appended (--exec CMD ...). Without either, print what came.", 78))
     c.add_argument("--socket", required=True, metavar="PATH", help="the broker's socket")
     c.add_argument("--backend", choices=("auto", "legacy", "iommufd"), default="auto")
     c.add_argument("--print-qemu-args", action="store_true",

@@ -18,7 +18,8 @@ examples:
   pyvfio info --vfio-user /tmp/edu.sock      a vfio-user server (pyvfio serve edu --socket ...)
   pyvfio info --broker /run/pyvfio-broker.sock 0000:00:03.0 --json
 
-exit status: 0 success, 2 the device could not be opened (one line on stderr says why)
+exit status: 0 success, 2 the device could not be opened (one line on stderr says why;
+with --json also {"error": {"message", "kind"}} on stdout), 130 interrupted
 """
 
 

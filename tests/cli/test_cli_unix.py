@@ -231,3 +231,25 @@ def test_process_json_error_and_status(tree: FakeSysfs) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert json.loads(proc.stdout)["error"]["kind"] == "device-not-found"
+
+
+# --- dry runs --------------------------------------------------------------------------------
+
+
+def test_dry_runs_say_would_and_show_paths_under_the_root(tree: FakeSysfs, capsys,
+                                                          tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    code, out, _ = run(capsys, "--root", tree.root, "bind", NIC, "--dry-run", "--state-dir", state)
+    assert code == 0 and tree.writes == []
+    assert f"{NIC}: e1000 would go to vfio-pci" in out
+    assert f"write '{NIC}' to {tree.root}/sys/bus/pci/drivers/e1000/unbind" in out
+    assert "/sys/" not in out.replace(tree.root + "/sys/", "")  # no path outside the root
+    code, out, _ = run(capsys, "--root", tree.root, "bind", NIC, "--state-dir", state)
+    assert code == 0
+    code, out, _ = run(capsys, "--root", tree.root, "restore", "--all", "--dry-run",
+                       "--state-dir", state)
+    assert code == 0
+    assert f"{NIC}: would be restored to e1000" in out and "restored to" not in out.replace(
+        "would be restored to", "")
+    assert out.endswith("dry run: nothing was changed\n")
+    assert tree.devices[NIC].driver == "vfio-pci"

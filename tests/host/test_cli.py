@@ -148,7 +148,9 @@ def test_bind_refused_exits_1_with_the_problem(fake: FakeSysfs, capsys) -> None:
 def test_bind_dry_run_prints_the_writes(fake: FakeSysfs, capsys) -> None:
     code, out, _ = run(capsys, "--root", fake.root, "bind", "--dry-run", E1000_BRIDGED)
     assert code == 0 and fake.writes == []
-    assert f"write '{E1000_BRIDGED}' to /sys/bus/pci/drivers/e1000/unbind" in out
+    # The paths under --root: what it would really write.
+    assert f"write '{E1000_BRIDGED}' to {fake.root}/sys/bus/pci/drivers/e1000/unbind" in out
+    assert out.endswith("dry run: nothing was changed\n")
 
 
 def test_restore_usage(fake: FakeSysfs, capsys) -> None:
