@@ -11,6 +11,7 @@ import textwrap
 import threading
 from typing import Any
 
+from pyvfio.cli import add_json_flag, print_json
 from pyvfio.errors import UsageError
 
 BROKER_EPILOG = """\
@@ -60,6 +61,7 @@ def register(sub: Any) -> None:
                    help="permissions of the socket (octal, default 0666: the policy decides)")
     p.add_argument("--check", action="store_true",
                    help="validate the policy file, print its rules, and exit")
+    add_json_flag(p)
     p.set_defaults(func=run_broker)
 
     c = sub.add_parser(
@@ -77,6 +79,7 @@ def register(sub: Any) -> None:
     c.add_argument("--list", action="store_true",
                    help="list the devices the policy allows this user, and exit")
     c.add_argument("devices", nargs="*", metavar="BDF")
+    add_json_flag(c)
     c.add_argument("--exec", nargs=argparse.REMAINDER, dest="exec_cmd", metavar="CMD",
                    help="exec CMD with the fds inherited and the QEMU arguments appended "
                         "(must come last)")
@@ -89,6 +92,12 @@ def run_broker(args: argparse.Namespace) -> int:
     from pyvfio.broker.server import Broker
 
     policy = Policy.load(args.policy)
+    if args.check and args.json:
+        print_json(_policy_dict(policy))
+        return 0
+    if args.json:
+        raise UsageError("--json goes with --check (the running broker logs one record per "
+                         "line instead; see docs/broker.md)")
     if args.check:
         print(f"{policy.source}: {len(policy.rules)} rule(s), max_clients={policy.max_clients}, "
               f"max_devices_per_client={policy.max_devices_per_client}")
@@ -121,11 +130,32 @@ def run_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_dict(policy: Any) -> dict[str, Any]:
+    """``pyvfio broker --check --json``: the policy as the broker reads it."""
+    return {
+        "policy": policy.source, "max_clients": policy.max_clients,
+        "max_devices_per_client": policy.max_devices_per_client,
+        "rules": [{
+            "rule": r.label, "name": r.name or None, "everyone": r.everyone,
+            "uids": sorted(r.uids), "gids": sorted(r.gids), "devices": sorted(r.addresses),
+            "ids": [f"{v:04x}:{d:04x}" for v, d in sorted(r.ids)],
+            "iommu_groups": sorted(r.iommu_groups), "backends": list(r.backends),
+            "managed": r.managed,
+        } for r in policy.rules],
+    }
+
+
 def run_broker_open(args: argparse.Namespace) -> int:
     from pyvfio.broker.client import BrokerSession
     from pyvfio.cli import CommandFailed
 
+    if args.json and args.exec_cmd:
+        raise CommandFailed("--json and --exec exclude each other (--exec replaces this "
+                            "process)", 2)
     with BrokerSession(args.socket) as session:
+        if args.list and args.json:
+            print_json(session.allowed())
+            return 0
         if args.list:
             for d in session.allowed():
                 print(f"{d['device']}  {d['id']}  group {d['iommu_group']}  "
@@ -140,7 +170,10 @@ def run_broker_open(args: argparse.Namespace) -> int:
             session.inheritable_fds()
             sys.stdout.flush()
             os.execvp(args.exec_cmd[0], [*args.exec_cmd, *qemu])
-        if args.print_qemu_args:
+        if args.json:
+            print_json({"backend": session.backend, "devices": session.passed_fds,
+                        "qemu_args": qemu})
+        elif args.print_qemu_args:
             print(" ".join(qemu))
         else:
             print(f"backend: {session.backend}")

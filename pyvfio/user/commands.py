@@ -81,6 +81,8 @@ def register(sub: Any) -> None:
                         help="edu: delay between the DMA start command and the transfer "
                         "(default: 0.1, as QEMU)")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
+    parser.add_argument("--json", action="store_true",
+                        help="with --list: print the models as JSON (errors too)")
     parser.set_defaults(func=run)
 
 
@@ -174,10 +176,17 @@ def run(args: argparse.Namespace) -> int:
     from pyvfio.user.lifecycle import serve_until_signalled
     from pyvfio.user.server import Server
 
+    if args.list and args.json:
+        from pyvfio.cli import print_json
+
+        print_json([{"model": name, "description": text} for name, (_f, text) in MODELS.items()])
+        return 0
     if args.list:
         for name, (_f, text) in MODELS.items():
             print(f"{name:8} {text}")
         return 0
+    if args.json:
+        raise UsageError("--json goes with --list (a running server logs to stderr)")
     name, factory = _model_factory(args)
     if not args.sockets:
         shown = args.model or f"--model {args.model_class}"
