@@ -193,5 +193,17 @@ def test_docs_server_script_stops_cleanly(docs_script: tuple[Path, Path], sig: i
         assert dev.bar(0).read32(0) == 0xC0FFEE
     proc.send_signal(sig)
     _out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and err == ""
+    assert proc.returncode == 0 and err == "", (proc.returncode, err)
     assert not path.exists()
+
+
+def test_serve_refuses_a_symlink_and_a_live_server(capsys, sockdir: Path, edu_socket: str) -> None:
+    """serve follows the broker's rules for its socket path (pyvfio.sockets)."""
+    link = sockdir / "link.sock"
+    link.symlink_to(edu_socket)
+    assert main(["serve", "edu", "--socket", str(link)]) == 2
+    assert f"refusing to listen at {link}: it is a symlink" in capsys.readouterr().err
+    assert main(["serve", "edu", "--socket", edu_socket]) == 2
+    assert (capsys.readouterr().err ==
+            f"pyvfio serve: another vfio-user server is already listening on {edu_socket}\n")
+    assert link.is_symlink() and os.path.exists(edu_socket)
