@@ -174,6 +174,13 @@ def test_layers() -> None:
     assert not bad, "layer rules broken (docs/architecture.md):\n" + "\n".join(bad)
 
 
+def test_the_kernel_reads_the_host_only_through_the_shared_sysfs_reader() -> None:
+    into_host = sorted(f"{m} imports {t}" for m, ts in GRAPH.items()
+                       if area(m) == "kernel" for t in ts
+                       if area(t) == "host" and t != "pyvfio.host.sysfs")
+    assert not into_host, "\n".join(into_host)
+
+
 @pytest.mark.parametrize(("importer", "imported", "why"), FORBIDDEN)
 def test_forbidden_imports(importer: str, imported: str, why: str) -> None:
     offenders = sorted(f"{m} imports {t}" for m, ts in GRAPH.items()
