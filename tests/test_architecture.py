@@ -26,15 +26,16 @@ ALLOWED: dict[str, set[str]] = {
     "uapi": LOW,
     "pci": LOW,
     "migration": LOW,
+    "sockets": LOW,                               # UNIX socket paths for daemons and clients
     "core": LOW | {"pci"},
     "device": LOW | {"core", "pci"},              # the public face of core
     "host": LOW | {"pci", "uapi"},
     "kernel": LOW | {"pci", "uapi", "core", "device", "migration", "host"},
     "devices": LOW | {"pci", "core", "device", "migration"},  # models: never user/
-    "user": LOW | {"pci", "core", "device", "migration", "devices"},
+    "user": LOW | {"pci", "core", "device", "migration", "devices", "sockets"},
     # A driver's ``python -m`` entry point opens devices the way the CLI does.
     "drivers": LOW | {"pci", "core", "device", "kernel", "user", "broker", "cli"},
-    "broker": LOW | {"pci", "uapi", "core", "device", "migration", "host", "kernel"},
+    "broker": LOW | {"pci", "uapi", "core", "device", "migration", "host", "kernel", "sockets"},
     "pyvfio": LOW | {"device", "pci"},            # the package's lazy top-level names
 }
 TOP = {"cli", "__main__", "testing"}
