@@ -13,11 +13,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from pyvfio.errors import (
-    ClosedError,
-    KernelError,
-    UsageError,
-)
+from pyvfio.errors import ClosedError, KernelError, UsageError
 from pyvfio.host.sysfs import list_dir
 from pyvfio.kernel.iommufd._common import IommufdUnavailable, _bitmap, _path
 from pyvfio.kernel.iommufd.hwpt import _NO_HWPT_FLAGS, HwInfo, Hwpt
