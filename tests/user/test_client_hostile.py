@@ -131,8 +131,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., FakeServer]]:
     for s in servers:
         s.close()
     leaked = open_fds() - before
-    # listdir's own fd may appear; anything else is a leak
-    assert len(leaked) <= 1, f"fds leaked: {leaked}"
+    assert not leaked, f"fds leaked: {leaked}"
 
 
 def good_region_info(index: int, size: int = 0x1000, flags: int = 3) -> bytes:
@@ -358,7 +357,7 @@ def test_unsolicited_fds_on_a_reply_are_closed(serve: Any) -> None:
     os.close(r)
     os.close(w)
     s.close()
-    assert len(open_fds() - before) <= 1
+    assert open_fds() == before
 
 
 # --- device info, region info, IRQ info --------------------------------------------------------
@@ -462,7 +461,7 @@ def test_fd_with_a_region_that_is_not_mappable_is_closed(serve: Any) -> None:
     os.close(r)
     os.close(w)
     s.close()
-    assert len(open_fds() - before) <= 1
+    assert open_fds() == before
 
 
 def test_mmap_flag_without_fd_means_messages(serve: Any) -> None:
@@ -617,7 +616,7 @@ def test_many_requests_leak_no_fds(serve: Any) -> None:
             dev.enable_irq(IrqIndex.MSI, 1)
             buf = dev.dma_alloc(0x1000)
             buf.close()
-    assert len(open_fds() - before) <= 1
+    assert open_fds() == before
     os.close(memfd)
 
 
