@@ -141,3 +141,97 @@ def test_load_from_file_errors(tmp_path) -> None:
 ])
 def test_normalize_address(text: str, want: str) -> None:
     assert normalize_address(text) == want
+
+
+# --- negatives: what must be refused ----------------------------------------------------------
+
+SAME_VENDOR_OTHER_DEVICE = DeviceIdentity("0000:00:06.0", 0x1234, 0x1111, 7)
+OTHER_VENDOR_SAME_DEVICE = DeviceIdentity("0000:00:07.0", 0x8086, 0x11E8, 8)
+
+
+def test_ids_match_vendor_and_device_together() -> None:
+    """``ids = ["1234:11e8"]`` grants that device, not every device of vendor
+    0x1234, and not a device of another vendor that shares the device id."""
+    p = load('[[rule]]\nusers = ["alice"]\nids = ["1234:11e8"]\n')
+    assert p.decide(ALICE, EDU).allowed
+    for dev in (SAME_VENDOR_OTHER_DEVICE, OTHER_VENDOR_SAME_DEVICE):
+        d = p.decide(ALICE, dev)
+        assert not d.allowed and d.rule is None and d.backends == ()
+        assert dev.address in d.reason
+
+
+def test_devices_and_groups_match_exactly() -> None:
+    p = load('[[rule]]\nusers = ["alice"]\ndevices = ["0000:00:03.0"]\niommu_groups = [9]\n')
+    assert p.decide(ALICE, EDU).allowed
+    assert p.decide(ALICE, E1000).allowed  # group 9
+    for dev in (DeviceIdentity("0001:00:03.0", 0x1234, 0x11E8, 5),  # same BDF, other domain
+                DeviceIdentity("0000:00:03.1", 0x1234, 0x11E8, 5),  # other function
+                DeviceIdentity("0000:00:04.0", 0x1234, 0x11E8, None),  # no IOMMU group
+                DeviceIdentity("0000:00:04.0", 0x1234, 0x11E8, 90)):  # group 9's neighbour
+        assert not p.decide(ALICE, dev).allowed, dev
+
+
+def test_first_rule_covering_the_device_but_not_the_backend() -> None:
+    """Rules are taken in file order: the first that applies, covers the device
+    and allows the asked backend decides.  A rule that covers the device with
+    other backends does not refuse: the next covering rule may allow it
+    (with its own ``managed``).  ``auto`` takes the first covering rule."""
+    p = load(
+        '[[rule]]\nname = "iommufd only"\nusers = ["alice"]\ndevices = ["00:03.0"]\n'
+        'backends = ["iommufd"]\n'
+        '[[rule]]\nname = "legacy, managed"\nusers = ["alice"]\nids = ["1234:11e8"]\n'
+        'backends = ["legacy"]\nmanaged = true\n')
+    first, second = p.rules
+    d = p.decide(ALICE, EDU, "legacy")
+    assert d.allowed and d.rule is second and d.backends == ("legacy",) and d.rule.managed
+    assert d.reason == "allowed by rule[1] 'legacy, managed'"
+    d = p.decide(ALICE, EDU, "iommufd")
+    assert d.allowed and d.rule is first and d.backends == ("iommufd",) and not d.rule.managed
+    d = p.decide(ALICE, EDU, "auto")
+    assert d.allowed and d.rule is first and d.backends == ("iommufd",)
+    # EDU2 is covered only by the second rule: iommufd is refused, naming what is allowed
+    d = p.decide(ALICE, EDU2, "iommufd")
+    assert not d.allowed and d.rule is None
+    assert "backend 'iommufd' is not allowed" in d.reason
+    assert "rule[1] 'legacy, managed' allows ['legacy']" in d.reason
+    assert "rule[0]" not in d.reason  # rule 0 does not cover EDU2
+
+
+def test_a_rule_for_someone_else_does_not_cover_for_this_user() -> None:
+    """The rule that covers the device must also apply to the user: a device
+    covered only by another user's rule is refused, even when some rule
+    applies to this user."""
+    p = load('[[rule]]\nusers = ["alice"]\ndevices = ["00:03.0"]\n'
+             '[[rule]]\nusers = ["nobody"]\ndevices = ["00:05.0"]\n')
+    assert not p.decide(ALICE, NIC).allowed
+    assert not p.decide(NOBODY, EDU).allowed
+    assert p.decide(NOBODY, NIC).allowed
+
+
+@pytest.mark.parametrize("peer, applies", [
+    (PeerCredentials(pid=1, uid=1000, gid=1000), True),             # alice by uid
+    (PeerCredentials(pid=1, uid=3000, gid=108), True),              # kvm as the primary group
+    (PeerCredentials(pid=1, uid=3000, gid=3000, groups=(5, 108)), True),  # kvm supplementary
+    (PeerCredentials(pid=1, uid=108, gid=3000), False),             # uid equal to kvm's gid
+    (PeerCredentials(pid=1, uid=3000, gid=1000), False),            # gid equal to alice's uid
+    (PeerCredentials(pid=1, uid=3000, gid=3000, groups=(1000, 109)), False),  # near misses
+    (PeerCredentials(pid=1, uid=1001, gid=107), False),
+])
+def test_users_and_groups_that_partly_match(peer: PeerCredentials, applies: bool) -> None:
+    """uids are compared with ``users`` only and gids with ``groups`` only."""
+    p = load('[[rule]]\nusers = ["alice"]\ngroups = ["kvm"]\ndevices = ["00:03.0"]\n')
+    d = p.decide(peer, EDU)
+    assert d.allowed is applies
+    if not applies:
+        assert d.reason.startswith("no rule of test.toml applies to user")
+        assert f"(uid {peer.uid})" in d.reason
+
+
+def test_everyone_is_only_the_star() -> None:
+    """``"*"`` means everyone; a user list without it does not."""
+    p = load('[[rule]]\nusers = ["*"]\ndevices = ["00:03.0"]\n')
+    assert p.rules[0].everyone and p.rules[0].uids == frozenset()
+    assert p.decide(PeerCredentials(pid=1, uid=4242, gid=4242), EDU).allowed
+    p = load('[[rule]]\nusers = ["nobody"]\ndevices = ["00:03.0"]\n')
+    assert not p.rules[0].everyone
+    assert not p.decide(PeerCredentials(pid=1, uid=4242, gid=4242), EDU).allowed
