@@ -235,3 +235,110 @@ def test_everyone_is_only_the_star() -> None:
     p = load('[[rule]]\nusers = ["nobody"]\ndevices = ["00:03.0"]\n')
     assert not p.rules[0].everyone
     assert not p.decide(PeerCredentials(pid=1, uid=4242, gid=4242), EDU).allowed
+
+
+# --- exact edges of validation and of the messages --------------------------------------------
+
+
+def test_defaults_and_labels() -> None:
+    p = Policy.from_toml('[[rule]]\nusers = ["root"]\ndevices = ["00:03.0"]\n')
+    assert p.source == "<policy>" and (p.max_clients, p.max_devices_per_client) == (64, 16)
+    r = p.rules[0]
+    assert (r.name, r.label, r.managed, r.backends) == ("", "rule[0]", False,
+                                                        ("legacy", "iommufd"))
+    with pytest.raises(PolicyError, match=r"^<policy>: rule\[0\]: names no"):
+        Policy.from_toml('[[rule]]\nusers = ["root"]\n')
+    d = p.decide(PeerCredentials(pid=1, uid=0, gid=0), EDU)
+    assert (d.allowed, d.reason, d.rule, d.backends) == (True, "allowed by rule[0]", r,
+                                                         ("legacy", "iommufd"))
+
+
+def test_describe_names_a_missing_group() -> None:
+    assert DeviceIdentity("0000:00:03.0", 0x1234, 0x11E8, None).describe() == \
+        "0000:00:03.0 (1234:11e8, IOMMU group none)"
+    assert EDU.describe() == "0000:00:03.0 (1234:11e8, IOMMU group 5)"
+
+
+def test_refusals_say_exactly_why() -> None:
+    p = load('[[rule]]\nusers = ["alice"]\ndevices = ["00:03.0"]\nbackends = ["iommufd"]\n'
+             '[[rule]]\nusers = ["alice"]\nids = ["1234:11e8"]\nbackends = ["iommufd"]\n')
+    d = p.decide(ALICE, EDU, "legacy")
+    assert (d.allowed, d.rule, d.backends) == (False, None, ())
+    assert d.reason == ("backend 'legacy' is not allowed for user "
+                        f"{ALICE.user_name} (uid 1000) on 0000:00:03.0: rule[0] allows "
+                        "['iommufd'], rule[1] allows ['iommufd']")
+    d = p.decide(ALICE, NIC)
+    assert (d.allowed, d.backends) == (False, ())
+    assert d.reason == (f"no rule of test.toml allows user {ALICE.user_name} (uid 1000) the "
+                        "device 0000:00:05.0 (8086:10d3, IOMMU group 6)")
+    d = p.decide(NOBODY, EDU)
+    assert (d.allowed, d.backends) == (False, ())
+    assert d.reason == f"no rule of test.toml applies to user {NOBODY.user_name} (uid 65534)"
+
+
+@pytest.mark.parametrize("value, ok", [(1, True), (100_000, True), (0, False), (100_001, False)])
+def test_broker_limits_edges(value: int, ok: bool) -> None:
+    for key in ("max_clients", "max_devices_per_client"):
+        text = f"[broker]\n{key} = {value}\n"
+        if ok:
+            assert getattr(load(text), key) == value
+        else:
+            with pytest.raises(PolicyError, match=f"{key} must be an integer in 1..100000"):
+                load(text)
+
+
+@pytest.mark.parametrize("uid, ok", [(0, True), (2**32 - 2, True), (2**32 - 1, False)])
+def test_id_range_edges(uid: int, ok: bool) -> None:
+    """0 (root) is a real id; 2**32 - 1 is (uid_t)-1, "no id"."""
+    text = f'[[rule]]\nusers = [{uid}]\ngroups = [{uid}]\ndevices = ["00:03.0"]\n'
+    if ok:
+        r = load(text).rules[0]
+        assert r.uids == {uid} and r.gids == {uid}
+    else:
+        with pytest.raises(PolicyError, match=f"user id {uid} is out of range"):
+            load(text)
+
+
+def test_numeric_strings_do_not_stop_the_list() -> None:
+    r = load('[[rule]]\nusers = ["65534", "alice"]\ngroups = ["108", "nogroup"]\n'
+             'devices = ["00:03.0"]\n').rules[0]
+    assert r.uids == {65534, 1000} and r.gids == {108, 65534}
+
+
+def test_iommu_group_zero_is_a_group() -> None:
+    p = load('[[rule]]\nusers = ["alice"]\niommu_groups = [0]\n')
+    assert p.rules[0].iommu_groups == {0}
+    assert p.decide(ALICE, DeviceIdentity("0000:00:01.0", 0x8086, 0x29C0, 0)).allowed
+
+
+@pytest.mark.parametrize("text, match", [
+    ("broker = 3\n", r"^test\.toml: 'broker' must be a table$"),
+    ("rule = [1]\n", r"^test\.toml: rule\[0\] must be a table$"),
+    ('[[rule]]\nusers = ["alice"]\ngroups = "kvm"\ndevices = ["00:03.0"]\n',
+     r"^test\.toml: rule\[0\]: 'groups' must be an array"),
+    ('[[rule]]\nusers = ["alice"]\ndevices = "00:03.0"\n',
+     r"^test\.toml: rule\[0\]: 'devices' must be an array"),
+    ('[[rule]]\nusers = ["alice"]\nids = "1234:11e8"\n',
+     r"^test\.toml: rule\[0\]: 'ids' must be an array"),
+    ('[[rule]]\nusers = ["alice"]\niommu_groups = 5\n',
+     r"^test\.toml: rule\[0\]: 'iommu_groups' must be an array"),
+    ('[[rule]]\nusers = ["alice"]\nids = [1234]\n', "not a vendor:device pair of 4-digit hex"),
+    ('[[rule]]\nusers = ["alice"]\niommu_groups = [-1]\n', "not a group number: -1"),
+])
+def test_more_bad_policies(text: str, match: str) -> None:
+    with pytest.raises(PolicyError, match=match):
+        load(text)
+
+
+def test_normalize_address_refuses_what_is_not_text() -> None:
+    from pyvfio.errors import UsageError
+    with pytest.raises(UsageError, match="not a PCI address"):
+        normalize_address(3)  # type: ignore[arg-type]
+    assert normalize_address("ABCD:0F:1e.3") == "abcd:0f:1e.3"
+
+
+def test_unreadable_policy_names_the_reason(tmp_path) -> None:
+    with pytest.raises(PolicyError) as exc:
+        Policy.load(tmp_path / "missing.toml")
+    assert str(exc.value) == f"cannot read policy {tmp_path / 'missing.toml'}: " \
+        "No such file or directory"
