@@ -272,6 +272,33 @@ def test_malformed_read_reply_drops_the_connection(serve: Any, bad: Handler) -> 
     dev.close()
 
 
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"abcd", msg_id=m.msg_id + 1),
+                 id="wrong-id"),
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"abcd", command=Command.REGION_WRITE),
+                 id="wrong-command"),
+    pytest.param(lambda m: reply_to(m, flags=REPLY | ERROR, error=5), id="error"),
+    pytest.param(lambda m: reply_to(m, m.payload[:16] + b"abcd"), id="good-reply"),
+])
+def test_every_fd_of_an_unexpected_reply_is_closed(serve: Any, bad: Handler) -> None:
+    """Whatever the client makes of the reply, each fd that came with it is
+    closed: none is kept, none leaks (the check is exact)."""
+    before = open_fds()
+    pipes = [os.pipe() for _ in range(2)]
+    sent = [fd for pair in pipes for fd in pair]
+    s = serve(_read_handler(lambda m: (bad(m), sent)))
+    dev = connect(s.path, timeout=2)
+    try:
+        dev.bar(0).read32(0)
+    except (ProtocolError, PeerError):
+        pass
+    dev.close()
+    for fd in sent:
+        os.close(fd)
+    s.close()
+    assert open_fds() == before
+
+
 def test_huge_msg_size_is_not_allocated(serve: Any) -> None:
     """A header claiming 4 GiB: the client refuses it without buffering it."""
     s = serve(_read_handler(lambda m: reply_to(m, b"x" * 100, size=0xFFFF_FFF0)))
