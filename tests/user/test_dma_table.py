@@ -1,0 +1,214 @@
+"""The vfio-user server's DMA windows (:class:`pyvfio.user.dma.DmaTable`) on
+their own: every refusal with its errno, exact edges, accesses that span
+windows, message-based windows, views, and dirty logging."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from pyvfio.device import SharedMemory
+from pyvfio.user.dma import DmaFault, DmaTable
+
+R, W, RW = 1, 2, 3
+PAGE = 4096
+
+
+@pytest.fixture
+def mem():
+    m = SharedMemory(4 * PAGE)
+    yield m
+    m.close()
+
+
+def err(fn, *args, **kw) -> int:
+    with pytest.raises(OSError) as exc:
+        fn(*args, **kw)
+    return exc.value.errno
+
+
+def test_add_refusals_and_their_errnos(mem) -> None:
+    t = DmaTable(max_maps=3)
+    assert err(t.add, 0x1000, 0x1000, 4) == errno.EINVAL          # unknown flag
+    assert err(t.add, 0x1000, 0, RW) == errno.EINVAL              # empty
+    assert err(t.add, 2**64 - PAGE, 2 * PAGE, RW) == errno.EINVAL  # wraps
+    t.add(2**64 - PAGE, PAGE, RW)                                  # ends exactly at 2**64
+    t.add(0x10000, 0x2000, RW, mem.fd)
+    # neighbours touch, overlaps do not
+    assert err(t.add, 0x11000, PAGE, RW) == errno.EEXIST
+    assert err(t.add, 0xF000, 0x2000, RW) == errno.EEXIST
+    assert err(t.add, 0x10000, 0x2000, RW) == errno.EEXIST
+    t.add(0x12000, PAGE, RW)
+    assert len(t) == 3
+    assert err(t.add, 0x20000, PAGE, RW) == errno.ENOSPC          # max_maps
+    t.remove(0x12000, PAGE)
+    t.add(0xF000, PAGE, RW)                                        # right before 0x10000
+    assert [(m.iova, m.size) for m in t.mappings] == \
+        [(0xF000, PAGE), (0x10000, 0x2000), (2**64 - PAGE, PAGE)]
+    t.remove_all()
+    assert len(t) == 0 and t.mappings == []
+
+
+def test_fd_windows_are_checked_against_the_file(mem) -> None:
+    t = DmaTable()
+    assert err(t.add, 0, PAGE, RW, mem.fd, 1) == errno.EINVAL         # offset not aligned
+    assert err(t.add, 0, PAGE, RW, mem.fd, 4 * PAGE) == errno.EINVAL  # past the end
+    assert err(t.add, 0, 5 * PAGE, RW, mem.fd) == errno.EINVAL        # longer than the file
+    assert len(t) == 0
+    w = t.add(0, PAGE, R, mem.fd, 3 * PAGE)                           # the last page exactly
+    assert (w.iova, w.size, w.flags, w.offset, w.end, w.mapped) == (0, PAGE, R, 3 * PAGE,
+                                                                    PAGE, True)
+    os.pwrite(mem.fd, b"last page", 3 * PAGE)
+    assert t.read(0, 9) == b"last page"
+
+
+def test_remove_needs_the_exact_window(mem) -> None:
+    t = DmaTable()
+    t.add(0x1000, 0x2000, RW, mem.fd)
+    for iova, size in ((0x1000, 0x1000), (0x2000, 0x1000), (0x0, 0x3000), (0x1000, 0x3000),
+                       (0x5000, 0x1000)):
+        assert err(t.remove, iova, size) == errno.ENOENT
+    w = t.remove(0x1000, 0x2000)
+    assert (w.iova, w.size, w.mapped) == (0x1000, 0x2000, False)
+    assert len(t) == 0
+    assert err(t.remove, 0x1000, 0x2000) == errno.ENOENT
+
+
+def test_access_spans_adjacent_windows_and_no_gap(mem) -> None:
+    t = DmaTable()
+    t.add(0x1000, PAGE, RW, mem.fd, 0)
+    t.add(0x2000, PAGE, RW, mem.fd, 2 * PAGE)  # adjacent IOVA, not adjacent in the file
+    t.write(0x1FFE, b"abcd")
+    assert os.pread(mem.fd, 2, PAGE - 2) == b"ab"
+    assert os.pread(mem.fd, 2, 2 * PAGE) == b"cd"
+    assert t.read(0x1FFE, 4) == b"abcd"
+    buf = bytearray(4)
+    t.readinto(0x1FFE, buf)
+    assert buf == b"abcd"
+    assert t.contains(0x1000, 2 * PAGE) and t.contains(0x1000, 0)
+    assert not t.contains(0x1000, 2 * PAGE + 1)
+    assert not t.contains(0xFFF, 2)
+    t.add(0x4000, PAGE, RW, mem.fd)  # a gap at 0x3000
+    with pytest.raises(DmaFault) as exc:
+        t.read(0x2FFF, 2)
+    assert exc.value.errno == errno.EFAULT
+    assert "0x3000 is not mapped" in str(exc.value)
+    for iova, size in ((-1, 1), (0, -1), (2**64 - 1, 2)):
+        with pytest.raises(DmaFault) as exc:
+            t.read(iova, size)
+        assert exc.value.errno == errno.EFAULT
+
+
+def test_window_protection(mem) -> None:
+    t = DmaTable()
+    t.add(0x1000, PAGE, R, mem.fd)
+    t.add(0x2000, PAGE, W, mem.fd, PAGE)
+    assert t.read(0x1000, 4) == b"\0\0\0\0"
+    with pytest.raises(DmaFault) as exc:
+        t.write(0x1000, b"x")
+    assert exc.value.errno == errno.EACCES and "does not allow it" in str(exc.value)
+    t.write(0x2000, b"y")
+    with pytest.raises(DmaFault) as exc:
+        t.read(0x2000, 1)
+    assert exc.value.errno == errno.EACCES
+    with pytest.raises(DmaFault) as exc:  # a read over both fails on the second
+        t.read(0x1FFF, 2)
+    assert exc.value.errno == errno.EACCES
+
+
+def test_windows_without_fd_go_through_the_port() -> None:
+    calls: list[tuple] = []
+
+    def port_read(iova: int, size: int) -> bytes:
+        calls.append(("read", iova, size))
+        return bytes(range(size))
+
+    def port_write(iova: int, data: bytes) -> None:
+        calls.append(("write", iova, data))
+
+    t = DmaTable(port=(port_read, port_write))
+    w = t.add(0x1000, PAGE, RW)
+    assert not w.mapped
+    assert t.read(0x1010, 3) == b"\0\1\2"
+    t.write(0x1020, b"hi")
+    assert calls == [("read", 0x1010, 3), ("write", 0x1020, b"hi")]
+    with pytest.raises(DmaFault) as exc:
+        t.view(0x1000, 4)
+    assert exc.value.errno == errno.EFAULT
+    bare = DmaTable()
+    bare.add(0, PAGE, RW)
+    for fn, args in ((bare.read, (0, 1)), (bare.write, (0, b"x"))):
+        with pytest.raises(DmaFault) as exc:
+            fn(*args)
+        assert exc.value.errno == errno.EFAULT and "no message channel" in str(exc.value)
+
+
+def test_view_is_one_mapped_window(mem) -> None:
+    t = DmaTable()
+    t.add(0x1000, PAGE, RW, mem.fd)
+    t.add(0x2000, PAGE, RW, mem.fd, PAGE)
+    v = t.view(0x1008, 8, write=True)
+    v[:] = b"12345678"
+    v.release()
+    assert os.pread(mem.fd, 8, 8) == b"12345678"
+    with pytest.raises(DmaFault):
+        t.view(0x1FFC, 8)  # spans two windows
+
+
+def test_unmap_while_a_view_is_held_lingers_until_released(mem) -> None:
+    t = DmaTable()
+    t.add(0x1000, PAGE, RW, mem.fd)
+    v = t.view(0x1000, 4)
+    t.remove(0x1000, PAGE)  # the memory stays until the view goes
+    assert len(t) == 0 and len(t._lingering) == 1
+    v.release()
+    t.add(0x5000, PAGE, RW, mem.fd)
+    t.remove(0x5000, PAGE)  # reaps the lingering one too
+    assert t._lingering == []
+
+
+def test_dirty_logging_and_bitmaps(mem) -> None:
+    t = DmaTable()
+    t.add(0, 4 * PAGE, RW, mem.fd)
+    t.write(0, b"x")
+    assert t.dirty == set()  # logging off
+    t.start_logging(PAGE)
+    t.write(PAGE - 1, b"ab")  # pages 0 and 1
+    t.write(3 * PAGE, b"")    # nothing
+    assert t.dirty == {0, 1}
+    t.view(3 * PAGE + 5, 1, write=True).release()
+    t.view(2 * PAGE, 1).release()  # a read view marks nothing
+    assert t.dirty == {0, 1, 3}
+    # bit i = page i of the range, in u64 words
+    assert t.dirty_bitmap(0, 4 * PAGE, PAGE, clear=False) == (0b1011).to_bytes(8, "little")
+    # a range that starts at page 1, counted from there
+    assert t.dirty_bitmap(PAGE, 3 * PAGE, PAGE, clear=False) == (0b101).to_bytes(8, "little")
+    # a coarser report page: log pages 0,1 -> unit 0; page 3 -> unit 1
+    assert t.dirty_bitmap(0, 4 * PAGE, 2 * PAGE, clear=False) == (0b11).to_bytes(8, "little")
+    # a finer one: each log page sets two units
+    assert t.dirty_bitmap(0, 2 * PAGE, PAGE // 2, clear=False) == (0b1111).to_bytes(8, "little")
+    # more than 64 units: two words
+    assert len(t.dirty_bitmap(0, 65 * PAGE, PAGE, clear=False)) == 16
+    # clearing forgets only log pages wholly inside the range
+    # [PAGE/2, 3 PAGE/2) is one report unit, touching dirty log pages 0 and 1
+    assert t.dirty_bitmap(PAGE // 2, PAGE, PAGE) == (0b1).to_bytes(8, "little")
+    assert t.dirty == {0, 1, 3}
+    assert t.dirty_bitmap(0, 2 * PAGE, PAGE) == (0b11).to_bytes(8, "little")
+    assert t.dirty == {3}
+    assert t.dirty_bitmap(0, 2 * PAGE, PAGE) == bytes(8)
+    t.stop_logging()
+    assert (t.log_page_size, t.dirty) == (0, set())
+    assert t.dirty_bitmap(0, 4 * PAGE, PAGE) == bytes(8)
+
+
+def test_mark_dirty_edges() -> None:
+    t = DmaTable()
+    t.start_logging(PAGE)
+    t.mark_dirty(PAGE, PAGE)      # exactly page 1
+    assert t.dirty == {1}
+    t.mark_dirty(5 * PAGE, 0)     # empty
+    assert t.dirty == {1}
+    t.mark_dirty(3 * PAGE - 1, PAGE + 2)  # pages 2, 3, 4
+    assert t.dirty == {1, 2, 3, 4}
