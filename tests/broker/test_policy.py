@@ -342,3 +342,11 @@ def test_unreadable_policy_names_the_reason(tmp_path) -> None:
         Policy.load(tmp_path / "missing.toml")
     assert str(exc.value) == f"cannot read policy {tmp_path / 'missing.toml'}: " \
         "No such file or directory"
+
+
+def test_from_dict_default_source_and_real_group_lookup() -> None:
+    p = Policy.from_dict({"rule": [{"groups": ["root"], "devices": ["00:03.0"]}]})
+    assert p.source == "<policy>"
+    assert p.rules[0].gids == {0}  # through /etc/group
+    with pytest.raises(PolicyError, match=r"^<policy>: unknown top-level key"):
+        Policy.from_dict({"rules": []})
