@@ -212,3 +212,57 @@ def test_mark_dirty_edges() -> None:
     assert t.dirty == {1}
     t.mark_dirty(3 * PAGE - 1, PAGE + 2)  # pages 2, 3, 4
     assert t.dirty == {1, 2, 3, 4}
+
+
+def test_messages_and_permissions_at_the_edges(mem) -> None:
+    t = DmaTable()
+    w = t.add(0x1000, PAGE, R, mem.fd)
+    with pytest.raises(OSError, match=r"DMA_UNMAP: no window 0x1000\+0x2000"):
+        t.remove(0x1000, 0x2000)
+    with pytest.raises(DmaFault, match=r"DMA write of 0x5000\+0x1: 0x5000 is not mapped"):
+        t.write(0x5000, b"x")
+    with pytest.raises(DmaFault, match=r"DMA read of 0x5000\+0x1: 0x5000 is not mapped"):
+        t.read(0x5000, 1)
+    with pytest.raises(DmaFault, match=r"DMA write of 0x1000: window 0x1000\+0x1000 does not "):
+        t.view(0x1000, 4, write=True)  # a read-only window gives no writable view
+    t.add(0x2000, PAGE, W, mem.fd, PAGE)
+    assert t.contains(0x1000, PAGE) and not t.contains(0x2000, 1)  # contains means readable
+    t.add(0x3000, PAGE, R, mem.fd, 2 * PAGE)
+    t.add(0x4000, PAGE, R, mem.fd, 3 * PAGE)
+    with pytest.raises(DmaFault, match=r"DMA 0x3ffc\+0x8 is not inside one fd-mapped window"):
+        t.view(0x3FFC, 8)
+    # the top of the address space: a window may end exactly at 2**64
+    t.add(2**64 - PAGE, PAGE, RW)
+    assert t.contains(2**64 - PAGE, PAGE)
+    with pytest.raises(DmaFault, match=r"DMA 0xffffffffffffffff\+0x2 is not a valid range"):
+        t.read(2**64 - 1, 2)
+    # closing twice is fine
+    t.remove(0x1000, PAGE)
+    assert w.close() is True and w.close() is True
+
+
+def test_access_over_three_windows(mem) -> None:
+    t = DmaTable()
+    for i in range(3):
+        t.add(0x1000 * (i + 1), PAGE, RW, mem.fd, PAGE * i)
+    data = bytes(range(256)) * 36  # 9216 bytes: 0x1100..0x3500
+    t.write(0x1100, data)
+    assert t.read(0x1100, len(data)) == data
+    buf = bytearray(len(data))
+    t.readinto(0x1100, buf)
+    assert bytes(buf) == data
+    assert os.pread(mem.fd, len(data), 0x100) == data
+
+
+def test_dirty_edges_without_logging_and_in_bytes() -> None:
+    t = DmaTable()
+    t.mark_dirty(0, 10)  # logging off: nothing, and no division by zero
+    assert t.dirty == set()
+    t.dirty = {0}
+    assert t.dirty_bitmap(0, PAGE, PAGE) == bytes(8)  # not logging: no bits
+    t.start_logging(PAGE)
+    t.mark_dirty(5 * PAGE + 1, 0)  # empty access inside a page
+    assert t.dirty == set()
+    t.mark_dirty(0, 1)
+    # a 2-byte report unit over 5 bytes: 3 units, all in dirty log page 0
+    assert t.dirty_bitmap(0, 5, 2, clear=False) == (0b111).to_bytes(8, "little")
