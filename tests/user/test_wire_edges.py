@@ -400,3 +400,70 @@ def test_message_properties_and_repr() -> None:
     assert repr(m) == "<Message command 99 id=4 flags=0x0 error=0 payload=0B fds=[]>"
     h = Header(1, 1, 16, 0x2F)
     assert (h.is_reply, h.no_reply, h.is_error) == (False, False, True)
+
+
+@pytest.mark.parametrize("message, name", [
+    (lambda: DmaAccess(2**64, 0), "DMA access"),
+    (lambda: DeviceFeature(2**32), "DEVICE_FEATURE"),
+    (lambda: MigrationFeature(2**64), "MIGRATION feature"),
+    (lambda: MigStateMsg(2**32), "MIG_DEVICE_STATE"),
+    (lambda: DmaLoggingControl(2**64), "DMA_LOGGING"),
+    (lambda: DmaLoggingReport(2**64, 0, 1), "DMA_LOGGING_REPORT"),
+    (lambda: RegionIoFds(index=2**32), "REGION_IO_FDS"),
+    (lambda: RegionIoFds(index=0, sub_regions=(SubRegionIoFd(2**64, 0, 0),)), "sub-region"),
+    (lambda: IrqSet(2**32, 0x21), "DEVICE_SET_IRQS"),
+    (lambda: IrqInfoMsg(2**32), "DEVICE_GET_IRQ_INFO"),
+    (lambda: DeviceInfoMsg(argsz=2**32), "DEVICE_GET_INFO"),
+    (lambda: RegionAccess(2**32, 0, 0), "REGION access"),
+    (lambda: DmaMap(2**64, 1), "DMA_MAP"),
+    (lambda: DmaUnmap(2**64, 1), "DMA_UNMAP"),
+    (lambda: MigData(2**32), "MIG_DATA"),
+    (lambda: RegionInfoMsg(index=2**32), "REGION_INFO"),
+    (lambda: Version(2**16), "VERSION"),
+    (lambda: RegionWriteMulti(wr_cnt=2**64), "WRITE_MULTI"),
+])
+def test_pack_names_the_message_whose_field_does_not_fit(message: Callable[[], Any],
+                                                         name: str) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        message().pack()
+    assert exc.value.errno == EINVAL
+    assert str(exc.value).startswith(f"{name}: a field does not fit its wire width")
+
+
+def test_region_io_fds_header_only_keeps_count() -> None:
+    """A reply too big for the client's argsz: header only, with the count and
+    argsz it would need."""
+    assert RegionIoFds(index=1, argsz=96, count=2).pack() == le("IIII", 96, 0, 1, 2)
+
+
+def test_big_messages_keep_every_header_field_and_their_fds() -> None:
+    """Messages larger than one read are assembled; each keeps its own
+    header fields and fds, and the reader is ready for the next one."""
+    import os
+    import socket
+
+    from pyvfio.user.protocol import MessageReader, send_message
+
+    a, b = socket.socketpair()
+    reader = MessageReader(b, max_msg_size=1 << 20, bufsize=4096)
+    r, w = os.pipe()
+    try:
+        first = le("HHIII", 7, 10, 16 + 50000, 0x10, 3) + b"a" * 50000
+        second = le("HHIII", 8, 9, 16 + 30000, 0x1, 0) + b"b" * 30000
+        send_message(a, first, [r])
+        a.sendall(second)
+        m1 = reader.read()
+        m2 = reader.read()
+        assert m1 is not None and m2 is not None
+        assert (m1.msg_id, m1.command, m1.flags, m1.error, m1.payload, len(m1.fds)) == \
+            (7, 10, 0x10, 3, b"a" * 50000, 1)
+        assert (m2.msg_id, m2.command, m2.flags, m2.error, m2.payload, m2.fds) == \
+            (8, 9, 0x1, 0, b"b" * 30000, [])
+        assert m1.problem is None and m2.problem is None
+        m1.close_fds()
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+        reader.close()
