@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 
 import pytest
 
@@ -245,7 +246,7 @@ def test_access_over_three_windows(mem) -> None:
     t = DmaTable()
     for i in range(3):
         t.add(0x1000 * (i + 1), PAGE, RW, mem.fd, PAGE * i)
-    data = bytes(range(256)) * 36  # 9216 bytes: 0x1100..0x3500
+    data = random.Random(13).randbytes(9216)  # 0x1100..0x3500; no period to hide a shift
     t.write(0x1100, data)
     assert t.read(0x1100, len(data)) == data
     buf = bytearray(len(data))
@@ -266,3 +267,64 @@ def test_dirty_edges_without_logging_and_in_bytes() -> None:
     t.mark_dirty(0, 1)
     # a 2-byte report unit over 5 bytes: 3 units, all in dirty log page 0
     assert t.dirty_bitmap(0, 5, 2, clear=False) == (0b111).to_bytes(8, "little")
+
+
+def test_defaults_and_refusal_messages(mem) -> None:
+    t = DmaTable(max_maps=1)
+    assert DmaTable().max_maps == 65535  # the spec's default max_dma_maps
+    assert (t.log_page_size, t.dirty) == (0, set())
+    for call, text in (
+            (lambda: t.add(0, PAGE, 4), "DMA_MAP: unknown flags 0x4"),
+            (lambda: t.add(0x1000, 0, RW), r"DMA_MAP: bad window 0x1000\+0x0"),
+            (lambda: t.add(0, PAGE, RW, mem.fd, 1), "DMA_MAP: fd offset 0x1 is not page aligned"),
+            (lambda: t.add(0, 5 * PAGE, RW, mem.fd),
+             r"DMA_MAP: 0x0\+0x5000 runs past the end of the 0x4000-byte file")):
+        with pytest.raises(OSError, match=text):
+            call()
+    t.add(0x1000, PAGE, RW)
+    with pytest.raises(OSError, match=r"DMA_MAP: already 1 windows \(max_dma_maps 1\)"):
+        t.add(0x5000, PAGE, RW)
+    t.max_maps = 2
+    with pytest.raises(OSError, match=r"DMA_MAP: 0x1800\+0x1000 overlaps a mapped window"):
+        t.add(0x1800, PAGE, RW)
+    t.add(0x2000, PAGE, W, mem.fd)
+    with pytest.raises(DmaFault, match=r"^DMA read of 0x2000: window 0x2000\+0x1000 does not "
+                                       "allow it$"):
+        t.read(0x2000, 1)
+
+
+def test_mmap_protection_follows_the_flags(mem) -> None:
+    t = DmaTable()
+    ro = t.add(0x1000, PAGE, R, mem.fd)
+    rw = t.add(0x2000, PAGE, RW, mem.fd, PAGE)
+    assert ro.view is not None and ro.view.readonly
+    assert rw.view is not None and not rw.view.readonly
+    rw.view[0:2] = b"ok"
+    assert os.pread(mem.fd, 2, PAGE) == b"ok"  # MAP_SHARED: the client sees it
+
+
+def test_fd_zero_is_an_fd(mem) -> None:
+    saved = os.dup(0)
+    try:
+        os.dup2(mem.fd, 0)
+        w = DmaTable().add(0x1000, PAGE, RW, 0)
+        assert w.mapped
+        w.close()
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+def test_remove_all_keeps_only_what_a_view_holds(mem) -> None:
+    t = DmaTable()
+    t.add(0x1000, PAGE, RW, mem.fd)
+    t.add(0x2000, PAGE, RW, mem.fd, PAGE)
+    t.remove_all()
+    assert t._lingering == []
+    t.add(0x1000, PAGE, RW, mem.fd)
+    v = t.view(0x1000, 4)
+    t.remove_all()
+    assert [m.iova for m in t._lingering] == [0x1000]
+    v.release()
+    t.remove_all()
+    assert t._lingering == []
