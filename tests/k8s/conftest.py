@@ -21,10 +21,10 @@ import pytest
 
 pytest.importorskip("grpc", reason="the k8s extra (grpcio) is not installed")
 
-from pyvfio.k8s.config import PluginConfig  # noqa: E402
-from pyvfio.k8s.plugin import DevicePluginDaemon  # noqa: E402
-from pyvfio.testing.fakesysfs import FakeSysfs  # noqa: E402
-from pyvfio.testing.kubelet import Kubelet  # noqa: E402
+from pyvfio.k8s.config import PluginConfig
+from pyvfio.k8s.plugin import DevicePluginDaemon
+from pyvfio.testing.fakesysfs import FakeSysfs
+from pyvfio.testing.kubelet import Kubelet
 
 GPU = "0000:01:00.0"
 AUDIO = "0000:01:00.1"

@@ -76,7 +76,7 @@ def test_sibling_on_a_host_driver_makes_the_group_unhealthy(kubelet, start_plugi
     start_plugin()
     kubelet.wait_for(lambda k: k.devices(GPU_RES).get(GPU) == "Healthy")
     # The GPU's audio function (not selected itself) goes back to its host driver.
-    fake.write(fake.p(f"sys/bus/pci/drivers/vfio-pci/unbind"), AUDIO)
+    fake.write(fake.p("sys/bus/pci/drivers/vfio-pci/unbind"), AUDIO)
     fake.write(fake.p("sys/bus/pci/drivers/snd_hda_intel/bind"), AUDIO)
     kubelet.wait_for(lambda k: k.devices(GPU_RES).get(GPU) == "Unhealthy")
     lines = [r.getMessage() for r in caplog.records if "Healthy -> Unhealthy" in r.getMessage()]
@@ -188,8 +188,8 @@ def test_preferred_allocation_keeps_numa_locality(kubelet, start_plugin, fake: F
         api.ContainerPreferredAllocationRequest(
             available_deviceIDs=[EDU_A, EDU, "0000:08:00.0", "0000:09:00.0"],
             must_include_deviceIDs=["0000:08:00.0"], allocation_size=2)]))
-    # 08:00.0 is on node 1; nothing else on node 1, so the next in order follows.
-    assert list(reply.container_responses[0].deviceIDs)[0] == "0000:08:00.0"
+    # 08:00.0 is on node 1; nothing else is, so the next ID in order follows.
+    assert list(reply.container_responses[0].deviceIDs) == ["0000:08:00.0", EDU_A]
     reply = stub.GetPreferredAllocation(api.PreferredAllocationRequest(container_requests=[
         api.ContainerPreferredAllocationRequest(
             available_deviceIDs=[EDU_A, EDU, "0000:08:00.0", "0000:09:00.0"],
