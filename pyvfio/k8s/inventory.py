@@ -150,7 +150,7 @@ class Inventory:
                     continue
                 if ready_but_held and self.allocations.get(device_id):
                     continue  # held by the pod it was allocated to
-                problems = [f"{p.device}: {p.reason}" for p in diag.problems]
+                problems = [p.reason for p in diag.problems]  # each names its device
                 reasons.append("; ".join(problems) if problems else diag.summary())
             if not reasons and res.backend == "iommufd":
                 reasons.extend(_iommufd_missing(host, addresses))

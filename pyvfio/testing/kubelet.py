@@ -58,7 +58,7 @@ class PluginEndpoint:
     stub: api_grpc.DevicePluginStub
     devices: dict[str, Any] = field(default_factory=dict)  # ID -> api.Device
     updates: int = 0  # ListAndWatch responses received
-    stream_error: str | None = None
+    stream_error: str | None = None  # why ListAndWatch ended (None while it runs)
     registrations: int = 1
     _call: Any = None
 
@@ -163,6 +163,9 @@ class Kubelet(api_grpc.RegistrationServicer):
                     plugin.devices = {d.ID: d for d in response.devices}
                     plugin.updates += 1
                     self._cond.notify_all()
+            with self._cond:
+                plugin.stream_error = "the plugin ended the stream"
+                self._cond.notify_all()
         except grpc.RpcError as exc:
             with self._cond:
                 plugin.stream_error = exc.details() or str(exc.code())
