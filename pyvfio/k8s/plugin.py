@@ -416,14 +416,10 @@ class DevicePluginDaemon:
             self.shutdown()
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return (safe from a signal handler)."""
+        """Ask :meth:`run` to return (safe from a signal handler: it only sets
+        an event; the loop and the ListAndWatch streams look at it at least
+        once a second)."""
         self.stopping.set()
-        with contextlib.suppress(RuntimeError):  # called while the condition is held
-            if self.changed.acquire(blocking=False):
-                try:
-                    self.changed.notify_all()
-                finally:
-                    self.changed.release()
 
     def shutdown(self) -> None:
         self.stopping.set()

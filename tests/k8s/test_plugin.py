@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import time
 
 import grpc
 import pytest
@@ -101,16 +103,20 @@ def test_device_held_by_another_process_is_unhealthy(kubelet, start_plugin, fake
 
 def test_held_by_the_pod_it_was_allocated_to_stays_healthy(kubelet, start_plugin,
                                                            fake: FakeSysfs):
-    start_plugin()
+    daemon = start_plugin()
     kubelet.wait_for(lambda k: k.devices(EDU_RES).get(EDU) == "Healthy")
     kubelet.allocate(EDU_RES, [EDU])
     fake.add_process(4242, "qemu-system-x86", ["/dev/vfio/vfio", "/dev/vfio/31"])
-    daemon_scans = kubelet.plugins[EDU_RES].updates
-    # Several health intervals pass; no Unhealthy.
-    kubelet.wait_for(lambda k: k.plugins[EDU_RES].updates >= daemon_scans, timeout=5)
-    import time
-    time.sleep(0.6)
+    daemon.rescan("test")
+    assert daemon.inventory.allocations == {EDU: "held"}
+    time.sleep(0.5)  # several health intervals (0.1 s) pass: no Unhealthy
     assert kubelet.devices(EDU_RES)[EDU] == "Healthy"
+    # The pod ends (the holder goes): the allocation is forgotten, and a new
+    # holder outside Kubernetes makes it Unhealthy again.
+    shutil.rmtree(fake.p("proc/4242"))
+    kubelet.wait_for(lambda k: not daemon.inventory.allocations)
+    fake.add_process(4343, "qemu-system-x86", ["/dev/vfio/vfio", "/dev/vfio/31"])
+    kubelet.wait_for(lambda k: k.devices(EDU_RES).get(EDU) == "Unhealthy")
 
 
 def test_whole_group_allocation_legacy(kubelet, start_plugin):
@@ -228,3 +234,27 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(plugin_dir, fake, kubel
     finally:
         d.shutdown()
     assert not os.path.exists(path)
+
+
+def test_malformed_requests_get_an_error_status_and_the_server_goes_on(kubelet, start_plugin):
+    from pyvfio.k8s.v1beta1 import api_pb2 as api
+
+    start_plugin()
+    kubelet.wait_for(lambda k: _registered(k, EDU_RES))
+    stub = kubelet.plugins[EDU_RES].stub
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Allocate(api.AllocateRequest(container_requests=[api.ContainerAllocateRequest()]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        kubelet.allocate(EDU_RES, ["not-an-address"])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Raw garbage on the wire: the gRPC layer answers, the plugin goes on.
+    channel = kubelet.plugins[EDU_RES].channel
+    garbage = channel.unary_unary("/v1beta1.DevicePlugin/Allocate",
+                                  request_serializer=lambda b: b,
+                                  response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError):
+        garbage(b"\xff\xff\xff\xff", timeout=10)
+    assert stub.PreStartContainer(api.PreStartContainerRequest(devices_ids=[EDU])) == \
+        api.PreStartContainerResponse()
+    assert kubelet.allocate(EDU_RES, [EDU]).envs["PCI_RESOURCE_PYVFIO_IO_EDU"] == EDU
