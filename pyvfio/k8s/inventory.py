@@ -127,6 +127,32 @@ class Inventory:
         self.last = Scan(devices, conflicts)
         return self.last
 
+    def recheck(self, resource: str, ids: list[str]) -> dict[str, GroupDevice]:
+        """Diagnose only the advertised devices ``ids`` of ``resource`` again
+        (what Allocate needs: a whole scan costs ~0.1 ms of CPU per host
+        device); updates them in :attr:`last`.  IDs never advertised are
+        left out of the result."""
+        from pyvfio.errors import DeviceNotFound
+        from pyvfio.host import Host
+
+        host = Host(self.root)
+        res = self.resource(resource)
+        known = self.last.devices.get(resource, {})
+        out: dict[str, GroupDevice] = {}
+        for i in ids:
+            old = known.get(i)
+            if old is None or i in out:
+                continue
+            try:
+                devs = [host.device(a) for a in old.addresses]
+            except DeviceNotFound as exc:
+                out[i] = GroupDevice(i, resource, old.group, old.addresses, old.numa_nodes,
+                                     False, f"gone from the host: {exc}")
+                continue
+            out[i] = self._diagnose(host, res, old.group, devs)
+        self.last = Scan({**self.last.devices, resource: {**known, **out}}, self.last.conflicts)
+        return out
+
     def _diagnose(self, host: Any, res: ResourceConfig, group: int | None,
                   devs: list[Any]) -> GroupDevice:
         addresses = tuple(sorted(d.address for d in devs))

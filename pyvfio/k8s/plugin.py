@@ -198,8 +198,8 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
     def Allocate(self, request: api.AllocateRequest, context: Any) -> api.AllocateResponse:
         responses = []
         with self.daemon.lock:
-            scan = self.daemon.rescan("allocate")
-            known = scan.devices.get(self.resource.name, {})
+            wanted = [i for req in request.container_requests for i in req.devices_ids]
+            known = self.daemon.recheck(self.resource.name, wanted)
             for req in request.container_requests:
                 ids = list(req.devices_ids)
                 if not ids:
@@ -209,7 +209,7 @@ class ResourcePlugin(api_grpc.DevicePluginServicer):
                 if unknown:
                     context.abort(grpc.StatusCode.NOT_FOUND,
                                   f"{self.resource.name}: unknown device ID(s) {unknown}; "
-                                  f"advertised: {sorted(known)}")
+                                  f"advertised: {sorted(self._devices())}")
                 sick = [known[i] for i in ids if not known[i].healthy]
                 if sick:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -315,6 +315,21 @@ class DevicePluginDaemon:
                     self.generation += 1
                     self.changed.notify_all()
             return scan
+
+    def recheck(self, resource: str, ids: list[str]) -> dict[str, GroupDevice]:
+        """Diagnose ``ids`` of ``resource`` now (Allocate); log and publish
+        what changed.  Returns the fresh devices of those IDs."""
+        with self.lock:
+            before = self.inventory.last
+            fresh = self.inventory.recheck(resource, ids)
+            changes = _changes(before, self.inventory.last)
+            for line in changes:
+                log.info("%s", line)
+            if changes:
+                with self.changed:
+                    self.generation += 1
+                    self.changed.notify_all()
+            return fresh
 
     # ---- managed mode ----
 

@@ -258,3 +258,18 @@ def test_malformed_requests_get_an_error_status_and_the_server_goes_on(kubelet, 
     assert stub.PreStartContainer(api.PreStartContainerRequest(devices_ids=[EDU])) == \
         api.PreStartContainerResponse()
     assert kubelet.allocate(EDU_RES, [EDU]).envs["PCI_RESOURCE_PYVFIO_IO_EDU"] == EDU
+
+
+def test_allocate_rediagnoses_and_publishes_before_the_next_health_pass(kubelet, start_plugin,
+                                                                         fake: FakeSysfs):
+    start_plugin('[plugin]\nhealth_interval = 3600\n'
+                 '[resources."pyvfio.io/gpu"]\nids = ["10de:1b80"]\n')
+    kubelet.wait_for(lambda k: k.devices(GPU_RES).get(GPU) == "Healthy")
+    fake.write(fake.p("sys/bus/pci/drivers/vfio-pci/unbind"), AUDIO)
+    fake.write(fake.p("sys/bus/pci/drivers/snd_hda_intel/bind"), AUDIO)
+    assert kubelet.devices(GPU_RES)[GPU] == "Healthy"  # no health pass for an hour
+    with pytest.raises(grpc.RpcError) as err:
+        kubelet.allocate(GPU_RES, [GPU])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # ...and kubelet hears of it at once, as the API asks of a failed Allocate.
+    kubelet.wait_for(lambda k: k.devices(GPU_RES).get(GPU) == "Unhealthy", timeout=5)
