@@ -33,7 +33,8 @@ RESOURCE = "pyvfio.io/edu"
 # /dev from the DeviceSpecs, raise the memlock limit, drop to nobody and exec
 # the container's process (_WORKLOAD) with the environment Allocate gave.
 _RUNTIME = r"""
-import json, os, resource, stat, subprocess, sys
+import json, os, resource, stat, subprocess, sys, time
+print(f"runtime: start {time.monotonic():.1f}", file=sys.stderr, flush=True)
 specs, python, workload, forbidden = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 nodes = {s["container_path"]: os.stat(s["host_path"]).st_rdev for s in specs}
 nodes["/dev/null"] = os.stat("/dev/null").st_rdev
@@ -44,20 +45,26 @@ for path, rdev in nodes.items():
     os.mknod(path, 0o666 | stat.S_IFCHR, rdev)
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (256 << 20, 256 << 20))
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
+print(f"runtime: exec {python} as uid 65534 {time.monotonic():.1f}", file=sys.stderr, flush=True)
 os.execv(python, [python, "-c", workload, forbidden])
 """
 
 # The container's process: uid 65534, only the allocated nodes in /dev.
 _WORKLOAD = r"""
-import json, os, stat, sys
+import json, os, stat, sys, time
+print(f"workload: start {time.monotonic():.1f}", file=sys.stderr, flush=True)
 forbidden = sys.argv[1]
 out = {"uid": os.getuid(), "dev": sorted(
     os.path.join(d, f) for d, _s, fs in os.walk("/dev") for f in fs)}
 from pyvfio.drivers.edu import selftest
 from pyvfio.kernel import open_device
 address = os.environ["PCI_RESOURCE_PYVFIO_IO_EDU"]
+print(f"workload: imported {time.monotonic():.1f}", file=sys.stderr, flush=True)
 with open_device(address, "auto") as dev:
-    result = selftest(dev)
+    print(f"workload: opened {time.monotonic():.1f}", file=sys.stderr, flush=True)
+    result = selftest(dev, report=lambda s: print(f"workload: {s.name} {s.ok} "
+                                                  f"{time.monotonic():.1f}", file=sys.stderr,
+                                                  flush=True))
     out["backend"] = dev.backend
     out["selftest"] = result.as_dict()
 try:
@@ -97,6 +104,7 @@ def plugin_dir() -> Iterator[str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.guest_timeout(900)
 def test_allocated_edu_works_in_a_container_and_nothing_else_is_reachable(
         guest_kernel, vfio_bound, plugin_dir):
     import errno
@@ -141,7 +149,7 @@ def test_allocated_edu_works_in_a_container_and_nothing_else_is_reachable(
     run = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
                           "-c", _RUNTIME, json.dumps(specs), _unprivileged_python(), _WORKLOAD,
                           forbidden],
-                         env=env, capture_output=True, text=True, timeout=300, cwd="/")
+                         env=env, capture_output=True, text=True, timeout=600, cwd="/")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["uid"] == NOBODY
