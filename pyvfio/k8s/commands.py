@@ -57,6 +57,8 @@ def run_device_plugin(args: argparse.Namespace) -> int:
     from pyvfio.cli import CommandFailed, print_json
     from pyvfio.k8s.config import PluginConfig
 
+    if args.json and not args.check:
+        raise CommandFailed("--json applies to --check (the daemon logs lines to stderr)", 2)
     config = PluginConfig.load(args.config)  # ConfigError (a UsageError): exit 2
     if args.check:
         from pyvfio.k8s.inventory import Inventory

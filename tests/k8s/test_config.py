@@ -153,6 +153,8 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
     assert str(path) in err and "ids: '1234:11e'" in err
     assert main(["k8s-device-plugin", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read config" in capsys.readouterr().err
+    assert main(["k8s-device-plugin", "--config", str(path), "--json"]) == 2
+    assert "--json applies to --check" in capsys.readouterr().err
 
 
 def test_bad_config_exits_2_before_touching_the_plugin_dir(tmp_path):
