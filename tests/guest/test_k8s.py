@@ -43,6 +43,7 @@ subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,nosuid", "container-dev"
 for path, rdev in nodes.items():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.mknod(path, 0o666 | stat.S_IFCHR, rdev)
+    os.chmod(path, 0o666)  # mknod's mode went through the umask
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (256 << 20, 256 << 20))
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 print(f"runtime: exec {python} as uid 65534 {time.monotonic():.1f}", file=sys.stderr, flush=True)
