@@ -23,9 +23,9 @@ config (TOML or JSON; see docs/kubernetes.md):
   [resources."pyvfio.io/edu"]
   ids = ["1234:11e8"]
 
-exit status:
-  0  stopped by SIGTERM or SIGINT (sockets removed, managed devices restored)
-  2  bad config, bad usage, the grpcio extra missing, or a socket in the way
+exit status: 0 stopped by SIGTERM or SIGINT (sockets removed, managed devices
+restored), or --check: the config is valid; 2 bad config, bad usage, the k8s
+extra (grpcio) missing, or a live socket in the way (one line on stderr)
 """
 
 
@@ -33,10 +33,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "k8s-device-plugin",
         help="serve VFIO devices to Kubernetes pods (kubelet device plugin API v1beta1)",
-        description="Advertise host PCI devices to kubelet as extended resources, one device "
-                    "per IOMMU group, Healthy only when pyvfio's host diagnosis says ready; "
-                    "Allocate gives containers the VFIO device nodes (legacy group + "
-                    "/dev/vfio/vfio, or iommufd cdevs + /dev/iommu) and PCI_RESOURCE_<NAME>.",
+        description="Advertise host PCI devices to kubelet as extended resources, one device\n"
+                    "per IOMMU group, Healthy only when pyvfio's host diagnosis says ready.\n"
+                    "Allocate gives containers the VFIO device nodes (legacy: the group node\n"
+                    "and /dev/vfio/vfio; iommufd: the cdevs and /dev/iommu) and\n"
+                    "PCI_RESOURCE_<NAME> with the PCI addresses (docs/kubernetes.md).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
