@@ -158,7 +158,7 @@ def test_allocated_edu_works_in_a_container_and_nothing_else_is_reachable(
     assert out["backend"] == expected_backend
     failed = [s for s in out["selftest"]["steps"] if not s["ok"]]
     assert out["selftest"]["ok"], failed
-    assert {s["name"] for s in out["selftest"]["steps"]} >= {"identify", "dma (polled)"}
+    assert {s["step"] for s in out["selftest"]["steps"]} >= {"identify", "dma (polled)"}
     assert out["forbidden_open"] == errno.ENOENT
     assert out["mknod"] == errno.EPERM
     # The plugin logged the allocation with the backend it chose.
