@@ -44,7 +44,9 @@ def register(sub: Any) -> None:
         "check",
         help="diagnose devices: viable, in use, driver kind, best driver, ready (exit 0 only if all ready)",
     )
-    p.add_argument("devices", nargs="+", metavar="BDF")
+    p.add_argument("devices", nargs="*", metavar="BDF")
+    p.add_argument("--all", action="store_true",
+                   help="diagnose every PCI device of the host (bridges left out)")
     add_json_flag(p)
     p.set_defaults(func=cmd_check)
 
@@ -52,7 +54,12 @@ def register(sub: Any) -> None:
     p.add_argument("devices", nargs="+", metavar="BDF")
     p.add_argument("--driver", metavar="NAME", help="driver to bind to (default: the best vfio driver)")
     p.add_argument("--group", action="store_true", help="bind every endpoint of the devices' IOMMU groups")
-    p.add_argument("--dry-run", action="store_true", help="print the sysfs writes, change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sysfs writes (or the refusal), change nothing")
+    p.add_argument("--force", action="store_true",
+                   help="take devices the host uses (netdevs with routes or addresses, mounted "
+                   "filesystems, swap, dm/md holders, the console) or whose group has a firmware "
+                   "direct mapping; never overrides a group in use or one left not viable")
     _state_dir_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_bind)
@@ -198,7 +205,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pyvfio.host.diagnosis import diagnose_many
 
     host = Host(args.root)
-    addresses = [normalize_bdf(a) for a in args.devices]
+    if args.all:
+        addresses = [d.address for d in host.devices() if not d.is_bridge]
+        host.groups()  # group membership from the devices just read
+    elif args.devices:
+        addresses = [normalize_bdf(a) for a in args.devices]
+    else:
+        raise CommandFailed("name the devices to check, or use --all", 2)
     diags = diagnose_many(host, addresses)
     if args.json:
         print_json([d.as_dict() for d in diags])
@@ -212,6 +225,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _refused(args: argparse.Namespace, exc: HostStateError) -> CommandFailed:
     if args.json:
         print_json({"error": str(exc), "problems": exc.problems})
+    elif len(exc.problems) > 1 and getattr(args, "dry_run", False):
+        for p in exc.problems:  # a dry run shows every reason, not only the first
+            print(f"{p['device']}: {p.get('kind')}: {p['reason']}\n    fix: {p['fix']}")
     return CommandFailed(str(exc), 1)
 
 
@@ -237,7 +253,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
     try:
         results = bind(
             args.devices, driver=args.driver, group=args.group, dry_run=args.dry_run,
-            state_dir=args.state_dir, host=host,
+            state_dir=args.state_dir, host=host, force=args.force,
         )
     except HostStateError as exc:
         raise _refused(args, exc) from exc
@@ -250,6 +266,9 @@ def cmd_bind(args: argparse.Namespace) -> int:
         })
     else:
         _print_results(results, args.dry_run)
+        for r in results:
+            for overridden in r.forced:
+                print(f"{r.device}: forced past {overridden['kind']}: {overridden['reason']}")
         for d in diags:
             if not d.ready:
                 for p in d.problems:

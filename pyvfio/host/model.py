@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvfio.errors import DeviceNotFound, UsageError
 from pyvfio.host.modules import VFIO_PCI_MODULE, VfioAliases
+from pyvfio.host.nodes import NODE_OK, NodeCheck, group_node_check
 from pyvfio.host.sysfs import (
     SysfsWriter,
     list_dir,
@@ -34,6 +35,7 @@ from pyvfio.host.sysfs import (
     read_str,
     writer_for,
 )
+from pyvfio.host.usage import HostUsage
 from pyvfio.pci.ids import PciIds
 
 if TYPE_CHECKING:
@@ -317,6 +319,15 @@ class Host:
         self._all_groups: list[IommuGroup] | None = None
         self._driver_modules: dict[str, str] = {}
         self._vfio_nodes: set[str] | None = None
+        self._usage: HostUsage | None = None
+
+    @property
+    def usage(self) -> HostUsage:
+        """What the host uses (netdevs, mounts, swap, holders, console), read
+        once per snapshot: see :mod:`pyvfio.host.usage`."""
+        if self._usage is None:
+            self._usage = HostUsage(self._prefix)
+        return self._usage
 
     def path(self, relative: str) -> str:
         """``relative`` (``"sys/bus/pci"`` or ``"/dev/vfio/3"``) under the root."""
@@ -468,12 +479,20 @@ class Host:
 
     def group_node(self, number: int) -> str | None:
         """The group's character device as a process sees it (``/dev/vfio/N``
-        or ``/dev/vfio/noiommu-N``) if it exists.  vfio creates it when the
-        first member binds to a vfio driver."""
+        or ``/dev/vfio/noiommu-N``) if it exists and carries the kernel's
+        device number (see :mod:`pyvfio.host.nodes`).  vfio creates it when
+        the first member registers with vfio."""
+        check = self.group_node_check(number)
+        return check.path if check is not None and check.state == NODE_OK else None
+
+    def group_node_check(self, number: int) -> NodeCheck | None:
+        """The verdict on the group's node, ``None`` when neither the kernel
+        (``/sys/class/vfio/N``) nor ``/dev/vfio`` has one."""
         nodes = self._nodes()
-        for name in (str(number), f"noiommu-{number}"):
-            if name in nodes:
-                return f"/dev/vfio/{name}"
+        for noiommu in (False, True):
+            name = f"noiommu-{number}" if noiommu else str(number)
+            if name in nodes or os.path.exists(self.path(f"sys/class/vfio/{name}")):
+                return group_node_check(self._prefix, number, noiommu)
         return None
 
     # ---- drivers ----
@@ -517,13 +536,18 @@ class Host:
         module = self.driver_module(driver)
         if module == VFIO_PCI_MODULE:
             return KIND_VFIO
-        if self.aliases.is_vfio_module(module):
+        if dev.vfio_cdev is not None or self.aliases.is_vfio_module(module):
+            # The kernel's own word (.../<bdf>/vfio-dev/vfioX: the driver
+            # registered the device with vfio) outranks modules.alias, which a
+            # vendor driver (nvidia's vGPU VFs) or a minimal image may lack.
             return KIND_VARIANT
         return KIND_HOST
 
     def best_driver(self, dev: PciDevice) -> str:
         """The vfio variant whose ``vfio_pci:`` alias matches the device with
         the fewest wildcards, else ``vfio-pci``."""
+        if dev.vfio_cdev is not None and dev.driver:
+            return dev.driver  # registered with vfio already: nothing to rebind
         found = self.aliases.best_module(dev.modalias)
         if found is None:
             return VFIO_PCI
