@@ -19,7 +19,7 @@ from typing import Any
 from pyvfio.errors import PyvfioError
 
 _COMMAND_MODULES = (
-    "pyvfio.host.commands",  # ls, groups, check, bind, restore
+    "pyvfio.host.commands",  # ls, groups, check, bind, restore, apply, persist
     "pyvfio.kernel.commands",  # info
     "pyvfio.user.commands",  # serve
     "pyvfio.broker.commands",  # broker
@@ -29,7 +29,8 @@ _COMMAND_MODULES = (
 # Commands whose module is known up front: running one of them imports only
 # that module (importing every area costs ~80 ms of CPU at start-up, more than
 # `pyvfio ls` spends on 1,000 devices).  Anything else, or no command, imports all.
-_COMMAND_OWNERS = {name: "pyvfio.host.commands" for name in ("ls", "groups", "check", "bind", "restore")}
+_COMMAND_OWNERS = {name: "pyvfio.host.commands"
+                   for name in ("ls", "groups", "check", "bind", "restore", "apply", "persist")}
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

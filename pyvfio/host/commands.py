@@ -60,9 +60,46 @@ def register(sub: Any) -> None:
                    help="take devices the host uses (netdevs with routes or addresses, mounted "
                    "filesystems, swap, dm/md holders, the console) or whose group has a firmware "
                    "direct mapping; never overrides a group in use or one left not viable")
+    p.add_argument("--persist", action="store_true",
+                   help="also record the binding in the configuration (ROOT/etc/pyvfio/bindings.json) "
+                   "so that `pyvfio apply` makes it again at boot")
     _state_dir_flag(p)
+    _config_dir_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_bind)
+
+    p = sub.add_parser(
+        "apply", help="bind every persisted binding (what the boot unit runs), with bind's checks",
+        description="Bind every device recorded with `pyvfio bind --persist`, with the same "
+        "checks as `pyvfio bind`: a device the host uses is refused unless --force.  "
+        "Exit status: 0 every binding is in place, 1 one or more were refused or failed.",
+        epilog="examples:\n  pyvfio apply --dry-run\n"
+        "  pyvfio apply --print-unit > /etc/systemd/system/pyvfio-apply.service",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be bound, change nothing")
+    p.add_argument("--force", action="store_true", help="as bind --force, for every binding")
+    p.add_argument("--print-unit", action="store_true",
+                   help="print the systemd unit that runs `pyvfio apply` at boot, and exit")
+    _state_dir_flag(p)
+    _config_dir_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("persist", help="list or forget persisted bindings (see bind --persist)")
+    persist_sub = p.add_subparsers(dest="persist_command", metavar="ACTION")
+    persist_sub.required = True
+    q = persist_sub.add_parser("list", help="list the persisted bindings")
+    _config_dir_flag(q)
+    add_json_flag(q)
+    q.set_defaults(func=cmd_persist_list)
+    q = persist_sub.add_parser("forget", help="remove persisted bindings (the devices stay bound "
+                               "until `pyvfio restore`)")
+    q.add_argument("devices", nargs="*", metavar="BDF")
+    q.add_argument("--all", action="store_true", help="forget every persisted binding")
+    _config_dir_flag(q)
+    add_json_flag(q)
+    q.set_defaults(func=cmd_persist_forget)
 
     p = sub.add_parser("restore", help="return bound devices to their original driver")
     p.add_argument("devices", nargs="*", metavar="BDF")
@@ -77,6 +114,13 @@ def _state_dir_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir", metavar="DIR",
         help="where bind records live (default: $PYVFIO_STATE_DIR or ROOT/run/pyvfio/bind)",
+    )
+
+
+def _config_dir_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config-dir", metavar="DIR",
+        help="where persisted bindings live (default: $PYVFIO_CONFIG_DIR or ROOT/etc/pyvfio)",
     )
 
 
@@ -250,22 +294,38 @@ def cmd_bind(args: argparse.Namespace) -> int:
     from pyvfio.host.diagnosis import diagnose_many
 
     host = Host(args.root)
+    config = None
+    if args.persist:
+        from pyvfio.host.persist import PersistedBindings, config_dir_for
+
+        config = PersistedBindings(config_dir_for(host.root, args.config_dir))
+        config.load()  # a broken file is refused before anything changes
     try:
+        if config is not None and not args.dry_run:
+            config.check_writable()
         results = bind(
             args.devices, driver=args.driver, group=args.group, dry_run=args.dry_run,
             state_dir=args.state_dir, host=host, force=args.force,
         )
     except HostStateError as exc:
         raise _refused(args, exc) from exc
+    persisted: list[dict[str, Any]] = []
+    if config is not None and not args.dry_run:
+        named = [host.device(normalize_bdf(a)) for a in args.devices]
+        persisted = config.record(named, driver=args.driver, group=args.group)
     diags = [] if args.dry_run else diagnose_many(host, [normalize_bdf(a) for a in args.devices])
     if args.json:
         print_json({
             "dry_run": args.dry_run,
             "devices": [r.as_dict() for r in results],
             "check": [d.as_dict() for d in diags],
+            "persisted": persisted,
         })
     else:
         _print_results(results, args.dry_run)
+        if config is not None:
+            verb = "would record" if args.dry_run else "recorded"
+            print(f"{verb} in {config.path}: " + ", ".join(normalize_bdf(a) for a in args.devices))
         for r in results:
             for overridden in r.forced:
                 print(f"{r.device}: forced past {overridden['kind']}: {overridden['reason']}")
@@ -300,4 +360,59 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     print(f"    {step}")
         if not results:
             print("nothing to restore")
+    return 0
+
+
+# ---- persisted bindings ----
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from pyvfio.host.persist import apply, unit_text
+
+    if args.print_unit:
+        sys.stdout.write(unit_text())
+        return 0
+    results = apply(root=args.root, config_dir=args.config_dir, state_dir=args.state_dir,
+                    dry_run=args.dry_run, force=args.force)
+    if args.json:
+        print_json({"dry_run": args.dry_run, "bindings": [r.as_dict() for r in results]})
+    else:
+        for r in results:
+            print(f"{r.device}: {r.status}: {r.message}")
+            for p in r.problems[1:]:
+                print(f"    also: {p.get('kind')}: {p['reason']}")
+        if not results:
+            print("no persisted bindings")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_persist_list(args: argparse.Namespace) -> int:
+    from pyvfio.host.persist import PersistedBindings, config_dir_for
+
+    config = PersistedBindings(config_dir_for(args.root, args.config_dir))
+    entries = config.load()
+    if args.json:
+        print_json(entries)
+        return 0
+    rows = [[e["device"], f"{e.get('vendor_id')}:{e.get('device_id')}", e.get("driver") or "(best)",
+             _yes(bool(e.get("group")))] for e in entries]
+    print(_table(rows, ["DEVICE", "IDS", "DRIVER", "GROUP"]))
+    print(f"({len(entries)} in {config.path})")
+    return 0
+
+
+def cmd_persist_forget(args: argparse.Namespace) -> int:
+    from pyvfio.host.persist import PersistedBindings, config_dir_for
+
+    if not args.all and not args.devices:
+        raise CommandFailed("name the devices to forget, or use --all", 2)
+    config = PersistedBindings(config_dir_for(args.root, args.config_dir))
+    config.check_writable()
+    removed = config.forget(None if args.all else args.devices)
+    if args.json:
+        print_json({"forgotten": removed})
+    else:
+        for a in removed:
+            print(f"{a}: forgotten (still bound now; pyvfio restore {a} puts it back)")
+        if not removed:
+            print("nothing to forget")
     return 0
