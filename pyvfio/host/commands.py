@@ -31,8 +31,26 @@ if TYPE_CHECKING:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("ls", help="list PCI devices (IDs, names, driver, IOMMU group)")
+    p = sub.add_parser(
+        "ls", help="list PCI devices (IDs, names, driver, IOMMU group), with lspci's filters",
+        description="List PCI devices.  The filters combine (a device must pass all of them) "
+        "and take lspci's syntax.",
+        epilog="examples:\n  pyvfio ls -s 02:00.1\n  pyvfio ls -d 8086:          # every Intel device\n"
+        "  pyvfio ls -d ::0200 -v      # Ethernet controllers, detail view\n"
+        "  pyvfio ls --driver vfio-pci --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("devices", nargs="*", metavar="BDF", help="only these devices")
+    p.add_argument("-s", dest="slot", metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
+                   help="only devices in these slots (fields empty or * match any), as lspci -s")
+    p.add_argument("-d", dest="ids", metavar="[VENDOR]:[DEVICE][:CLASS[:PROGIF]]",
+                   help="only devices with these IDs (hex; CLASS is base+sub, 0200), as lspci -d")
+    p.add_argument("--driver", metavar="NAME", help="only devices bound to NAME (none: no driver)")
+    p.add_argument("--class", dest="klass", metavar="HEX",
+                   help="only devices whose class code starts with HEX (02, 0200, 020000)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="detail view: BARs, capabilities, driver and modules, NUMA node, group, "
+                   "reset methods, netdevs, block devices, what the host uses")
     add_json_flag(p)
     p.set_defaults(func=cmd_ls)
 
@@ -156,18 +174,34 @@ def cmd_ls(args: argparse.Namespace) -> int:
         devices = [host.device(normalize_bdf(a)) for a in args.devices]
     else:
         devices = host.devices()
+    if args.slot or args.ids or args.driver or args.klass:
+        from pyvfio.host.listing import select
+
+        devices = select(devices, slot=args.slot, ids=args.ids, driver=args.driver, klass=args.klass)
     ids = host.ids
+    if args.verbose:
+        from pyvfio.host.listing import ModuleMatcher, detail, format_detail
+
+        matcher = ModuleMatcher(host)
+        infos = [detail(host, d, matcher) for d in devices]
+        if args.json:
+            _print_json_lines(infos)
+        else:
+            print("\n\n".join(format_detail(i) for i in infos))
+        return 0
     if args.json:
         _print_json_lines([d.as_dict(ids) for d in devices])
         return 0
+    from pyvfio.host.listing import class_label, device_name
+
     rows = []
     for dev in devices:
         info = dev.as_dict(ids)
-        name = " ".join(x for x in (info["vendor_name"], info["device_name"]) if x)
+        name = device_name(ids, dev.vendor_id, dev.device_id)
         rows.append([
             dev.address,
             f"{info['vendor_id']}:{info['device_id']}",
-            info["class_name"] or info["class"],
+            class_label(ids, dev.class_code),
             dev.driver or "-",
             "-" if dev.iommu_group is None else str(dev.iommu_group),
             dev.vfio_cdev or "-",

@@ -129,6 +129,12 @@ class HostUsage:
     def p(self, relative: str) -> str:
         return self._prefix + relative
 
+    def block_devices(self, address: str) -> list[str]:
+        """The block devices (disks and partitions) on the device ``address``."""
+        if self._by_device is None:
+            self._by_device = self._read()
+        return sorted(self._blocks_by_owner.get(address, ()))
+
     def uses(self, address: str, class_code: int | None = None) -> list[Use]:
         """Every use of the device ``address`` (empty if the host does not use it).
         ``class_code`` lets the boot VGA check read ``boot_vga`` only for
@@ -239,6 +245,9 @@ class HostUsage:
 
     def _read_blocks(self, by_device: dict[str, list[Use]]) -> None:
         owners = self._class_owners("block")
+        self._blocks_by_owner: dict[str, list[str]] = {}
+        for name, owner in owners.items():
+            self._blocks_by_owner.setdefault(owner, []).append(name)
         if not owners:
             return
         blocks: dict[str, _Block] = {}
