@@ -291,7 +291,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         raise CommandFailed("name the devices to check, or use --all", 2)
     diags = diagnose_many(host, addresses)
-    if args.json:
+    if args.json and args.all:  # thousands of objects: one per line, the fast encoder
+        _print_json_lines([d.as_dict() for d in diags])
+    elif args.json:
         print_json([d.as_dict() for d in diags])
     else:
         _print_diagnoses(diags)

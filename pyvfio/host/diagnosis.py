@@ -271,12 +271,13 @@ def _driver_evidence(host: Host, diag: Diagnosis, dev: PciDevice) -> None:
     if dev.driver and dev.driver not in ("vfio-pci", "pci-stub"):
         aliases = host.aliases
         module = host.driver_module(dev.driver)
-        if aliases.path is None or not os.path.exists(aliases.path):
+        if not aliases.patterns() and (aliases.path is None or not os.path.exists(aliases.path)):
             diag.note("modules.alias", "absent (no /lib/modules/<release>/modules.alias); not consulted")
         elif aliases.is_vfio_module(module):
-            diag.note(aliases.path, f"module {module} has vfio_pci: aliases (a vfio variant driver)")
+            diag.note(aliases.path or "modules.alias",
+                      f"module {module} has vfio_pci: aliases (a vfio variant driver)")
         else:
-            diag.note(aliases.path, f"no vfio_pci: alias for module {module}")
+            diag.note(aliases.path or "modules.alias", f"no vfio_pci: alias for module {module}")
 
 
 def _registered_by_group(host: Host, members: list[PciDevice], kinds: dict[str, str]) -> PciDevice | None:

@@ -319,6 +319,7 @@ class Host:
         self._all_groups: list[IommuGroup] | None = None
         self._driver_modules: dict[str, str] = {}
         self._vfio_nodes: set[str] | None = None
+        self._vfio_groups: set[str] | None = None
         self._usage: HostUsage | None = None
 
     @property
@@ -489,11 +490,18 @@ class Host:
         """The verdict on the group's node, ``None`` when neither the kernel
         (``/sys/class/vfio/N``) nor ``/dev/vfio`` has one."""
         nodes = self._nodes()
+        registered = self._vfio_class()
         for noiommu in (False, True):
             name = f"noiommu-{number}" if noiommu else str(number)
-            if name in nodes or os.path.exists(self.path(f"sys/class/vfio/{name}")):
+            if name in nodes or name in registered:
                 return group_node_check(self._prefix, number, noiommu)
         return None
+
+    def _vfio_class(self) -> set[str]:
+        """The groups vfio registered (``/sys/class/vfio``), listed once."""
+        if self._vfio_groups is None:
+            self._vfio_groups = set(list_dir(self.path("sys/class/vfio")))
+        return self._vfio_groups
 
     # ---- drivers ----
 
