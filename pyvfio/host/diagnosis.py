@@ -273,11 +273,13 @@ def _driver_evidence(host: Host, diag: Diagnosis, dev: PciDevice) -> None:
         module = host.driver_module(dev.driver)
         if not aliases.patterns() and (aliases.path is None or not os.path.exists(aliases.path)):
             diag.note("modules.alias", "absent (no /lib/modules/<release>/modules.alias); not consulted")
-        elif aliases.is_vfio_module(module):
-            diag.note(aliases.path or "modules.alias",
-                      f"module {module} has vfio_pci: aliases (a vfio variant driver)")
         else:
-            diag.note(aliases.path or "modules.alias", f"no vfio_pci: alias for module {module}")
+            # As a process on that host sees it, like the other sources.
+            shown = "/" + os.path.relpath(aliases.path, host.root) if aliases.path else "modules.alias"
+            if aliases.is_vfio_module(module):
+                diag.note(shown, f"module {module} has vfio_pci: aliases (a vfio variant driver)")
+            else:
+                diag.note(shown, f"no vfio_pci: alias for module {module}")
 
 
 def _registered_by_group(host: Host, members: list[PciDevice], kinds: dict[str, str]) -> PciDevice | None:
