@@ -282,7 +282,7 @@ def _print_diagnoses(diags: list[Diagnosis]) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from pyvfio.host.diagnosis import diagnose_many
 
-    host = Host(args.root)
+    host = Host(args.root, lean=args.all)
     if args.all:
         addresses = [d.address for d in host.devices() if not d.is_bridge]
         host.groups()  # group membership from the devices just read

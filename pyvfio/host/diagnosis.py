@@ -39,6 +39,7 @@ objects naming the file (or table) and what it said.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class Diagnosis:
             "vfio_cdev": f"/dev/vfio/devices/{self.vfio_cdev}" if self.vfio_cdev else None,
             "noiommu": self.noiommu,
             "members": [m.as_dict() for m in self.members],
-            "evidence": [dict(e) for e in self.evidence],
+            "evidence": self.evidence,  # built once, never changed afterwards
         }
 
     def summary(self) -> str:
@@ -274,12 +275,23 @@ def _driver_evidence(host: Host, diag: Diagnosis, dev: PciDevice) -> None:
         if not aliases.patterns() and (aliases.path is None or not os.path.exists(aliases.path)):
             diag.note("modules.alias", "absent (no /lib/modules/<release>/modules.alias); not consulted")
         else:
-            # As a process on that host sees it, like the other sources.
-            shown = "/" + os.path.relpath(aliases.path, host.root) if aliases.path else "modules.alias"
+            shown = _shown_path(aliases.path, host.root)
             if aliases.is_vfio_module(module):
                 diag.note(shown, f"module {module} has vfio_pci: aliases (a vfio variant driver)")
             else:
                 diag.note(shown, f"no vfio_pci: alias for module {module}")
+
+
+@functools.lru_cache(maxsize=8)
+def _shown_path(path: str | None, root: str) -> str:
+    """A file under the root as a process on that host sees it, like the
+    other evidence sources (computed once, not per device)."""
+    return "/" + os.path.relpath(path, root) if path else "modules.alias"
+
+
+@functools.lru_cache(maxsize=4096)
+def _regions_text(regions: tuple[tuple[int, int, str], ...]) -> str:
+    return ", ".join(f"{start:#x}-{end:#x} {kind}" for start, end, kind in regions) or "none"
 
 
 def _registered_by_group(host: Host, members: list[PciDevice], kinds: dict[str, str]) -> PciDevice | None:
@@ -423,7 +435,7 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
 
     direct = [r for r in group.reserved_regions if r.type == "direct"]
     diag.note(f"/sys/kernel/iommu_groups/{number}/reserved_regions",
-              ", ".join(f"{r.start:#x}-{r.end:#x} {r.type}" for r in group.reserved_regions) or "none")
+              _regions_text(tuple((r.start, r.end, r.type) for r in group.reserved_regions)))
     for region in direct:
         diag.problems.append(Problem(
             dev.address, dev.driver,

@@ -336,3 +336,24 @@ def test_a_user_who_cannot_write_gets_one_line_and_nothing_is_written(capsys) ->
         assert snapshot(fake.root) == before
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- the whole host --------------------------------------------------------------------------
+
+def test_check_all_is_every_device_diagnosed_alone(host: FakeSysfs, capsys) -> None:
+    """check --all (lean device reads, one /proc scan, usage read once) says
+    exactly what check says of each device named on its own."""
+    _mgmt(host)
+    host.add_ipv4_route("eno1", "0.0.0.0", 0, gateway="192.168.1.1")
+    _vgpu(host)
+    _nvme(host)
+    host.add_mount("259:1", "/srv/data", "/dev/nvme0n1p1")
+    host.add_device("0000:00:01.0", 0x8086, 0xA110, 0x060400, group=1, driver="pcieport")
+    code, out, _ = run(capsys, "--root", host.root, "check", "--all", "--json")
+    whole = json.loads(out)
+    assert code == 1
+    assert [d["device"] for d in whole] == sorted(a for a in host.devices if a != "0000:00:01.0")
+    code, out, _ = run(capsys, "--root", host.root, "check", "--json", *[d["device"] for d in whole])
+    assert json.loads(out) == whole
+    kinds = {p["kind"] for d in whole for p in d["problems"]}
+    assert {"active-netdev", "mounted", "host-driver", "not-vfio"} <= kinds
