@@ -14,8 +14,11 @@ sysfs does.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pyvfio.cli import CommandFailed, add_json_flag, print_json
@@ -135,6 +138,24 @@ def _state_dir_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """Suspend the cyclic garbage collector while an inventory is built.
+
+    A 10,000-device host makes some 200,000 small objects (devices, groups,
+    diagnoses, their dicts and lists) and none of them form reference cycles,
+    so reference counting frees them all; but every few hundred allocations
+    the collector walks the young ones again, and now and then all of them:
+    measured, a fifth of ``check --all``'s CPU time at 10,000 devices."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _config_dir_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config-dir", metavar="DIR",
@@ -169,6 +190,11 @@ def _yes(value: bool) -> str:
 # ---- ls ----
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    with _without_cyclic_gc():
+        return _ls(args)
+
+
+def _ls(args: argparse.Namespace) -> int:
     host = Host(args.root)
     if args.devices:
         devices = [host.device(normalize_bdf(a)) for a in args.devices]
@@ -240,6 +266,11 @@ def group_dict(host: Host, group: IommuGroup) -> dict[str, Any]:
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
+    with _without_cyclic_gc():
+        return _groups(args)
+
+
+def _groups(args: argparse.Namespace) -> int:
     host = Host(args.root)
     host.devices()  # one pass over the devices, so members come from the cache
     groups = [group_dict(host, g) for g in host.groups()]
@@ -280,6 +311,11 @@ def _print_diagnoses(diags: list[Diagnosis]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    with _without_cyclic_gc():
+        return _check(args)
+
+
+def _check(args: argparse.Namespace) -> int:
     from pyvfio.host.diagnosis import diagnose_many
 
     host = Host(args.root, lean=args.all)
