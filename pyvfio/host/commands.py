@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pyvfio.cli import CommandFailed, add_json_flag, print_json
+from pyvfio.cli import CommandFailed, add_json_flag, error_kind, print_json
 from pyvfio.errors import DeviceNotFound, HostStateError
 from pyvfio.host.model import VIABLE_KINDS, Host, IommuGroup, normalize_bdf
 
@@ -33,16 +33,97 @@ if TYPE_CHECKING:
 # `groups` start faster without them.
 
 
+_ERRORS = ("2 bad usage, a bad --root, a missing device (one line on\nstderr; with --json "
+           "also {\"error\": {...}} on stdout), 130 interrupted")
+
+LS_EPILOG = f"""\
+examples:
+  pyvfio ls                              every PCI device
+  pyvfio ls 01:00.0 01:00.1              only these (the domain may be left out)
+  pyvfio ls --json | jq '.[] | select(.driver == "vfio-pci")'
+  pyvfio ls --root /srv/host-snapshot    another host's sysfs/dev/proc tree
+  pyvfio ls -s 02:00.1                   lspci's slot filter ([[[[dom]:]bus]:][dev][.[fn]])
+  pyvfio ls -d 8086: --driver none       lspci's ID filter (vendor:device[:class]), driverless
+  pyvfio ls -d ::0200 -v                 Ethernet controllers, detail view
+
+exit status: 0 listed, {_ERRORS}
+"""
+
+GROUPS_EPILOG = f"""\
+examples:
+  pyvfio groups                          groups, members, viability, /dev/vfio node
+  pyvfio groups --json
+
+exit status: 0 listed, {_ERRORS}
+"""
+
+CHECK_EPILOG = f"""\
+examples:
+  pyvfio check 01:00.0                   ready for VFIO? each problem with its fix
+  pyvfio check 01:00.0 01:00.1 --json
+  pyvfio check 01:00.0 && qemu-system-x86_64 ...
+  pyvfio check --all --json              every device of the host, one object per line
+
+exit status: 0 every named device is ready, 1 one is not,
+{_ERRORS}
+"""
+
+BIND_EPILOG = f"""\
+examples:
+  pyvfio bind 01:00.0 --dry-run          the sysfs writes it would make, nothing changed
+  pyvfio bind 01:00.0                    to the best vfio driver, recorded for restore
+  pyvfio bind --group 01:00.0            every endpoint of its IOMMU group
+  pyvfio bind 04:00.0 --driver mlx5_vfio_pci
+  pyvfio bind --group 02:00.1 --force    take it even though the host uses a member (a NIC
+                                         with routes, a mounted disk): refused without --force
+  pyvfio bind --persist 01:00.0          also recorded in ROOT/etc/pyvfio/bindings.json
+
+exit status: 0 bound and ready, 1 refused, rolled back or not ready afterwards,
+{_ERRORS}
+"""
+
+RESTORE_EPILOG = f"""\
+examples:
+  pyvfio restore 01:00.0                 back to the driver it had before bind
+  pyvfio restore --all --dry-run         what restoring every record would write
+
+exit status: 0 restored (or nothing to do), 1 a restore failed,
+{_ERRORS}
+"""
+
+
+APPLY_EPILOG = f"""\
+examples:
+  pyvfio apply --dry-run                 what the boot unit would bind
+  pyvfio apply                           bind every persisted binding, with bind's checks
+  pyvfio apply --print-unit > /etc/systemd/system/pyvfio-apply.service
+                                         install the boot unit (then systemctl enable it)
+
+exit status: 0 every binding is in place, 1 one or more were refused or failed,
+{_ERRORS}
+"""
+
+PERSIST_EPILOG = f"""\
+examples:
+  pyvfio persist list                    the bindings apply makes at boot
+  pyvfio persist forget 01:00.0          drop one (it stays bound until pyvfio restore)
+  pyvfio persist forget --all
+
+exit status: 0 done, {_ERRORS}
+"""
+
+
+def _parser(sub: Any, name: str, epilog: str, **kw: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    return parser
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "ls", help="list PCI devices (IDs, names, driver, IOMMU group), with lspci's filters",
-        description="List PCI devices.  The filters combine (a device must pass all of them) "
-        "and take lspci's syntax.",
-        epilog="examples:\n  pyvfio ls -s 02:00.1\n  pyvfio ls -d 8086:          # every Intel device\n"
-        "  pyvfio ls -d ::0200 -v      # Ethernet controllers, detail view\n"
-        "  pyvfio ls --driver vfio-pci --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _parser(sub, "ls", LS_EPILOG,
+                help="list PCI devices (IDs, names, driver, IOMMU group), with lspci's filters",
+                description="List PCI devices.  The filters combine (a device must pass all\n"
+                "of them) and take lspci's syntax.")
     p.add_argument("devices", nargs="*", metavar="BDF", help="only these devices")
     p.add_argument("-s", dest="slot", metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
                    help="only devices in these slots (fields empty or * match any), as lspci -s")
@@ -57,12 +138,12 @@ def register(sub: Any) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("groups", help="list IOMMU groups, their members and viability")
+    p = _parser(sub, "groups", GROUPS_EPILOG, help="list IOMMU groups, their members and viability")
     add_json_flag(p)
     p.set_defaults(func=cmd_groups)
 
-    p = sub.add_parser(
-        "check",
+    p = _parser(
+        sub, "check", CHECK_EPILOG,
         help="diagnose devices: viable, in use, driver kind, best driver, ready (exit 0 only if all ready)",
     )
     p.add_argument("devices", nargs="*", metavar="BDF")
@@ -71,7 +152,7 @@ def register(sub: Any) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("bind", help="bind devices to a vfio driver, recording how to restore them")
+    p = _parser(sub, "bind", BIND_EPILOG, help="bind devices to a vfio driver, recording how to restore them")
     p.add_argument("devices", nargs="+", metavar="BDF")
     p.add_argument("--driver", metavar="NAME", help="driver to bind to (default: the best vfio driver)")
     p.add_argument("--group", action="store_true", help="bind every endpoint of the devices' IOMMU groups")
@@ -89,15 +170,10 @@ def register(sub: Any) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_bind)
 
-    p = sub.add_parser(
-        "apply", help="bind every persisted binding (what the boot unit runs), with bind's checks",
-        description="Bind every device recorded with `pyvfio bind --persist`, with the same "
-        "checks as `pyvfio bind`: a device the host uses is refused unless --force.  "
-        "Exit status: 0 every binding is in place, 1 one or more were refused or failed.",
-        epilog="examples:\n  pyvfio apply --dry-run\n"
-        "  pyvfio apply --print-unit > /etc/systemd/system/pyvfio-apply.service",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _parser(sub, "apply", APPLY_EPILOG,
+                help="bind every persisted binding (what the boot unit runs), with bind's checks",
+                description="Bind every device recorded with `pyvfio bind --persist`, with the\n"
+                "same checks as `pyvfio bind`: a device the host uses is refused unless --force.")
     p.add_argument("--dry-run", action="store_true", help="print what would be bound, change nothing")
     p.add_argument("--force", action="store_true", help="as bind --force, for every binding")
     p.add_argument("--print-unit", action="store_true",
@@ -107,22 +183,23 @@ def register(sub: Any) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("persist", help="list or forget persisted bindings (see bind --persist)")
+    p = _parser(sub, "persist", PERSIST_EPILOG,
+                help="list or forget persisted bindings (see bind --persist)")
     persist_sub = p.add_subparsers(dest="persist_command", metavar="ACTION")
     persist_sub.required = True
-    q = persist_sub.add_parser("list", help="list the persisted bindings")
+    q = _parser(persist_sub, "list", PERSIST_EPILOG, help="list the persisted bindings")
     _config_dir_flag(q)
     add_json_flag(q)
     q.set_defaults(func=cmd_persist_list)
-    q = persist_sub.add_parser("forget", help="remove persisted bindings (the devices stay bound "
-                               "until `pyvfio restore`)")
+    q = _parser(persist_sub, "forget", PERSIST_EPILOG,
+                help="remove persisted bindings (the devices stay bound until `pyvfio restore`)")
     q.add_argument("devices", nargs="*", metavar="BDF")
     q.add_argument("--all", action="store_true", help="forget every persisted binding")
     _config_dir_flag(q)
     add_json_flag(q)
     q.set_defaults(func=cmd_persist_forget)
 
-    p = sub.add_parser("restore", help="return bound devices to their original driver")
+    p = _parser(sub, "restore", RESTORE_EPILOG, help="return bound devices to their original driver")
     p.add_argument("devices", nargs="*", metavar="BDF")
     p.add_argument("--all", action="store_true", help="restore every recorded device")
     p.add_argument("--dry-run", action="store_true", help="print the sysfs writes, change nothing")
@@ -197,7 +274,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     host = Host(args.root)
     if args.devices:
-        devices = [host.device(normalize_bdf(a)) for a in args.devices]
+        # A device named twice (in any spelling) is listed once, in first-named order.
+        devices = [host.device(a) for a in dict.fromkeys(normalize_bdf(a) for a in args.devices)]
     else:
         devices = host.devices()
     if args.slot or args.ids or args.driver or args.klass:
@@ -338,13 +416,13 @@ def _check(args: argparse.Namespace) -> int:
 
 # ---- bind / restore ----
 
-def _refused(args: argparse.Namespace, exc: HostStateError) -> CommandFailed:
-    if args.json:
-        print_json({"error": str(exc), "problems": exc.problems})
-    elif len(exc.problems) > 1 and getattr(args, "dry_run", False):
-        for p in exc.problems:  # a dry run shows every reason, not only the first
+def _refused(exc: HostStateError, *, dry_run: bool = False, json_out: bool = False) -> CommandFailed:
+    """A refused bind/restore: exit 1, the problems in the error object; a
+    dry run in text also lists every reason, not only the first."""
+    if dry_run and not json_out and len(exc.problems) > 1:
+        for p in exc.problems:
             print(f"{p['device']}: {p.get('kind')}: {p['reason']}\n    fix: {p['fix']}")
-    return CommandFailed(str(exc), 1)
+    return CommandFailed(str(exc), 1, kind=error_kind(exc), problems=exc.problems)
 
 
 def _print_results(results: list[BindResult], dry_run: bool) -> None:
@@ -359,6 +437,8 @@ def _print_results(results: list[BindResult], dry_run: bool) -> None:
         if dry_run:
             for step in r.steps:
                 print(f"    {step}")
+    if dry_run and results:
+        print("dry run: nothing was changed")
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
@@ -380,7 +460,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
             state_dir=args.state_dir, host=host, force=args.force,
         )
     except HostStateError as exc:
-        raise _refused(args, exc) from exc
+        raise _refused(exc, dry_run=args.dry_run, json_out=args.json) from exc
     persisted: list[dict[str, Any]] = []
     if config is not None and not args.dry_run:
         named = [host.device(normalize_bdf(a)) for a in args.devices]
@@ -420,18 +500,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
             host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, exc) from exc
+        raise _refused(exc) from exc
     if args.json:
         print_json({"dry_run": args.dry_run, "devices": [r.as_dict() for r in results]})
     else:
         for r in results:
-            print(f"{r.device}: restored to {r.driver or 'no driver'}"
+            verb = "would be restored to" if args.dry_run else "restored to"
+            print(f"{r.device}: {verb} {r.driver or 'no driver'}"
                   + (" (unchanged)" if not r.changed else ""))
             if args.dry_run:
                 for step in r.steps:
                     print(f"    {step}")
         if not results:
             print("nothing to restore")
+        elif args.dry_run:
+            print("dry run: nothing was changed")
     return 0
 
 

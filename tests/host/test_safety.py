@@ -96,8 +96,9 @@ def test_dry_run_shows_the_refusal(host: FakeSysfs, capsys) -> None:
     code, _, err = run(capsys, "--root", host.root, "bind", "--group", "--dry-run", MGMT_PEER)
     assert code == 1 and "10.0.0.0/8" in err and "eno1" in err
     code, out, _ = run(capsys, "--root", host.root, "bind", "--group", "--dry-run", "--json", MGMT_PEER)
-    refusal = json.loads(out)
-    assert code == 1 and [p["kind"] for p in refusal["problems"]] == ["active-netdev"]
+    refusal = json.loads(out)["error"]
+    assert code == 1 and refusal["kind"] == "host-uses-device"
+    assert [p["kind"] for p in refusal["problems"]] == ["active-netdev"]
     assert host.writes == []
 
 
