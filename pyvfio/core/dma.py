@@ -226,19 +226,30 @@ class DmaSpace(abc.ABC):
             if next_start < end:
                 raise UsageError(f"entries {n} and {m} overlap: IOVA {start:#x}..{end - 1:#x} "
                                  f"and {next_start:#x}")
+        self._map_batch(batch, readable, writable)
+
+    def _map_batch(self, batch: list[tuple[int, SharedMemory]], readable: bool,
+                   writable: bool) -> None:
+        """Map a checked batch (no overlaps, no closed memory), all or none.
+        The default makes one :meth:`map` per entry and unmaps what it mapped
+        on an error; a kernel backend overrides it to run every check of every
+        entry before its first ioctl."""
         done: list[tuple[int, int]] = []
-        map_one = self.map
         try:
             for iova, memory in batch:
-                map_one(iova, memory, 0, None, readable, writable)
+                self.map(iova, memory, 0, None, readable, writable)
                 done.append((iova, memory.size))
         except BaseException:
-            for iova, size in reversed(done):
-                try:
-                    self.unmap(iova, size)
-                except Exception:  # the first error is the one to report
-                    pass
+            self._unmap_quietly(done)
             raise
+
+    def _unmap_quietly(self, done: list[tuple[int, int]]) -> None:
+        """Roll back a partly done batch: the first error is the one to report."""
+        for iova, size in reversed(done):
+            try:
+                self.unmap(iova, size)
+            except Exception:
+                pass
 
     @property
     def page_size(self) -> int:

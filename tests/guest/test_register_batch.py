@@ -61,14 +61,18 @@ def test_map_many_maps_and_rolls_back_on_the_real_iommu(edu_dev: Device) -> None
             space.map(iovas[1], mems[1])
         for iova in iovas:
             space.unmap(iova, 4096)
-        # The third entry lies outside the IOMMU aperture: the first two were
-        # mapped by the kernel, then unmapped again before the error came out.
+        # The third entry lies outside the IOMMU aperture: refused before any map.
         with pytest.raises(IovaRangeError):
             space.map_many([(iovas[0], mems[0]), (iovas[1], mems[1]), (1 << 62, mems[2])])
+        # The third IOVA is taken already: the kernel refuses it (EEXIST) after
+        # mapping the first two, which are unmapped again before the error comes out.
+        space.map(iovas[2], mems[2])
+        with pytest.raises(IovaRangeError, match="already mapped"):
+            space.map_many([(iovas[0], mems[0]), (iovas[1], mems[1]), (iovas[2], mems[0])])
         space.map(iovas[0], mems[0])  # would be EEXIST had the rollback not unmapped it
         space.map(iovas[1], mems[1])
-        space.unmap(iovas[0], 4096)
-        space.unmap(iovas[1], 4096)
+        for iova in iovas:
+            space.unmap(iova, 4096)
     finally:
         for m in mems:
             m.close()
