@@ -140,7 +140,7 @@ def run_in_process(case: str, n: int) -> int:
 
 # ---- vfio-user cases: a server and a client process, one of them under valgrind ----
 
-def _wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+def _wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 1200) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc.poll() is not None:
