@@ -31,8 +31,10 @@ names that do not exist on this host, and rules that can never match are all
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,17 +43,31 @@ from typing import Any
 
 from pyvfio.broker.wire import PeerCredentials
 from pyvfio.errors import UsageError
+from pyvfio.pci.address import PciAddress
 
 __all__ = ["BACKENDS", "DeviceIdentity", "Policy", "PolicyError", "Rule", "normalize_address"]
 
 BACKENDS = ("legacy", "iommufd")
 
-_ADDRESS = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
 _ID = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 
 _BROKER_KEYS = {"max_clients", "max_devices_per_client"}
 _RULE_KEYS = {"name", "users", "groups", "devices", "ids", "iommu_groups", "backends", "managed"}
 
+
+
+def _check_policy_file(path: Path, st: os.stat_result) -> None:
+    """The broker runs as root and does what the policy says: a policy that
+    another user can write (or owns) would let them grant themselves any
+    device.  Refused before it is parsed."""
+    if not stat.S_ISREG(st.st_mode):
+        raise PolicyError(f"policy {path} is not a regular file")
+    if st.st_uid not in (0, os.geteuid()):
+        raise PolicyError(f"policy {path} belongs to uid {st.st_uid}, not root: refusing a "
+                          "policy another user controls (chown root it)")
+    if st.st_mode & 0o022:
+        raise PolicyError(f"policy {path} is writable by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it (chmod go-w {path})")
 
 class PolicyError(UsageError):
     """Raised when a policy file cannot be read or is invalid; the message names
@@ -59,12 +75,10 @@ class PolicyError(UsageError):
 
 
 def normalize_address(text: str) -> str:
-    """``00:03.0`` or ``0000:00:03.0`` -> ``0000:00:03.0``; UsageError otherwise."""
-    m = _ADDRESS.match(text.strip()) if isinstance(text, str) else None
-    if not m:
-        raise UsageError(f"not a PCI address (DDDD:BB:DD.F): {text!r}")
-    domain, bus, dev, fn = m.groups()
-    return f"{(domain or '0000').lower()}:{bus.lower()}:{dev.lower()}.{fn}"
+    """``00:03.0``, ``0000:00:03.0`` or ``10001:8a:00.0`` (VMD) ->
+    ``0000:00:03.0`` / ``10001:8a:00.0``; UsageError otherwise
+    (:class:`~pyvfio.pci.address.PciAddress` is the one parser)."""
+    return PciAddress.normalize(text)
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,9 @@ class Policy:
     def load(cls, path: str | Path) -> Policy:
         path = Path(path)
         try:
-            text = path.read_bytes().decode("utf-8")
+            with open(path, "rb") as f:
+                _check_policy_file(path, os.fstat(f.fileno()))
+                text = f.read().decode("utf-8")
         except OSError as exc:
             raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
