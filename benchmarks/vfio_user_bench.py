@@ -14,13 +14,13 @@ Measured in one run:
   which does no work).  Goal: pyvfio >= 0.85x the C echo rate.
 * client: the pyvfio client (``dev.bar(0).read32(0)`` through the Device API)
   against the C echo server, and the C client against it.  Goal: >= 0.85x.
-
-Rounds are interleaved (every variant once per round) and the median is
-reported; each ratio is the median of the per-round ratios.
 * DMA: a model reading client memory through a mapped fd
   (``pyvfio.user.dma.DmaTable.readinto`` over a memfd the "client" filled,
   mmapped as the server maps DMA_MAP fds) against ``memmove`` of the same
   sizes between two buffers through ctypes.  Goal: >= 0.8x.
+
+Round trips are measured in interleaved rounds (every variant once per round)
+and the median is reported; each ratio is the median of the per-round ratios.
 
 Usage: ``python benchmarks/vfio_user_bench.py [--iterations N] [--rounds R] [--json]``
 """
