@@ -40,6 +40,10 @@ class RegionBackend(Protocol):
                               ) -> dict[int, tuple[Callable[[int], int],
                                                    Callable[[int, int], None]]] | None: ...
 
+    def _region_read_block(self, index: int, offset: int, count: int, width: int) -> bytes: ...
+
+    def _region_write_block(self, index: int, offset: int, data: bytes, width: int) -> None: ...
+
 
 class Region:
     """One region of a device (a BAR, the ROM, config space).
@@ -160,37 +164,43 @@ class Region:
 
     def read_block(self, offset: int, count: int, width: int = 4) -> list[int]:
         """Read ``count`` consecutive ``width``-byte little-endian registers
-        starting at byte ``offset``, in **one** backend access (one ``pread``
-        on a kernel device, one REGION_READ, split only at the server's
-        ``max_data_xfer_size``, on vfio-user).
+        starting at byte ``offset``, each as one access of exactly ``width``
+        bytes, in address order, all in **one** call to the backend: one
+        ``preadv`` system call on a kernel device (the vfio device file has
+        no ``read_iter``, so the kernel makes one ``read`` per iovec:
+        ``do_loop_readv_writev``), one round trip of pipelined REGION_READs on
+        vfio-user.  Not one wide ``pread``: a newer vfio-pci (the 6.12 guest
+        kernel, not Debian's 6.1) turns an aligned 8-byte stretch of a
+        ``pread`` into one 8-byte access (``vfio_pci_core_do_io_rw``), which a
+        device with 4-byte registers (QEMU's edu, below 0x80) answers with all
+        ones (tests/guest/test_register_batch.py).
 
         Returns a list of ``count`` ints.  Raises :class:`UsageError` for a
-        bad width, a misaligned ``offset`` or a block outside the region, and
-        the backend's error (``KernelError``, ``ProtocolError``) for a failed
-        access.  For device memory whose registers have read side effects,
-        remember that the kernel's vfio-pci splits one ``pread`` into accesses
-        of at most 4 (or 8) bytes in address order (``vfio_pci_core_do_io_rw``).
+        bad width, a misaligned ``offset`` or a block outside the region
+        (before any access), and the backend's error (``KernelError``,
+        ``PeerError``, ``ProtocolError``) for a failed access.
         """
         fmt = self._check_block(offset, count, width)
         if not count:
             return []
-        data = self.device._region_read(self.index, offset, count * width)
+        data = self.device._region_read_block(self.index, offset, count, width)
         view = memoryview(data).cast(fmt)  # type: ignore[call-overload]
         return view.tolist() if _LITTLE else [int.from_bytes(data[i:i + width], "little")
                                               for i in range(0, len(data), width)]
 
     def write_block(self, offset: int, values: Sequence[int], width: int = 4) -> None:
         """Write ``values`` to consecutive ``width``-byte little-endian
-        registers starting at byte ``offset``, in one backend access (one
-        ``pwrite``, one REGION_WRITE).  Each value is masked to ``width``
-        bytes.  Errors as :meth:`read_block`; nothing is written when the
-        block is refused."""
+        registers starting at byte ``offset``, one access of exactly ``width``
+        bytes each, in address order, in one backend call (one ``pwritev``;
+        pipelined REGION_WRITEs).  Each value is masked to ``width`` bytes.
+        Errors as :meth:`read_block`; nothing is written when the block is
+        refused."""
         self._check_block(offset, len(values), width)
         if not values:
             return
         mask = (1 << (8 * width)) - 1
         data = b"".join((v & mask).to_bytes(width, "little") for v in values)
-        self.device._region_write(self.index, offset, data)
+        self.device._region_write_block(self.index, offset, data, width)
 
     def mmap(self, offset: int = 0, size: int | None = None) -> MappedRegion:
         """Map ``size`` bytes at ``offset`` (default: the first mmap area)."""

@@ -4,13 +4,15 @@ by tests/guest/test_register_batch.py on real kernels)."""
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from pyvfio.device import SharedMemory
-from pyvfio.errors import ClosedError, UsageError
+from pyvfio.devices.edu import EduDevice
+from pyvfio.errors import ClosedError, PeerError, UsageError
 from pyvfio.user.client import VfioUserDevice, connect
 
 try:
@@ -55,11 +57,35 @@ def test_read_block_is_one_region_read(dev: VfioUserDevice, scratch: ScratchDevi
     assert bar.read_block(4096 + 4, 3, width=2) == [values[1] & 0xFFFF, values[1] >> 16,
                                                     values[2] & 0xFFFF]
     assert bar.read_block(4096, 0) == []
-    # the trapped first page goes through the model's callback in one access
+    # the trapped first page goes through the model's callback, one access of
+    # the register width each, in address order
     bar.write_block(0x100, [0x11223344, 0x55667788, 0x1_FFFFFFFF])
-    assert scratch.writes[before:] == [(0x100, struct.pack("<3I", 0x11223344, 0x55667788,
-                                                           0xFFFFFFFF))]
+    assert scratch.writes[before:] == [(0x100, struct.pack("<I", 0x11223344)),
+                                       (0x104, struct.pack("<I", 0x55667788)),
+                                       (0x108, struct.pack("<I", 0xFFFFFFFF))]
     assert bar.read_block(0x100, 3) == [0x11223344, 0x55667788, 0xFFFFFFFF]
+
+
+def test_blocks_keep_the_register_width(serve: Callable[..., str], edu: EduDevice) -> None:
+    """edu answers only 4-byte accesses below 0x80 (an 8-byte one reads all
+    ones), so a block of its registers must not become wider accesses."""
+    with connect(serve(edu)) as dev:
+        bar = dev.bar(0)
+        bar.write_block(0x04, [0x0F0F0F0F])
+        assert bar.read_block(0x00, 3) == [0x010000ED, 0xF0F0F0F0, edu.fact]
+        # more registers than one pipelined slice: every one answered, in order
+        assert bar.read_block(0x00, 150)[:2] == [0x010000ED, 0xF0F0F0F0]
+        assert len(bar.read_block(0x00, 150)) == 150
+
+
+def test_a_failed_register_in_a_block_raises_and_keeps_the_stream(
+        dev: VfioUserDevice) -> None:
+    """Offset 0x800 of the scratch BAR0 fails (EIO): the error comes out after
+    every pipelined reply was read, and the next access still works."""
+    with pytest.raises(PeerError) as info:
+        dev.bar(0).read_block(0x7F8, 4)
+    assert info.value.errno == errno.EIO
+    assert dev.bar(0).read_block(0x7F0, 2) == [0, 0]
 
 
 @pytest.mark.parametrize(("offset", "count", "width", "match"), [
