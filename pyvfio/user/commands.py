@@ -30,8 +30,32 @@ def _edu(args: argparse.Namespace) -> PciDeviceModel:
     return EduDevice(dma_delay=args.dma_delay)
 
 
+def _virtio_rng(args: argparse.Namespace) -> PciDeviceModel:
+    from pyvfio.devices.virtio.rng import SeededSource, VirtioRng
+
+    if args.seed is not None:
+        return VirtioRng(SeededSource(args.seed))
+    return VirtioRng()
+
+
+def _virtio_blk(args: argparse.Namespace) -> PciDeviceModel:
+    from pyvfio.devices.virtio.blk import VirtioBlk
+
+    if not args.file:
+        raise UsageError("virtio-blk needs a backing file: pyvfio serve virtio-blk --file "
+                         "disk.img --socket PATH (create one with truncate -s 64M disk.img)")
+    if len(args.sockets or ()) > 1:
+        raise UsageError("virtio-blk serves one --file on one --socket; run one server per "
+                         "disk")
+    return VirtioBlk(args.file, read_only=args.read_only)
+
+
 MODELS: dict[str, tuple[Callable[[argparse.Namespace], PciDeviceModel], str]] = {
     "edu": (_edu, "QEMU's edu teaching device (1234:11e8): factorial, IRQs, 4 KiB DMA engine"),
+    "virtio-rng": (_virtio_rng, "virtio entropy device (1af4:1044) for the guest's virtio_rng "
+                   "driver; --seed N for a reproducible stream"),
+    "virtio-blk": (_virtio_blk, "virtio block device (1af4:1042) backed by --file F for the "
+                   "guest's virtio_blk driver"),
 }
 
 
@@ -39,6 +63,9 @@ SERVE_EPILOG = """\
 examples:
   pyvfio serve edu --socket /tmp/edu.sock                     one edu device
   pyvfio serve edu --socket /tmp/a.sock --socket /tmp/b.sock  two independent ones
+  pyvfio serve virtio-rng --socket /tmp/rng.sock             the guest's virtio_rng binds it
+  pyvfio serve virtio-blk --file disk.img --socket /tmp/blk.sock
+                                                              a disk for the guest's virtio_blk
   pyvfio serve --list                                         the models there are
 
 then, from another shell:
@@ -68,6 +95,14 @@ def register(sub: Any) -> None:
     parser.add_argument("--dma-delay", type=float, default=0.1, metavar="SECONDS",
                         help="edu: delay between the DMA start command and the transfer "
                         "(default: 0.1, as QEMU)")
+    parser.add_argument("--file", metavar="PATH",
+                        help="virtio-blk: the backing file or block device (its size in "
+                        "512-byte sectors is the disk's capacity)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="virtio-blk: open --file read-only and offer VIRTIO_BLK_F_RO")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="virtio-rng: serve a reproducible stream (BLAKE2b of N and a "
+                        "counter) instead of os.urandom; for tests, never for real entropy")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
     parser.set_defaults(func=run)
 
@@ -85,13 +120,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list:
         for name, (_f, text) in MODELS.items():
-            print(f"{name:8} {text}")
+            print(f"{name:11} {text}")
         return 0
     if not args.model:
         raise UsageError(f"name a device model ({', '.join(sorted(MODELS))}), e.g. "
                          "pyvfio serve edu --socket /tmp/edu.sock")
     if not args.sockets:
         raise UsageError(f"say where to listen: pyvfio serve {args.model} --socket PATH")
+    if args.file and args.model != "virtio-blk":
+        raise UsageError(f"--file is for virtio-blk, not {args.model}")
     if args.dma_delay < 0:
         raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
     factory = MODELS[args.model][0]
