@@ -48,6 +48,7 @@ class ServedDevice(Protocol):
     max_msg_fds: int
     max_data_xfer_size: int
     max_dma_maps: int
+    reply_timeout: float
     migration: MigrationFsm
     io_fds: dict[int, list[tuple[IoEventFd, int]]]
 
@@ -75,6 +76,9 @@ class ConnectionBase:
     _twin: socket.socket | None
     _twin_reader: P.MessageReader | None
     _twin_lock: threading.Lock
+    _twin_thread: threading.Thread | None
+    _twin_eof: bool
+    _reply_timeout: float
     _closed: bool
     _close_after_reply: list[int]
     _regions: list[RegionSpec | None]

@@ -59,6 +59,9 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         self._twin: socket.socket | None = None
         self._twin_reader: P.MessageReader | None = None
         self._twin_lock = threading.Lock()
+        self._twin_thread: threading.Thread | None = None
+        self._twin_eof = False
+        self._reply_timeout = owner.reply_timeout
         self._closed = False
         self._close_after_reply: list[int] = []  # our copies of fds sent in a reply
         regions = self.device.regions
@@ -212,6 +215,10 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
             self.dma.remove_all()
             self.irqs.close()
             try:
+                self.owner.migration.client_gone()
+            except Exception:
+                log.exception("%s: leaving the migration state failed", self.owner.path)
+            try:
                 self.device.on_disconnect()
             except Exception:
                 log.exception("%s: on_disconnect failed", self.owner.path)
@@ -220,6 +227,10 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         self._backlog.clear()
         self.reader.close()
         if self._twin is not None:
+            with contextlib.suppress(OSError):
+                self._twin.shutdown(socket.SHUT_RDWR)
+            if self._twin_thread is not None:
+                self._twin_thread.join(5)
             self._twin.close()
         self.sock.close()
         self.owner._connection_ended(self)
@@ -252,6 +263,9 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
             mine_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._twin = mine_end
             self._twin_reader = P.MessageReader(mine_end, max_fds=0)
+            self._twin_thread = threading.Thread(target=self._twin_loop, daemon=True,
+                                                 name=f"vfio-user twin {self.owner.path}")
+            self._twin_thread.start()
             out_fds.append(client_end.detach())
             self._close_after_reply = list(out_fds)
             mine["twin_socket"] = {"supported": True, "fd_index": 0}

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import select
 import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from pyvfio.devices.model import IoEventFd, PciDeviceModel
 from pyvfio.errors import UsageError
 from pyvfio.user.server._base import (
+    CLIENT_REPLY_TIMEOUT,
     LISTEN_BACKLOG,
     MAX_WAITING_CLIENTS,
     SERVER_MAX_DATA_XFER_SIZE,
@@ -37,9 +41,11 @@ class DeviceServer:
     def __init__(self, device: PciDeviceModel, path: str, *,
                  max_msg_fds: int = SERVER_MAX_MSG_FDS,
                  max_data_xfer_size: int = SERVER_MAX_DATA_XFER_SIZE,
-                 max_dma_maps: int = SERVER_MAX_DMA_MAPS) -> None:
+                 max_dma_maps: int = SERVER_MAX_DMA_MAPS,
+                 reply_timeout: float = CLIENT_REPLY_TIMEOUT) -> None:
         self.device = device
         self.path = path
+        self.reply_timeout = reply_timeout
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
         self.max_dma_maps = max_dma_maps
@@ -50,6 +56,9 @@ class DeviceServer:
         self._lock = threading.Lock()
         self._waiting: collections.deque[socket.socket] = collections.deque()
         self._closing = False
+        # One fd held back for the day the process runs out (_accept_failed).
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._last_accept_error = 0.0
         device.finalize()
         # ioeventfds are the device's, not a client's: they outlive clients.
         self.io_fds: dict[int, list[tuple[IoEventFd, int]]] = {}
@@ -109,11 +118,46 @@ class DeviceServer:
         self.listener = sock
 
     def accept(self) -> None:
+        """Take one waiting client.  Never raises: an error is this client's
+        (it is turned away and the error logged), never the server's."""
         assert self.listener is not None
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            self._accept_failed(exc)
+            return
+        try:
+            self._take(sock)
+        except Exception as exc:  # no thread, no memory: turn this client away
+            sock.close()
+            log.error("%s: cannot serve a new client: %s", self.path, exc)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """accept() failed.  Out of fds (EMFILE, ENFILE), the client would stay
+        queued and the listener readable, so the accept loop would spin:
+        give back the reserve fd, accept the client and close it at once
+        (it sees the connection end), then take the reserve again."""
+        now = time.monotonic()
+        if now - self._last_accept_error > 1.0:
+            self._last_accept_error = now
+            log.warning("%s: cannot accept a client: %s (%s); turning it away", self.path,
+                        exc.strerror or exc, errno.errorcode.get(exc.errno or 0, "?"))
+        if exc.errno not in (errno.EMFILE, errno.ENFILE) or self.listener is None:
+            return
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _take(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         with self._lock:
             if self.connection is not None:
@@ -153,6 +197,9 @@ class DeviceServer:
             self._closing = True
             while self._waiting:
                 self._waiting.popleft().close()
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
         if self._io_wake is not None:
             os.write(self._io_wake[1], b"x")
             if self._io_thread is not None:
@@ -243,7 +290,7 @@ class Server:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def add(self, device: PciDeviceModel, path: str, **limits: int) -> DeviceServer:
+    def add(self, device: PciDeviceModel, path: str, **limits: Any) -> DeviceServer:
         ds = DeviceServer(device, path, **limits)
         ds.listen()
         assert ds.listener is not None
@@ -258,7 +305,10 @@ class Server:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 64)
                     continue
-                key.data.accept()
+                try:
+                    key.data.accept()
+                except Exception:  # never let one client end the loop of all devices
+                    log.exception("%s: accepting a client failed", key.data.path)
 
     def start(self) -> Server:
         self._thread = threading.Thread(target=self.serve_forever, name="vfio-user accept",
