@@ -84,6 +84,12 @@ class ConnectionBase:
     _regions: list[RegionSpec | None]
     _access_table: list[tuple[int, bool, bool, Any, memoryview | None] | None]
     _max_xfer: int
+    _max_read: int
+
+    @property
+    def _client_max_xfer(self) -> int:
+        """The largest data transfer we may send the client (its VERSION)."""
+        return min(self.owner.max_data_xfer_size, self.client_caps.max_data_xfer_size)
 
     def _send(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         with self._send_lock:

@@ -69,6 +69,7 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
                                                   range(self.device.num_regions)]
         self._access_table = self._build_access_table()
         self._max_xfer = owner.max_data_xfer_size
+        self._max_read = owner.max_data_xfer_size
         self._handlers: dict[int, Callable[[P.Message], tuple[bytes, list[int]]]] = {
             P.Command.VERSION: self._version,
             P.Command.DMA_MAP: self._dma_map,
@@ -245,6 +246,7 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
             raise ProtocolError(f"unsupported major version {v.major}", errno.ENOTSUP)
         caps = v.caps
         self.client_caps = caps
+        self._max_read = self._client_max_xfer
         proposed = v.capabilities.to_json() if v.capabilities else {}
         mine: dict[str, Any] = {
             "max_msg_fds": self.owner.max_msg_fds,
