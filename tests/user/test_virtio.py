@@ -419,3 +419,28 @@ def test_serve_virtio_cli_errors(argv, message):
                        text=True, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+def test_docs_third_device_example(serve):
+    """The 'a third device is a page' example of docs/vfio-user.md runs."""
+    import re
+
+    from pyvfio.devices.virtio.transport import VirtioPciDevice
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "vfio-user.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S)
+                if "VirtioPciDevice" in b]
+    namespace: dict = {"os": os, "VirtioPciDevice": VirtioPciDevice}
+    exec(compile(block, "docs/vfio-user.md", "exec"), namespace)
+    model = namespace["VirtioRng"](source=lambda n: b"\x42" * n)
+    dev = connect(serve(model))
+    try:
+        drv = VirtioDriver(dev)
+        _ready(drv)
+        _post_rng(drv, [24])
+        drv.notify(0)
+        assert drv.wait_used(drv.queues[0]) == [(0, 24)]
+        assert bytes(drv._bufs[0].view[:24]) == b"\x42" * 24  # type: ignore[attr-defined]
+    finally:
+        dev.close()
+        model.close()
