@@ -408,10 +408,19 @@ class Guest:
             "-kernel", str(self.kernel.image), "-initrd", str(initramfs),
             "-append", self.cmdline(),
         ]
+        devices = list(self.devices)
         if self.iommu:
-            # Must come before the PCI devices it translates for.
-            argv += ["-device", "intel-iommu,intremap=on"
-                     + (",caching-mode=on" if self.iommu_caching_mode else "")]
+            # Must come before the PCI devices it translates for.  An
+            # intel-iommu among ``devices`` (pyvfio qemu-args --iommu) takes
+            # the place of the harness's own.
+            iommu = "intel-iommu,intremap=on" + (
+                ",caching-mode=on" if self.iommu_caching_mode else "")
+            for n in range(len(devices) - 1):
+                if devices[n] == "-device" and devices[n + 1].startswith("intel-iommu,"):
+                    iommu = devices[n + 1]
+                    del devices[n:n + 2]
+                    break
+            argv += ["-device", iommu]
         if self.memory_backend == "memfd":
             # share=on: with share=off QEMU passes the fd of its private copy
             # and a vfio-user server's DMA silently misses the guest's memory.
@@ -433,7 +442,7 @@ class Guest:
             "-device", f"virtio-9p-pci,fsdev=fs-{PYCACHE_TAG},mount_tag={PYCACHE_TAG},"
                        f"bus=pcie.0,addr={HARNESS_SLOTS[2]:#x}",
         ]
-        return argv + self.devices
+        return argv + devices
 
     def run_script(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
         """The shell script the guest runs in the host root (``/run/pyvfio/run.sh``)."""

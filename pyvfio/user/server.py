@@ -827,6 +827,10 @@ class DeviceServer:
         self.connection: Connection | None = None
         self.listener: socket.socket | None = None
         self.clients_served = 0
+        # Called as on_client("connected"|"disconnected", self, connection) from
+        # the server's threads with its lock held: it must not block (the
+        # control socket only queues an event).
+        self.on_client: Callable[[str, DeviceServer, Connection], None] | None = None
         self._lock = threading.Lock()
         self._waiting: collections.deque[socket.socket] = collections.deque()
         self._closing = False
@@ -889,10 +893,15 @@ class DeviceServer:
         self.listener = sock
 
     def accept(self) -> None:
-        assert self.listener is not None
+        listener = self.listener
+        if listener is None:  # removed while the accept loop was looking at it
+            return
         try:
-            sock, _ = self.listener.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # closed under us, or EMFILE: this device's problem only
+            log.warning("%s: accept failed: %s", self.path, exc)
             return
         sock.setblocking(True)
         with self._lock:
@@ -912,6 +921,7 @@ class DeviceServer:
         conn = Connection(self, sock)
         self.connection = conn
         self.clients_served += 1
+        self._notify("connected", conn)
         thread = threading.Thread(target=conn.run, name=f"vfio-user {self.path}", daemon=True)
         conn.thread = thread
         thread.start()
@@ -925,8 +935,16 @@ class DeviceServer:
         with self._lock:
             if self.connection is conn:
                 self.connection = None
+                self._notify("disconnected", conn)
                 if self._waiting and not self._closing:
                     self._start(self._waiting.popleft())
+
+    def _notify(self, what: str, conn: Connection) -> None:
+        if self.on_client is not None:
+            try:
+                self.on_client(what, self, conn)
+            except Exception:
+                log.exception("%s: on_client(%s) failed", self.path, what)
 
     def close(self) -> None:
         with self._lock:
@@ -1030,6 +1048,16 @@ class Server:
         self._selector.register(ds.listener, selectors.EVENT_READ, ds)
         self.devices.append(ds)
         return ds
+
+    def remove(self, ds: DeviceServer) -> None:
+        """Stop serving ``ds``: end its client (if any), close its socket and
+        remove the socket file.  The model is left to the caller."""
+        if ds.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(ds.listener)
+        with contextlib.suppress(ValueError):
+            self.devices.remove(ds)
+        ds.close()
 
     def serve_forever(self) -> None:
         while not self._stop:
