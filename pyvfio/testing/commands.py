@@ -48,6 +48,23 @@ def register(sub: Any) -> None:
     )
     build.set_defaults(func=run_guest_kernel)
 
+    qemu = sub.add_parser(
+        "guest-qemu",
+        help="provision QEMU >= 10.1 (vfio-user-pci) if needed; print the command that runs it",
+        description="Use the system's qemu-system-x86_64 if it is >= 10.1; otherwise unpack "
+        "Debian's qemu-system-x86 (the next release's backports on Debian 12) with its "
+        "libraries into ~/.cache/pyvfio/qemu and print its wrapper script. Nothing on the "
+        "system is installed or changed.",
+        epilog="examples:\n  pyvfio guest-qemu\n  pyvfio guest-qemu --json\n"
+               "  $(pyvfio guest-qemu) -device vfio-user-pci,help\n\n"
+               "exit status: 0 ready, 2 could not provision (the reason is printed)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    qemu.add_argument("--refresh", action="store_true",
+                      help="ask the archive for a newer package even when one is cached")
+    qemu.add_argument("--json", action="store_true", help="print a JSON object")
+    qemu.set_defaults(func=run_guest_qemu)
+
     demo = sub.add_parser(
         "demo",
         help="the whole story in a real guest: list, check, bind edu, DMA and interrupts",
@@ -91,6 +108,13 @@ def run_guest_kernel(args: argparse.Namespace) -> int:
 
     print(kernel.pyvfio_kernel().image)
     return 0
+
+
+def run_guest_qemu(args: argparse.Namespace) -> int:
+    from pyvfio.testing import qemu
+
+    argv = (["--refresh"] if args.refresh else []) + (["--json"] if args.json else [])
+    return qemu.main(argv)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -44,9 +44,6 @@ def _virtio_blk(args: argparse.Namespace) -> PciDeviceModel:
     if not args.file:
         raise UsageError("virtio-blk needs a backing file: pyvfio serve virtio-blk --file "
                          "disk.img --socket PATH (create one with truncate -s 64M disk.img)")
-    if len(args.sockets or ()) > 1:
-        raise UsageError("virtio-blk serves one --file on one --socket; run one server per "
-                         "disk")
     return VirtioBlk(args.file, read_only=args.read_only)
 
 
@@ -104,7 +101,15 @@ def register(sub: Any) -> None:
                         help="virtio-rng: serve a reproducible stream (BLAKE2b of N and a "
                         "counter) instead of os.urandom; for tests, never for real entropy")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
+    parser.add_argument("--control", metavar="PATH",
+                        help="also listen for JSON control commands on PATH (mode 0600; "
+                        "QMP-like: device-add, device-remove, query-devices, client "
+                        "events); MODEL and --socket are then optional")
     parser.set_defaults(func=run)
+
+    from pyvfio.user import qemu_args
+
+    qemu_args.register(sub)
 
 
 def _raise_fd_limit() -> None:
@@ -115,6 +120,42 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# The serve options each model takes (argparse dests); the control socket's
+# device-add accepts these as "options", with the command line's values as defaults.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {"edu": ("dma_delay",), "virtio-rng": ("seed",),
+                                             "virtio-blk": ("file", "read_only")}
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Refuse model option values no model can use (before anything is served)."""
+    if getattr(args, "dma_delay", 0) < 0:
+        raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
+
+
+def control_models(args: argparse.Namespace) -> dict[str, Any]:
+    """The models as :class:`pyvfio.user.control.ModelType`, built from :data:`MODELS`."""
+    from pyvfio.user.control import ModelType
+
+    def creator(factory: Callable[[argparse.Namespace], PciDeviceModel]
+                ) -> Callable[[Any], PciDeviceModel]:
+        def create(options: Any) -> PciDeviceModel:
+            ns = argparse.Namespace(**{**vars(args), **options})
+            check_model_args(ns)
+            return factory(ns)
+        return create
+
+    return {name: ModelType(name, text, creator(factory),
+                            {k: getattr(args, k) for k in MODEL_OPTIONS.get(name, ())
+                             if hasattr(args, k)})
+            for name, (factory, text) in MODELS.items()}
+
+
+def _version() -> str:
+    from pyvfio import __version__
+
+    return __version__
+
+
 def run(args: argparse.Namespace) -> int:
     from pyvfio.user.server import Server
 
@@ -122,16 +163,22 @@ def run(args: argparse.Namespace) -> int:
         for name, (_f, text) in MODELS.items():
             print(f"{name:11} {text}")
         return 0
-    if not args.model:
+    control_path = getattr(args, "control", None)
+    if not args.model and not control_path:
         raise UsageError(f"name a device model ({', '.join(sorted(MODELS))}), e.g. "
                          "pyvfio serve edu --socket /tmp/edu.sock")
-    if not args.sockets:
+    if args.model and not args.sockets:
         raise UsageError(f"say where to listen: pyvfio serve {args.model} --socket PATH")
+    if args.sockets and not args.model:
+        raise UsageError("name the device model to serve on --socket, e.g. "
+                         "pyvfio serve edu --socket /tmp/edu.sock")
     if args.file and args.model != "virtio-blk":
         raise UsageError(f"--file is for virtio-blk, not {args.model}")
-    if args.dma_delay < 0:
-        raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
-    factory = MODELS[args.model][0]
+    if args.model == "virtio-blk" and len(args.sockets or ()) > 1:
+        raise UsageError("virtio-blk serves one --file on one --socket; run one server per "
+                         "disk (or add more with the control socket)")
+    check_model_args(args)
+    factory = MODELS[args.model][0] if args.model else None
     _raise_fd_limit()
     server = Server()
     stop = threading.Event()
@@ -142,18 +189,34 @@ def run(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     models: list[PciDeviceModel] = []
+    control = None
     try:
-        for path in args.sockets:
+        started: list[tuple[Any, PciDeviceModel]] = []
+        for path in args.sockets or ():
+            assert factory is not None
             model = factory(args)
             models.append(model)
-            server.add(model, path)
+            started.append((server.add(model, path), model))
             print(f"pyvfio: serving {args.model} on {path}", file=sys.stderr, flush=True)
+        if control_path:
+            from pyvfio.user.control import ControlServer
+
+            control = ControlServer(server, control_path, control_models(args),
+                                    version=_version())
+            for ds, model in started:
+                control.adopt(ds, args.model, model)
+            control.start()
+            print(f"pyvfio: control socket on {control_path}", file=sys.stderr, flush=True)
         server.serve_forever()
         if stop.is_set():
             served = sum(ds.clients_served for ds in server.devices)
-            print(f"pyvfio: stopped serving {args.model} ({served} client(s) served)",
+            print(f"pyvfio: stopped serving {args.model or 'devices'} ({served} client(s) "
+                  "served)",
                   file=sys.stderr, flush=True)
     finally:
+        if control is not None:
+            control.close()
+            models += control.models_served()
         server.close()
         for model in models:
             close = getattr(model, "close", None)

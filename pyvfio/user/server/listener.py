@@ -15,7 +15,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pyvfio.devices.model import IoEventFd, PciDeviceModel
@@ -53,6 +53,10 @@ class DeviceServer:
         self.connection: Connection | None = None
         self.listener: socket.socket | None = None
         self.clients_served = 0
+        # Called as on_client("connected"|"disconnected", self, connection) from
+        # the server's threads with its lock held: it must not block (the
+        # control socket only queues an event).
+        self.on_client: Callable[[str, DeviceServer, Connection], None] | None = None
         self._lock = threading.Lock()
         self._waiting: collections.deque[socket.socket] = collections.deque()
         self._closing = False
@@ -120,9 +124,11 @@ class DeviceServer:
     def accept(self) -> None:
         """Take one waiting client.  Never raises: an error is this client's
         (it is turned away and the error logged), never the server's."""
-        assert self.listener is not None
+        listener = self.listener
+        if listener is None:  # removed while the accept loop was looking at it
+            return
         try:
-            sock, _ = self.listener.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -176,6 +182,7 @@ class DeviceServer:
         conn = Connection(self, sock)
         self.connection = conn
         self.clients_served += 1
+        self._notify("connected", conn)
         thread = threading.Thread(target=conn.run, name=f"vfio-user {self.path}", daemon=True)
         conn.thread = thread
         thread.start()
@@ -189,8 +196,16 @@ class DeviceServer:
         with self._lock:
             if self.connection is conn:
                 self.connection = None
+                self._notify("disconnected", conn)
                 if self._waiting and not self._closing:
                     self._start(self._waiting.popleft())
+
+    def _notify(self, what: str, conn: Connection) -> None:
+        if self.on_client is not None:
+            try:
+                self.on_client(what, self, conn)
+            except Exception:
+                log.exception("%s: on_client(%s) failed", self.path, what)
 
     def close(self) -> None:
         with self._lock:
@@ -297,6 +312,16 @@ class Server:
         self._selector.register(ds.listener, selectors.EVENT_READ, ds)
         self.devices.append(ds)
         return ds
+
+    def remove(self, ds: DeviceServer) -> None:
+        """Stop serving ``ds``: end its client (if any), close its socket and
+        remove the socket file.  The model is left to the caller."""
+        if ds.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(ds.listener)
+        with contextlib.suppress(ValueError):
+            self.devices.remove(ds)
+        ds.close()
 
     def serve_forever(self) -> None:
         while not self._stop:
