@@ -27,6 +27,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +112,21 @@ def test_guest_virtio_blk_mkfs_mount_write_flush(tmp_path):
     server = Server()
     server.add(model, str(sock))
     server.start()
+    seen = {"windows": 0, "mapped": 0, "files": 0}
+    stop = threading.Event()
+
+    def watch() -> None:  # what QEMU's shared memfd RAM became in the server
+        while not stop.wait(0.2):
+            with model.lock:
+                conn = model._conn
+                if conn is not None:
+                    maps = conn.dma.mappings
+                    seen["windows"] = max(seen["windows"], len(maps))
+                    seen["mapped"] = max(seen["mapped"], sum(m.mapped for m in maps))
+                    seen["files"] = max(seen["files"], conn.dma.files)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     vm = _guest(sock, memfd=True)
     script = (
         f"set -e; B=/sys/bus/pci/devices/{BDF}; cat $B/vendor $B/device; "
@@ -131,6 +147,8 @@ def test_guest_virtio_blk_mkfs_mount_write_flush(tmp_path):
             if (result.out_dir / "blob.sha256").exists() else ""
         result.cleanup()
     finally:
+        stop.set()
+        watcher.join(5)
         server.close()
         model.close()
     assert result.returncode == 0, result.output + result.console[-3000:]
@@ -140,6 +158,9 @@ def test_guest_virtio_blk_mkfs_mount_write_flush(tmp_path):
     assert lines[-1] == "done"
     assert stats["out"] > 0 and stats["in"] > 0
     assert stats["flush"] > 0, stats                 # the guest's sync reached the file
+    # QEMU's memfd is size-sealed: the server took the mmap fast path, one
+    # mapping (one fd) per RAM block however many windows the vIOMMU made.
+    assert seen["mapped"] > 0 and seen["files"] <= 4, seen
     fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     cat = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(disk)], capture_output=True,

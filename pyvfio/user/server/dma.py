@@ -61,11 +61,14 @@ class DmaHandlers(ConnectionBase):
             return P.DmaUnmap(req.address, req.size, req.flags, req.argsz, pgsize, need,
                               bitmap).pack(), []
         if not self.dma.overlaps(req.address, req.size):
-            # Never mapped: the kernel's type1 unmaps nothing and succeeds,
-            # and QEMU's listener relies on that (it unmaps ranges it never
-            # mapped on every vIOMMU domain switch and reports each error).
-            # iommufd's ENOENT would only flood its log; a range that cuts a
-            # window is still refused below (libvfio-user: exact match).
+            # Never mapped: the kernel's type1 unmaps nothing and succeeds.
+            # QEMU's vfio-user container (hw/vfio-user/container.c,
+            # vfio_user_dma_unmap) returns the reply's errno to the shared
+            # vfio listener, which is written for type1 and reports every
+            # failure; it unmaps ranges it never mapped on each vIOMMU domain
+            # switch, so iommufd's ENOENT would only flood its log.  A range
+            # that cuts a window is still refused below (libvfio-user: exact
+            # match).
             return P.DmaUnmap(req.address, req.size, req.flags, req.argsz).pack(), []
         self.dma.remove(req.address, req.size)
         return P.DmaUnmap(req.address, req.size, req.flags, req.argsz).pack(), []
