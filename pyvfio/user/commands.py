@@ -107,9 +107,10 @@ def register(sub: Any) -> None:
                         "events); MODEL and --socket are then optional")
     parser.set_defaults(func=run)
 
-    from pyvfio.user import qemu_args
+    from pyvfio.user import control, qemu_args
 
     qemu_args.register(sub)
+    control.register(sub)
 
 
 def _raise_fd_limit() -> None:

@@ -76,7 +76,8 @@ from pyvfio.devices.model import PciDeviceModel
 from pyvfio.errors import PyvfioError, UsageError
 from pyvfio.user.server import Connection, DeviceServer, Server
 
-__all__ = ["MAX_LINE", "ControlError", "ControlServer", "ModelType", "control_request"]
+__all__ = ["MAX_LINE", "ControlClient", "ControlError", "ControlServer", "ModelType",
+           "control_request"]
 
 log = logging.getLogger("pyvfio.user.control")
 
@@ -572,34 +573,186 @@ def _prepare_path(path: str) -> None:
 # --- a client ---------------------------------------------------------------------------------
 
 
+class ControlClient:
+    """A connection to a control socket that keeps the events it reads.
+
+    >>> with ControlClient("/run/pyvfio.ctl") as ctl:              # doctest: +SKIP
+    ...     ctl.execute("device-add", {"model": "edu", "socket": "/run/edu.sock"})
+    ...     ctl.wait_event("CLIENT_CONNECTED", timeout=60)
+
+    :meth:`execute` returns the command's ``return`` value or raises
+    :class:`ControlError` (the server's error class and text); OSError when the
+    socket cannot be reached; TimeoutError after ``timeout`` seconds of silence.
+    """
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._file = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        self._next_id = 0
+        self.greeting = self._read()
+        if "pyvfio" not in self.greeting:
+            self.close()
+            raise ControlError("GenericError", f"{path}: not a pyvfio control socket "
+                               f"(greeting {self.greeting!r})")
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline(MAX_LINE + 1)
+        if not line:
+            raise ControlError("GenericError", f"{self.path}: the server closed the connection")
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise ControlError("GenericError", f"{self.path}: not a JSON object: {line!r}")
+        return obj
+
+    def execute(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        self._next_id += 1
+        request: dict[str, Any] = {"execute": name, "id": self._next_id}
+        if arguments is not None:
+            request["arguments"] = dict(arguments)
+        self.sock.sendall((json.dumps(request) + "\n").encode())
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != self._next_id:
+                continue
+            if "error" in reply:
+                error = reply["error"]
+                raise ControlError(str(error.get("class", "GenericError")),
+                                   str(error.get("desc", "")))
+            return reply.get("return")
+
+    def wait_event(self, name: str, timeout: float = 60.0,
+                   match: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The first event ``name`` (whose ``data`` has the items of ``match``),
+        already received or within ``timeout`` seconds; TimeoutError otherwise."""
+        def fits(ev: dict[str, Any]) -> bool:
+            data = ev.get("data", {})
+            return ev.get("event") == name and all(data.get(k) == v
+                                                   for k, v in (match or {}).items())
+        for ev in self.events:
+            if fits(ev):
+                self.events.remove(ev)
+                return ev
+        deadline = time.monotonic() + timeout
+        old = self.sock.gettimeout()
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.path}: no {name} event within {timeout:.0f} s")
+                self.sock.settimeout(left)
+                try:
+                    msg = self._read()
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"{self.path}: no {name} event within {timeout:.0f} s") from None
+                if "event" not in msg:
+                    continue
+                if fits(msg):
+                    return msg
+                self.events.append(msg)
+        finally:
+            self.sock.settimeout(old)
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def control_request(path: str, execute: str, arguments: Mapping[str, Any] | None = None,
                     timeout: float = 10.0) -> Any:
     """Send one command to the control socket at ``path``; return its ``return``
-    value.  Raises :class:`ControlError` with the server's error class, or
-    OSError when the socket cannot be reached."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        reader = sock.makefile("rb")
-        greeting = json.loads(reader.readline() or b"null")
-        if not isinstance(greeting, dict) or "pyvfio" not in greeting:
-            raise ControlError("GenericError", f"{path}: not a pyvfio control socket "
-                               f"(greeting {greeting!r})")
-        request: dict[str, Any] = {"execute": execute, "id": 1}
-        if arguments:
-            request["arguments"] = dict(arguments)
-        sock.sendall((json.dumps(request) + "\n").encode())
-        while True:
-            line = reader.readline()
-            if not line:
-                raise ControlError("GenericError", f"{path}: connection closed before the reply")
-            reply = json.loads(line)
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise ControlError(reply["error"].get("class", "GenericError"),
-                                   reply["error"].get("desc", ""))
-            return reply.get("return")
+    value (see :class:`ControlClient`)."""
+    with ControlClient(path, timeout) as client:
+        return client.execute(execute, arguments)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+CONTROL_EPILOG = """\
+examples:
+  pyvfio control /run/pyvfio.ctl query-devices
+  pyvfio control /run/pyvfio.ctl device-add '{"model": "edu", "socket": "/run/edu.sock"}'
+  pyvfio control /run/pyvfio.ctl device-remove '{"id": "edu0"}'
+  pyvfio control /run/pyvfio.ctl --monitor            print events as they come
+
+exit status: 0 done, 1 the server answered with an error (its class and text
+are printed), 2 bad arguments or no server at PATH
+"""
+
+
+def register(sub: Any) -> None:
+    import argparse
+
+    parser = sub.add_parser(
+        "control", help="send a command to the control socket of pyvfio serve --control",
+        description="Send one command to a pyvfio serve control socket and print its JSON "
+        "return value, or print its events (--monitor). Commands: query-version, "
+        "query-commands, query-models, query-devices, device-add, device-remove, quit.",
+        epilog=CONTROL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", metavar="PATH", help="the control socket")
+    parser.add_argument("execute", nargs="?", metavar="COMMAND", help="the command to run")
+    parser.add_argument("arguments", nargs="?", metavar="JSON",
+                        help="the command's arguments, a JSON object")
+    parser.add_argument("--monitor", action="store_true",
+                        help="then print events, one JSON object a line, until Ctrl-C")
+    parser.set_defaults(func=run_control)
+
+
+def run_control(args: Any) -> int:
+    import sys
+
+    from pyvfio.cli import CommandFailed
+
+    if not args.execute and not args.monitor:
+        raise UsageError("name a command (e.g. query-devices) or give --monitor")
+    arguments = None
+    if args.arguments:
+        try:
+            arguments = json.loads(args.arguments)
+        except ValueError as exc:
+            raise UsageError(f"arguments {args.arguments!r}: not JSON ({exc})") from None
+        if not isinstance(arguments, dict):
+            raise UsageError(f"arguments {args.arguments!r}: give a JSON object")
+    try:
+        client = ControlClient(args.path)
+    except OSError as exc:
+        raise UsageError(f"cannot reach {args.path}: {exc.strerror or exc} "
+                         "(is pyvfio serve --control running?)") from None
+    with client:
+        if args.execute:
+            try:
+                value = client.execute(args.execute, arguments)
+            except ControlError as exc:
+                raise CommandFailed(f"{exc.error_class}: {exc}", 1) from None
+            print(json.dumps(value, indent=2))
+        if args.monitor:
+            client.sock.settimeout(None)
+            for event in client.events:
+                print(json.dumps(event), flush=True)
+            while True:
+                line = client._file.readline()
+                if not line:
+                    return 0
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+    return 0
 
 
 def _iso_now() -> str:
