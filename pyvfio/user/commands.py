@@ -114,8 +114,9 @@ def register(sub: Any) -> None:
 
 
 def _raise_fd_limit() -> None:
-    """Each fd-backed DMA window holds one fd while mapped (CPython's mmap
-    keeps a dup), and each eventfd one more: take the hard limit."""
+    """Each client file behind DMA windows holds one fd (up to 256 per
+    client), each eventfd one more, each client its sockets: take the hard
+    limit.  Running out is survived (the accept loop turns clients away)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
