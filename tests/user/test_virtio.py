@@ -12,7 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from virtio_driver import (
+
+from pyvfio.device import IrqIndex
+from pyvfio.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VirtioBlk
+from pyvfio.devices.virtio.rng import SeededSource, VirtioRng
+from pyvfio.errors import UsageError
+from pyvfio.testing.virtio import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -24,11 +29,6 @@ from virtio_driver import (
     VirtioDriver,
     eventfd_count,
 )
-
-from pyvfio.device import IrqIndex
-from pyvfio.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VirtioBlk
-from pyvfio.devices.virtio.rng import SeededSource, VirtioRng
-from pyvfio.errors import UsageError
 from pyvfio.user.client import VfioUserDevice, connect
 
 SEED = 1234

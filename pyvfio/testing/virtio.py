@@ -1,9 +1,15 @@
-"""A minimal virtio-pci driver for the host tests, written from the spec
-(sections 3.1 device initialization, 2.7 split virtqueues, 4.1 PCI), over
-pyvfio's client API: it finds the transport through the vendor capabilities
-(not through the model's constants), negotiates, sets up split queues in
-DMA memory and submits chains.  The real-driver proof is the guest's Linux;
-this one lets the host tests reach every corner in-process."""
+"""A minimal virtio-pci driver over pyvfio's Device API, for tests and
+benchmarks: written from the VIRTIO 1.x spec (3.1 device initialization, 2.7
+split virtqueues, 4.1 PCI), it finds the transport through the vendor
+capabilities in config space (not through a model's constants), negotiates,
+sets up split queues in DMA memory and submits chains.  It drives a virtio
+device served over vfio-user (``pyvfio.devices.virtio``) or, through kernel
+VFIO, a real one.  The real-driver proof is a guest's Linux
+(``tests/vmm/test_virtio_guest.py``); this one lets the host tests reach every
+corner in-process.
+
+Offsets are those of ``struct virtio_pci_common_cfg`` (Linux
+``include/uapi/linux/virtio_pci.h``)."""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-from pyvfio.device import Device, DmaBuffer, IrqIndex
+from pyvfio.device import Device, DmaBuffer, EventFd, IrqIndex
+
+__all__ = ["Queue", "VirtioDriver", "eventfd_count"]
 
 STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
 STATUS_NEEDS_RESET = 64
@@ -23,6 +31,9 @@ DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 
 @dataclass
 class Queue:
+    """One split queue the driver set up: descriptor table, avail and used
+    rings in one DMA buffer."""
+
     index: int
     size: int
     ring: DmaBuffer  # descriptors, then avail, then used (page aligned)
@@ -59,6 +70,8 @@ class Queue:
 
 
 class VirtioDriver:
+    """Drive the virtio-pci device ``dev`` (any pyvfio Device)."""
+
     def __init__(self, dev: Device) -> None:
         self.dev = dev
         cfg = dev.config
@@ -163,7 +176,7 @@ class VirtioDriver:
         bar, off, _l, _p = self.caps[4]
         return self.dev.bar(bar).read_int(off + offset, width)
 
-    def enable_msix(self) -> list:
+    def enable_msix(self) -> list[EventFd]:
         return self.dev.enable_irq(IrqIndex.MSIX, self.dev.irq_info(IrqIndex.MSIX).count)
 
 
