@@ -84,14 +84,22 @@ def test_guest_virtio_rng_reads_the_models_bytes(rng_server):
         "basename $(readlink $B/driver); "
         "ls $B/ | grep '^virtio'; "
         "cat /sys/class/misc/hw_random/rng_current; "
-        "head -c 256 /dev/hwrng | od -An -tx1 -v | tr -d ' \\n'; echo")
+        "head -c 256 /dev/hwrng | od -An -tx1 -v | tr -d ' \\n'; echo; "
+        "V=$(ls $B/ | grep '^virtio'); grep \"$V-\" /proc/interrupts")
     result = vm.run(["sh", "-c", script], timeout=900)
     try:
         assert result.returncode == 0, result.output + result.console[-3000:]
         lines = result.output.split()
         assert lines[:3] == ["0x1af4", "0x1044", "virtio-pci"], result.output
         assert lines[4].startswith("virtio_rng"), result.output   # the hwrng in use
-        read = bytes.fromhex(lines[-1])
+        virtio = lines[3]
+        irq_lines = [ln for ln in result.output.splitlines() if f"{virtio}-" in ln]
+        # MSI-X, one vector per queue: the guest took the transport's MSI-X
+        # (INTx would show one shared "virtioN" line) and the queue vector fired.
+        assert any(ln.endswith(f"{virtio}-config") for ln in irq_lines), result.output
+        (queue_irq,) = [ln for ln in irq_lines if ln.endswith(f"{virtio}-input")]
+        assert sum(int(w) for w in queue_irq.split()[1:] if w.isdigit()) > 0, queue_irq
+        read = bytes.fromhex(next(w for w in lines if len(w) == 512))
         assert len(read) == 256
         # What /dev/hwrng returned is a run of the model's stream (the kernel's
         # hwrng core also takes some bytes for itself, before and between).
