@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyvfio.device import IrqIndex
 from pyvfio.devices.virtio.blk import VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VirtioBlk
@@ -443,4 +445,38 @@ def test_docs_third_device_example(serve):
         assert bytes(drv._bufs[0].view[:24]) == b"\x42" * 24  # type: ignore[attr-defined]
     finally:
         dev.close()
+        model.close()
+
+
+# ---- a hostile driver ----
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from([0x0000, 0x1000, 0x2000, 0x3000]),
+                          st.integers(0, 0x47), st.sampled_from([1, 2, 4, 8]),
+                          st.integers(0, (1 << 64) - 1), st.booleans()),
+                max_size=60))
+def test_random_register_traffic_never_breaks_the_model(accesses):
+    """Any sequence of reads and writes of any width to the transport's
+    structures (BAR 4) leaves the model answering, and a reset (status 0)
+    brings it back to its power-on registers.  With no client connected the
+    queues' DMA fails: that may only flag DEVICE_NEEDS_RESET."""
+    from pyvfio.devices.virtio.transport import VIRTIO_BAR
+
+    model = VirtioRng(SeededSource(SEED))
+    try:
+        bar = model.regions[VIRTIO_BAR].access
+        assert bar is not None
+        with model.lock:
+            for base, off, width, value, is_write in accesses:
+                if is_write:
+                    bar(base + off, (value & ((1 << 8 * width) - 1)).to_bytes(width, "little"),
+                        True)
+                else:
+                    assert len(bar(base + off, width, False) or b"") == width
+            bar(0x14, b"\0", True)                           # reset
+            assert bar(0x14, 1, False) == b"\0"
+            assert model.driver_features == 0 and not any(q.enabled for q in model.queues)
+            assert bar(0x12, 2, False) == b"\1\0"            # num_queues
+    finally:
         model.close()
