@@ -85,7 +85,13 @@ def test_guest_virtio_rng_reads_the_models_bytes(rng_server):
         "ls $B/ | grep '^virtio'; "
         "cat /sys/class/misc/hw_random/rng_current; "
         "head -c 256 /dev/hwrng | od -An -tx1 -v | tr -d ' \\n'; echo; "
-        "V=$(ls $B/ | grep '^virtio'); grep \"$V-\" /proc/interrupts")
+        "V=$(ls $B/ | grep '^virtio'); grep \"$V-\" /proc/interrupts; "
+        # Unbind and bind again: the driver resets the device (status 0) and
+        # negotiates anew; the device serves the new queue.
+        f"echo {BDF} > /sys/bus/pci/drivers/virtio-pci/unbind; "
+        f"echo {BDF} > /sys/bus/pci/drivers/virtio-pci/bind; "
+        "echo REBOUND; cat /sys/class/misc/hw_random/rng_current; "
+        "head -c 64 /dev/hwrng | od -An -tx1 -v | tr -d ' \\n'; echo")
     result = vm.run(["sh", "-c", script], timeout=900)
     try:
         assert result.returncode == 0, result.output + result.console[-3000:]
@@ -105,6 +111,10 @@ def test_guest_virtio_rng_reads_the_models_bytes(rng_server):
         # hwrng core also takes some bytes for itself, before and between).
         stream = SeededSource.stream_of(SEED, 16 << 20)
         assert read[:64] in stream, "the guest read bytes the model never produced"
+        after = result.output.split("REBOUND", 1)[1].split()
+        assert after[0].startswith("virtio_rng"), result.output
+        again = bytes.fromhex(after[1])
+        assert len(again) == 64 and again in stream and again not in read
         assert proc.poll() is None              # the server outlives QEMU
         assert "Traceback" not in log.read_text()
     finally:
