@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyvfio.errors import DeviceNotFound
 from pyvfio.host.modules import VFIO_PCI_MODULE, VfioAliases
@@ -35,9 +35,6 @@ from pyvfio.host.sysfs import (
 )
 from pyvfio.pci.address import PciAddress
 from pyvfio.pci.ids import PciIds
-
-if TYPE_CHECKING:
-    from pyvfio.host.diagnosis import Diagnosis
 
 # Driver kinds (the ``driver_kind`` field of ``pyvfio check --json``).
 KIND_VFIO = "vfio"
@@ -519,19 +516,6 @@ class Host:
         if found is None:
             return VFIO_PCI
         return self.module_driver(found[0])
-
-    # ---- diagnosis ----
-
-    def diagnose(self, address: str) -> Diagnosis:
-        """The :class:`~pyvfio.host.diagnosis.Diagnosis` of one device."""
-        from pyvfio.host.diagnosis import diagnose
-
-        return diagnose(self, address)
-
-    def diagnose_many(self, addresses: list[str]) -> list[Diagnosis]:
-        from pyvfio.host.diagnosis import diagnose_many
-
-        return diagnose_many(self, addresses)
 
     # ---- processes ----
 
