@@ -34,7 +34,8 @@ def _virtio_rng(args: argparse.Namespace) -> PciDeviceModel:
     from pyvfio.devices.virtio.rng import SeededSource, VirtioRng
 
     if args.seed is not None:
-        return VirtioRng(SeededSource(args.seed))
+        # Text, so the control socket can pass it too; "7" and 7 give one stream.
+        return VirtioRng(SeededSource(str(args.seed).encode()))
     return VirtioRng()
 
 
@@ -97,9 +98,10 @@ def register(sub: Any) -> None:
                         "512-byte sectors is the disk's capacity)")
     parser.add_argument("--read-only", action="store_true",
                         help="virtio-blk: open --file read-only and offer VIRTIO_BLK_F_RO")
-    parser.add_argument("--seed", type=int, metavar="N",
-                        help="virtio-rng: serve a reproducible stream (BLAKE2b of N and a "
-                        "counter) instead of os.urandom; for tests, never for real entropy")
+    parser.add_argument("--seed", metavar="TEXT",
+                        help="virtio-rng: serve a reproducible stream (BLAKE2b keyed with "
+                        "TEXT, over a counter) instead of os.urandom; for tests, never for "
+                        "real entropy")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
     parser.add_argument("--control", metavar="PATH",
                         help="also listen for JSON control commands on PATH (mode 0600; "

@@ -290,3 +290,19 @@ def test_twin_socket_dma_answered_works(serve):
     edu.close()
 
 
+
+
+def test_a_client_that_never_negotiates_does_not_hold_the_device(serve):
+    edu = EduDevice(dma_delay=0.005)
+    path = serve(edu, reply_timeout=0.5)
+    silent = RawClient(path, negotiate=False)          # connects, says nothing
+    t0 = time.monotonic()
+    b = RawClient(path, timeout=10)                     # waits its turn, then is served
+    assert b.read32(0, 0) == EDU_ID
+    assert time.monotonic() - t0 < 5
+    with pytest.raises((ConnectionError, OSError)):
+        silent.send(P.Command.VERSION, P.Version(0, 2).pack())
+        silent.recv()                                   # dropped by the server
+    b.close()
+    silent.close()
+    edu.close()

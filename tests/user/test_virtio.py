@@ -480,3 +480,46 @@ def test_random_register_traffic_never_breaks_the_model(accesses):
             assert bar(0x12, 2, False) == b"\1\0"            # num_queues
     finally:
         model.close()
+
+
+def test_virtio_devices_through_the_control_socket(tmp_path, disk):
+    """``pyvfio serve --control``: device-add a virtio-blk (its --file as an
+    option) and a seeded virtio-rng into a running server, drive both, remove
+    them."""
+    import subprocess
+    import sys
+
+    from pyvfio.user.control import ControlClient
+
+    control = tmp_path / "ctl.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvfio", "serve", "--control", str(control)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not control.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with ControlClient(str(control)) as ctl:
+            blk_sock, rng_sock = str(tmp_path / "blk.sock"), str(tmp_path / "rng.sock")
+            ctl.execute("device-add", {"model": "virtio-blk", "socket": blk_sock, "id": "disk",
+                                       "options": {"file": str(disk)}})
+            ctl.execute("device-add", {"model": "virtio-rng", "socket": rng_sock, "id": "rng",
+                                       "options": {"seed": str(SEED)}})
+            with connect(blk_sock) as dev:
+                drv = VirtioDriver(dev)
+                _ready(drv)
+                st, got, _ = _blk_request(drv, 0, 1, read_len=512)
+                assert st == 0 and got == disk.read_bytes()[512:1024]
+            with connect(rng_sock) as dev:
+                drv = VirtioDriver(dev)
+                _ready(drv)
+                _post_rng(drv, [32])
+                drv.notify(0)
+                drv.wait_used(drv.queues[0])
+                assert bytes(drv._bufs[0].view[:32]) == SeededSource.stream_of(SEED, 32)  # type: ignore[attr-defined]
+            for dev_id in ("disk", "rng"):
+                ctl.execute("device-remove", {"id": dev_id})
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0

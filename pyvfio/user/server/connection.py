@@ -93,7 +93,13 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
     def run(self) -> None:
         self.thread = threading.current_thread()
         try:
+            # A client holds the device from connect() on, and later clients
+            # wait: one that never sends VERSION must not hold it for good.
+            self.sock.settimeout(self._reply_timeout)
             self._loop()
+        except TimeoutError:
+            log.warning("%s: dropping a client that sent no VERSION within %gs",
+                        self.owner.path, self._reply_timeout)
         except (ConnectionClosed, ConnectionError, BrokenPipeError):
             pass
         except ProtocolError as exc:  # a framing error: the stream is lost
@@ -274,6 +280,7 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         reply = P.Version(P.VERSION_MAJOR, min(v.minor, P.VERSION_MINOR),
                           P.Capabilities.from_json(mine))
         self.negotiated = True
+        self.sock.settimeout(None)
         self.device._attach(self)
         try:
             self.device.on_connect()
