@@ -20,6 +20,7 @@ import pytest
 from vfu_raw import RawClient, wait_until
 
 from pyvfio.devices.edu import EduDevice
+from pyvfio.devices.model import PciDeviceModel
 from pyvfio.user import protocol as P
 
 R, W = P.DmaMapFlag.READ, P.DmaMapFlag.WRITE
@@ -306,3 +307,63 @@ def test_a_client_that_never_negotiates_does_not_hold_the_device(serve):
     b.close()
     silent.close()
     edu.close()
+
+
+# ---- what a client can make the server hold ----
+
+
+class _DmaInHandler(PciDeviceModel):
+    """A BAR write does message DMA from the connection's own thread: the
+    server then reads the socket for the reply and keeps commands for later."""
+
+    def __init__(self) -> None:
+        super().__init__(vendor_id=0x1B36, device_id=0x0099)
+        self.add_bar(0, 4096, access=self.bar0)
+
+    def bar0(self, offset: int, data: bytes | int, is_write: bool) -> bytes | None:
+        if is_write:
+            self.dma_read(0x100000, 4)
+            return None
+        return bytes(int(data))  # type: ignore[call-overload]
+
+
+def test_commands_kept_during_a_dma_wait_are_bounded(serve):
+    c = RawClient(serve(_DmaInHandler()))
+    assert not dma_map(c, 0x100000, 0x1000).is_error      # no fd: message DMA
+    write_id = c.send(P.Command.REGION_WRITE, P.REGION_ACCESS.pack(0, 0, 4) + b"\0" * 4)
+    request = c.reader.read()
+    assert request is not None and request.command == P.Command.DMA_READ
+    flood = 400
+    ids = [c.send(P.Command.REGION_READ, P.REGION_ACCESS.pack(0, 0, 4)) for _ in range(flood)]
+    replies = []
+    while len(replies) < flood + 1:
+        m = c.reader.read()
+        assert m is not None
+        if m.is_reply:
+            replies.append(m)
+    # The DMA failed once the kept commands hit the bound; nothing was lost.
+    assert replies[0].msg_id == write_id and replies[0].error == errno.ENOBUFS
+    assert [m.msg_id for m in replies[1:]] == ids and not any(m.is_error for m in replies[1:])
+    c.close()
+
+
+def test_dirty_logging_granularity_is_at_least_a_page(serve, scratch):
+    c = RawClient(serve(scratch))
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    assert not dma_map(c, 0x100000, 0x10000, fd).is_error
+    ctl = P.DmaLoggingControl(1, (P.DmaLoggingRange(0x100000, 0x10000),))
+    assert not c.call(P.Command.DEVICE_FEATURE, P.DeviceFeature(
+        F.SET | P.FeatureIndex.DMA_LOGGING_START, ctl.pack()).pack()).is_error
+    with scratch.lock:
+        scratch.dma_write(0x100000 + 0x2000, b"z" * 4096)
+        assert len(scratch._conn.dma.dirty) == 1  # type: ignore[union-attr]  # one page, not 4096 bytes
+    rep = P.DmaLoggingReport(0x100000 + 0x1FF8, 16, 1)      # byte units around the page start
+    m = c.call(P.Command.DEVICE_FEATURE, P.DeviceFeature(
+        F.GET | P.FeatureIndex.DMA_LOGGING_REPORT, rep.pack(), 64).pack())
+    out = P.DmaLoggingReport.unpack(P.DeviceFeature.unpack(m.payload, reply=True).data,
+                                    reply=True)
+    assert int.from_bytes(out.bitmap, "little") == 0xFF00  # the dirty page's 8 bytes, not before
+    os.close(fd)
+    c.close()

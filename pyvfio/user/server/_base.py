@@ -34,6 +34,9 @@ SERVER_MAX_DMA_MAPS = 4096
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 LISTEN_BACKLOG = 64
 MAX_WAITING_CLIENTS = 4  # clients queued behind the connected one
+# Commands a client may send while the connection's own thread waits for its
+# reply to our DMA_READ/WRITE (they are kept and answered afterwards).
+MAX_BACKLOG = 256
 CLIENT_REPLY_TIMEOUT = 10.0  # seconds a model waits for a DMA_READ/WRITE reply
 _FD_COMMANDS = frozenset({P.Command.DMA_MAP, P.Command.DEVICE_SET_IRQS})
 

@@ -12,7 +12,7 @@ import time
 from pyvfio.errors import ProtocolError
 from pyvfio.user import protocol as P
 from pyvfio.user.dma import DmaFault
-from pyvfio.user.server._base import ConnectionBase, log
+from pyvfio.user.server._base import MAX_BACKLOG, ConnectionBase, log
 
 
 class DmaHandlers(ConnectionBase):
@@ -120,6 +120,11 @@ class DmaHandlers(ConnectionBase):
                             self._route_reply(r)
                         else:
                             self._backlog.append(r)
+                    if len(self._backlog) > MAX_BACKLOG:
+                        # Kept commands cost memory: stop reading, fail this
+                        # DMA, answer them afterwards.
+                        raise DmaFault(errno.ENOBUFS, f"client sent {len(self._backlog)} "
+                                       "commands while a DMA request was pending")
             else:
                 self._send(data)
                 self._wait_reply(msg_id, twin=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 
+from pyvfio.device import PAGE_SIZE
 from pyvfio.errors import ProtocolError
 from pyvfio.user import protocol as P
 from pyvfio.user.server._base import ConnectionBase
@@ -81,7 +82,11 @@ class FeatureHandlers(ConnectionBase):
                 raise ProtocolError(f"DMA logging page size {ps}", errno.EINVAL)
             if self.dma.log_page_size:
                 raise OSError(errno.EBUSY, "DMA logging is already on")
-            self.dma.start_logging(ps)
+            # Track at least whole pages: a 1-byte granularity would make the
+            # dirty set as large as what the model writes.  Reports in finer
+            # units then mark every unit of a dirty page (over-reporting is
+            # allowed; missing a dirty byte is not).
+            self.dma.start_logging(max(ps, PAGE_SIZE))
             out = ctl.pack()
         elif index == P.FeatureIndex.DMA_LOGGING_STOP:
             if not self.dma.log_page_size:
