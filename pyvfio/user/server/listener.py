@@ -180,12 +180,17 @@ class DeviceServer:
     def _start(self, sock: socket.socket) -> None:
         """Run a connection for ``sock`` (with ``_lock`` held)."""
         conn = Connection(self, sock)
-        self.connection = conn
-        self.clients_served += 1
-        self._notify("connected", conn)
         thread = threading.Thread(target=conn.run, name=f"vfio-user {self.path}", daemon=True)
         conn.thread = thread
-        thread.start()
+        self.connection = conn
+        try:
+            thread.start()
+        except BaseException:  # no thread: the device must not look taken
+            self.connection = None
+            raise
+        self.clients_served += 1
+        # The thread's end (_connection_ended) waits for _lock: this comes first.
+        self._notify("connected", conn)
 
     @property
     def busy(self) -> bool:
