@@ -70,6 +70,10 @@ def register(sub: Any) -> None:
         help="the whole story in a real guest: list, check, bind edu, DMA and interrupts",
     )
     demo.add_argument("--kernel", default="debian", metavar="K", help=KERNEL_HELP)
+    demo.add_argument("--act", choices=("all", "kernel", "vfio-user"), default="all",
+                      help="kernel: host devices through kernel VFIO; vfio-user: a Python "
+                      "device in a VM on QEMU >= 10.1 (pyvfio serve + vfio-user-pci); "
+                      "default: both")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     demo.set_defaults(func=run_demo)
 

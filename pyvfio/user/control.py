@@ -214,6 +214,8 @@ class ControlServer:
         self.quit_requested = threading.Event()
         self._connected_at: weakref.WeakKeyDictionary[Connection, str] = (
             weakref.WeakKeyDictionary())
+        self._peers: weakref.WeakKeyDictionary[Connection, tuple[int, int, int]] = (
+            weakref.WeakKeyDictionary())
         self._commands: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "query-version": lambda a: {"version": self.version},
             "query-commands": lambda a: [{"name": n} for n in sorted(self._commands)],
@@ -324,11 +326,14 @@ class ControlServer:
     def _on_client(self, what: str, ds: DeviceServer, conn: Connection) -> None:
         device = self._by_server(ds)
         data: dict[str, Any] = {"id": device.id if device else None, "socket": ds.path}
-        peer = _peer(conn.sock)
-        if peer is not None:
-            data["pid"] = peer[0]
         if what == "connected":
             self._connected_at[conn] = _iso_now()
+            peer = _peer(conn.sock)
+            if peer is not None:
+                self._peers[conn] = peer
+        peer = self._peers.get(conn)  # gone from the socket once the client hung up
+        if peer is not None:
+            data["pid"] = peer[0]
         # Sent from another thread: the vfio-user thread holds the device server's
         # lock here and must not wait for control clients.
         threading.Thread(target=self.emit, daemon=True, args=(

@@ -133,7 +133,8 @@ def test_add_attach_blocked_remove_detach_remove(server, tmp_path):
     assert os.path.exists(sock)  # the refusal changed nothing
     assert dev.bar(0).read32(0) == 0x010000ED  # the client still works
     dev.close()
-    assert watcher.wait_event("CLIENT_DISCONNECTED")["data"]["id"] == "hot"
+    gone = watcher.wait_event("CLIENT_DISCONNECTED")["data"]
+    assert gone == {"id": "hot", "socket": sock, "pid": os.getpid()}
     removed = c.execute("device-remove", {"id": "hot"})
     assert removed["return"] == {"id": "hot", "disconnected-client": False}
     assert not os.path.exists(sock)
