@@ -51,6 +51,7 @@ from pyvfio.testing.initramfs import (
     build_initramfs,
     cache_dir,
 )
+from pyvfio.testing.kernel_image import Kernel
 
 QEMU = "qemu-system-x86_64"
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
@@ -108,19 +109,6 @@ class GuestTimeout(GuestError):
 # --- kernels -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """A kernel image the guest can boot.
-
-    ``modules_dir`` is ``/lib/modules/<release>`` for a modular kernel (the
-    initramfs carries the modules it needs) and ``None`` for an all-built-in one.
-    """
-
-    name: str
-    image: Path
-    modules_dir: Path | None = None
-
-
 def _version_key(text: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
@@ -150,7 +138,7 @@ def kernel_by_name(name: str) -> Kernel:
     if name == "debian":
         return debian_kernel()
     if name == "pyvfio-6.12":
-        from pyvfio.testing import kernel as kernel_build  # imports this module
+        from pyvfio.testing import kernel as kernel_build  # builds it: slow imports
 
         return kernel_build.pyvfio_kernel()
     path = Path(name)

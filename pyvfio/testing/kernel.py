@@ -30,8 +30,8 @@ from pathlib import Path
 
 from pyvfio.errors import PyvfioError
 from pyvfio.testing import debian
-from pyvfio.testing.guest import Kernel
 from pyvfio.testing.initramfs import cache_dir
+from pyvfio.testing.kernel_image import Kernel
 
 NAME = "pyvfio-6.12"
 SOURCE_PACKAGE = "linux-source-6.12"
