@@ -9,7 +9,8 @@ from typing import Any
 
 from pyvfio.cli import CommandFailed
 
-KERNEL_HELP = "debian (Debian's 6.1), pyvfio-6.12 (built on first use) or a bzImage path"
+KERNEL_HELP = ("debian (Debian's own: 6.1 on Debian 12, 6.12 on 13), pyvfio-6.12 (built on first "
+               "use) or the path of a kernel image (vmlinuz-RELEASE finds its modules)")
 
 
 def register(sub: Any) -> None:
@@ -70,6 +71,10 @@ def register(sub: Any) -> None:
         help="the whole story in a real guest: list, check, bind edu, DMA and interrupts",
     )
     demo.add_argument("--kernel", default="debian", metavar="K", help=KERNEL_HELP)
+    demo.add_argument("--act", choices=("all", "kernel", "vfio-user"), default="all",
+                      help="kernel: host devices through kernel VFIO; vfio-user: a Python "
+                      "device in a VM on QEMU >= 10.1 (pyvfio serve + vfio-user-pci); "
+                      "default: both")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     demo.set_defaults(func=run_demo)
 

@@ -18,9 +18,13 @@ class Kernel:
     """A kernel image the guest can boot.
 
     ``modules_dir`` is ``/lib/modules/<release>`` for a modular kernel (the
-    initramfs carries the modules it needs) and ``None`` for an all-built-in one.
+    initramfs carries the modules it needs) and ``None`` for an all-built-in
+    one.  ``config`` is the kernel's ``.config`` when known (Debian's
+    ``/boot/config-<release>``); the guest gets a copy, so that a test can
+    name the option a skipped feature lacks (:mod:`pyvfio.testing.kconfig`).
     """
 
     name: str
     image: Path
     modules_dir: Path | None = None
+    config: Path | None = None

@@ -43,7 +43,6 @@ from the same build can be loaded".  Ask for one device's help
 from __future__ import annotations
 
 import argparse
-import csv
 import fcntl
 import json
 import os
@@ -66,8 +65,8 @@ MIN_VERSION = (10, 1)
 PACKAGE = "qemu-system-x86"
 BINARY = "qemu-system-x86_64"
 MULTIARCH = "x86_64-linux-gnu"
-DISTRO_INFO_CSV = Path("/usr/share/distro-info/debian.csv")
-KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+DISTRO_INFO_CSV = debian.DISTRO_INFO_CSV
+KEYRING = debian.DEFAULT_KEYRING
 MANIFEST = "manifest.json"
 WRAPPER = BINARY  # the wrapper script's name in the version folder
 # Bump when the unpacking recipe changes in a way that changes the tree.
@@ -158,38 +157,28 @@ def system_qemu(which: str | None = None) -> Qemu | None:
 # --- releases and suites ----------------------------------------------------------------------
 
 
-def next_release(codename: str, distro_csv: Path = DISTRO_INFO_CSV) -> str | None:
-    """The Debian release after ``codename`` in ``distro-info-data``'s table, or ``None``."""
-    try:
-        with distro_csv.open(newline="") as fh:
-            rows = [row for row in csv.DictReader(fh) if row.get("series")]
-    except OSError as exc:
-        raise QemuProvisionError(
-            f"cannot read {distro_csv} ({exc.strerror}): install distro-info-data, "
-            "or set PYVFIO_QEMU_RELEASE to the Debian release whose backports to use"
-        ) from None
-    names = [row["series"] for row in rows]
-    if codename not in names:
-        raise QemuProvisionError(f"{distro_csv} does not list this system's release {codename!r}")
-    index = names.index(codename)
-    return names[index + 1] if index + 1 < len(names) else None
-
-
-def releases_to_try(codename: str, distro_csv: Path = DISTRO_INFO_CSV) -> list[str]:
-    """The running release, then the next one; ``PYVFIO_QEMU_RELEASE`` overrides both."""
+def releases_to_try(codename: str, distro_csv: Path = DISTRO_INFO_CSV,
+                    today: str | None = None) -> list[str]:
+    """The running release, then the next one if it has been released
+    (:func:`pyvfio.testing.debian.released_after`); ``PYVFIO_QEMU_RELEASE``
+    overrides both."""
     forced = os.environ.get("PYVFIO_QEMU_RELEASE")
     if forced:
         if not re.fullmatch(r"[a-z]+", forced):
             raise QemuProvisionError(f"PYVFIO_QEMU_RELEASE={forced!r}: give a Debian codename")
         return [forced]
-    following = next_release(codename, distro_csv)
+    try:
+        following = debian.released_after(codename, distro_csv, today)
+    except debian.PackageError as exc:
+        raise QemuProvisionError(f"{exc} (or set PYVFIO_QEMU_RELEASE to the Debian release "
+                                 "whose backports to use)") from None
     return [codename] + ([following] if following else [])
 
 
-def private_sources_text(uri: str, release: str) -> str:
+def private_sources_text(uri: str, release: str, keyring: str | Path = KEYRING) -> str:
     """A one-line-format source list: ``release`` and ``release-backports`` of ``uri``."""
     return "".join(
-        f"deb [signed-by={KEYRING}] {uri} {suite} main\n"
+        f"deb [signed-by={keyring}] {uri} {suite} main\n"
         for suite in (release, f"{release}-backports")
     )
 
@@ -361,11 +350,16 @@ def provision(cache: Path | None = None, *, log: bool = True) -> Qemu:
         lambda msg: None)
     with _locked(root):
         apt = PrivateApt(root / "apt")
-        uri = debian.debian_archive_uri()
         codename = debian.debian_codename()
+        archive = debian.debian_archive(codename, debian.apt_sources())
+        uri = archive.uris[0].rstrip("/")
+        # The machine's own keyring for that archive (an inline key block cannot
+        # go in a one-line source: then Debian's keyring).
+        keyring = archive.signed_by if archive.signed_by and "\n" not in archive.signed_by \
+            else KEYRING
         tried: list[str] = []
         for release in releases_to_try(codename):
-            apt.update(private_sources_text(uri, release))
+            apt.update(private_sources_text(uri, release, keyring))
             versions = [(v, s) for v, s in apt.versions(PACKAGE)
                         if (parse_version(v) or (0,)) >= MIN_VERSION]
             tried.append(f"{release}: " + (", ".join(v for v, _ in apt.versions(PACKAGE))

@@ -205,8 +205,12 @@ def run(args: argparse.Namespace) -> int:
         if control_path:
             from pyvfio.user.control import ControlServer
 
+            def on_quit() -> None:
+                stop.set()
+                server.stop()
+
             control = ControlServer(server, control_path, control_models(args),
-                                    version=_version())
+                                    version=_version(), on_quit=on_quit)
             for ds, model in started:
                 control.adopt(ds, args.model, model)
             control.start()

@@ -61,6 +61,7 @@ import datetime
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import stat
@@ -83,6 +84,7 @@ log = logging.getLogger("pyvfio.user.control")
 
 MAX_LINE = 64 * 1024
 MAX_CLIENTS = 16
+SEND_TIMEOUT = 5.0  # seconds a control client may leave a reply or event unread
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 
@@ -212,7 +214,12 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.quit_requested = threading.Event()
+        self._events: queue.SimpleQueue[tuple[str, dict[str, Any], dict[str, int]] | None] = (
+            queue.SimpleQueue())
+        self._emitter: threading.Thread | None = None
         self._connected_at: weakref.WeakKeyDictionary[Connection, str] = (
+            weakref.WeakKeyDictionary())
+        self._peers: weakref.WeakKeyDictionary[Connection, tuple[int, int, int]] = (
             weakref.WeakKeyDictionary())
         self._commands: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "query-version": lambda a: {"version": self.version},
@@ -255,6 +262,9 @@ class ControlServer:
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                         name=f"pyvfio control {self.path}")
         self._thread.start()
+        self._emitter = threading.Thread(target=self._send_events, daemon=True,
+                                         name=f"pyvfio control events {self.path}")
+        self._emitter.start()
         return self
 
     def _accept_loop(self) -> None:
@@ -276,6 +286,9 @@ class ControlServer:
                                      b'control clients"}}\n')
                     sock.close()
                     continue
+                # Sends time out; receives wait (a control client may sit idle).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", int(SEND_TIMEOUT), 0))
                 client = _Client(self, sock)
                 self._clients.append(client)
             threading.Thread(target=client.run, daemon=True,
@@ -301,8 +314,10 @@ class ControlServer:
             clients = list(self._clients)
         for client in clients:
             client.close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        self._events.put(None)
+        for thread in (self._thread, self._emitter):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(5)
 
     def __enter__(self) -> ControlServer:
         return self
@@ -313,26 +328,38 @@ class ControlServer:
     # ---- events ----
 
     def emit(self, event: str, data: Mapping[str, Any]) -> None:
-        """Send ``event`` to every control client (never blocks on a slow one for long:
-        each send is one sendall on a stream the client reads)."""
-        message = {"event": event, "data": dict(data), "timestamp": _now()}
-        with self._clients_lock:
-            clients = list(self._clients)
-        for client in clients:
-            client.send(message)
+        """Queue ``event`` for every control client; one thread sends events in
+        the order they happened.  A client that does not read for
+        :data:`SEND_TIMEOUT` seconds is disconnected rather than holding the others up."""
+        self._events.put((event, dict(data), _now()))
+
+    def _send_events(self) -> None:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            event, data, stamp = item
+            message = {"event": event, "data": data, "timestamp": stamp}
+            with self._clients_lock:
+                clients = list(self._clients)
+            for client in clients:
+                client.send(message)
 
     def _on_client(self, what: str, ds: DeviceServer, conn: Connection) -> None:
         device = self._by_server(ds)
         data: dict[str, Any] = {"id": device.id if device else None, "socket": ds.path}
-        peer = _peer(conn.sock)
-        if peer is not None:
-            data["pid"] = peer[0]
         if what == "connected":
             self._connected_at[conn] = _iso_now()
-        # Sent from another thread: the vfio-user thread holds the device server's
-        # lock here and must not wait for control clients.
-        threading.Thread(target=self.emit, daemon=True, args=(
-            "CLIENT_CONNECTED" if what == "connected" else "CLIENT_DISCONNECTED", data)).start()
+            peer = _peer(conn.sock)
+            if peer is not None:
+                self._peers[conn] = peer
+        peer = self._peers.get(conn)  # gone from the socket once the client hung up
+        if peer is not None:
+            data["pid"] = peer[0]
+        # Queued: the vfio-user thread holds the device server's lock here and
+        # must not wait for control clients.
+        self._events.put(("CLIENT_CONNECTED" if what == "connected" else "CLIENT_DISCONNECTED",
+                          data, _now()))
 
     # ---- the device table ----
 

@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,8 @@ def test_add_attach_blocked_remove_detach_remove(server, tmp_path):
     assert os.path.exists(sock)  # the refusal changed nothing
     assert dev.bar(0).read32(0) == 0x010000ED  # the client still works
     dev.close()
-    assert watcher.wait_event("CLIENT_DISCONNECTED")["data"]["id"] == "hot"
+    gone = watcher.wait_event("CLIENT_DISCONNECTED")["data"]
+    assert gone == {"id": "hot", "socket": sock, "pid": os.getpid()}
     removed = c.execute("device-remove", {"id": "hot"})
     assert removed["return"] == {"id": "hot", "disconnected-client": False}
     assert not os.path.exists(sock)
@@ -257,3 +259,28 @@ def test_control_only_server_and_a_live_control_socket_is_refused(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pyvfio", "serve", "--socket", "/tmp/x.sock"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "name a device model" in bad.stderr
+
+
+def test_a_control_client_that_never_reads_is_dropped_not_waited_for(tmp_path):
+    from pyvfio.user.control import SEND_TIMEOUT, ControlClient, ControlServer
+    from pyvfio.user.server import Server
+
+    path = str(tmp_path / "c.sock")
+    server = Server()
+    control = ControlServer(server, path, {}).start()
+    stalled = socket.socket(socket.AF_UNIX)
+    try:
+        stalled.connect(path)  # and never reads
+        with ControlClient(path) as reader:
+            started = time.monotonic()
+            for n in range(200):  # 6.4 MB of events: far more than the socket buffers
+                control.emit("TEST", {"n": n, "pad": "x" * 32768})
+            assert reader.wait_event("TEST", 60, {"n": 199})["data"]["n"] == 199
+            assert time.monotonic() - started < SEND_TIMEOUT + 30
+        stalled.settimeout(SEND_TIMEOUT + 10)
+        while stalled.recv(1 << 20):  # what was sent before the drop, then EOF
+            pass
+    finally:
+        stalled.close()
+        control.close()
+        server.close()

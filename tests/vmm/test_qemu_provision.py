@@ -43,10 +43,13 @@ def test_releases_to_try_are_this_one_then_the_next(tmp_path: Path,
     table = tmp_path / "debian.csv"
     table.write_text(DISTRO_CSV)
     monkeypatch.delenv("PYVFIO_QEMU_RELEASE", raising=False)
-    assert qemu.releases_to_try("bookworm", table) == ["bookworm", "trixie"]
-    assert qemu.releases_to_try("trixie", table) == ["trixie"]  # the newest: nothing after it
+    today = "2026-01-01"
+    assert qemu.releases_to_try("bookworm", table, today) == ["bookworm", "trixie"]
+    assert qemu.releases_to_try("trixie", table, today) == ["trixie"]  # nothing after it
+    # A release not out yet (its date in the future) has no archive to take from.
+    assert qemu.releases_to_try("bookworm", table, "2025-01-01") == ["bookworm"]
     with pytest.raises(qemu.QemuProvisionError, match=r"does not list .*'sid'"):
-        qemu.releases_to_try("sid", table)
+        qemu.releases_to_try("sid", table, today)
     with pytest.raises(qemu.QemuProvisionError, match="install distro-info-data"):
         qemu.releases_to_try("bookworm", tmp_path / "missing.csv")
     monkeypatch.setenv("PYVFIO_QEMU_RELEASE", "forky")
@@ -57,10 +60,10 @@ def test_releases_to_try_are_this_one_then_the_next(tmp_path: Path,
 
 
 def test_private_sources_name_the_given_archive_and_both_suites() -> None:
-    text = qemu.private_sources_text("http://archive.invalid/debian", "trixie")
+    text = qemu.private_sources_text("http://archive.invalid/debian", "trixie", "/k.gpg")
     lines = text.splitlines()
     assert [line.split()[-2] for line in lines] == ["trixie", "trixie-backports"]
-    assert all(line.startswith("deb [signed-by=") and "http://archive.invalid/debian" in line
+    assert all(line.startswith("deb [signed-by=/k.gpg] http://archive.invalid/debian ")
                for line in lines)
 
 
