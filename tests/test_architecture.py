@@ -26,15 +26,16 @@ ALLOWED: dict[str, set[str]] = {
     "uapi": LOW,
     "pci": LOW,
     "migration": LOW,
+    "sockets": LOW,                               # UNIX socket paths for daemons and clients
     "core": LOW | {"pci"},
     "device": LOW | {"core", "pci"},              # the public face of core
     "host": LOW | {"pci", "uapi"},
     "kernel": LOW | {"pci", "uapi", "core", "device", "migration", "host"},
     "devices": LOW | {"pci", "core", "device", "migration"},  # models: never user/
-    "user": LOW | {"pci", "core", "device", "migration", "devices"},
+    "user": LOW | {"pci", "core", "device", "migration", "devices", "sockets"},
     # A driver's ``python -m`` entry point opens devices the way the CLI does.
     "drivers": LOW | {"pci", "core", "device", "kernel", "user", "broker", "cli"},
-    "broker": LOW | {"pci", "uapi", "core", "device", "migration", "host", "kernel"},
+    "broker": LOW | {"pci", "uapi", "core", "device", "migration", "host", "kernel", "sockets"},
     "pyvfio": LOW | {"device", "pci"},            # the package's lazy top-level names
 }
 TOP = {"cli", "__main__", "testing"}
@@ -172,6 +173,13 @@ def test_layers() -> None:
             if theirs != mine and theirs not in ALLOWED[mine]:
                 bad.append(f"{module} imports {target} ({mine} may not import {theirs})")
     assert not bad, "layer rules broken (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_the_kernel_reads_the_host_only_through_the_shared_sysfs_reader() -> None:
+    into_host = sorted(f"{m} imports {t}" for m, ts in GRAPH.items()
+                       if area(m) == "kernel" for t in ts
+                       if area(t) == "host" and t != "pyvfio.host.sysfs")
+    assert not into_host, "\n".join(into_host)
 
 
 @pytest.mark.parametrize(("importer", "imported", "why"), FORBIDDEN)

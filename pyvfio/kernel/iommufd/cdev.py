@@ -13,13 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from pyvfio.errors import (
-    DeviceInUse,
-    DeviceNotFound,
-    KernelError,
-    NotBoundToVfio,
-    UsageError,
-)
+from pyvfio.errors import DeviceInUse, DeviceNotFound, KernelError, NotBoundToVfio, UsageError
 from pyvfio.host.sysfs import device_cdev, device_driver, is_vfio_driver, read_link_name
 from pyvfio.kernel.iommufd._common import IommufdUnavailable, _path
 from pyvfio.kernel.iommufd.iommufd import Iommufd
