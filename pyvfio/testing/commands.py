@@ -81,10 +81,10 @@ def register(sub: Any) -> None:
     qemu = sub.add_parser(
         "guest-qemu",
         help="provision QEMU >= 10.1 (vfio-user-pci) if needed; print the command that runs it",
-        description="Use the system's qemu-system-x86_64 if it is >= 10.1; otherwise unpack "
+        description=textwrap.fill("Use the system's qemu-system-x86_64 if it is >= 10.1; otherwise unpack "
         "Debian's qemu-system-x86 (the next release's backports on Debian 12) with its "
         "libraries into ~/.cache/pyvfio/qemu and print its wrapper script. Nothing on the "
-        "system is installed or changed.",
+        "system is installed or changed.", 78),
         epilog="examples:\n  pyvfio guest-qemu\n  pyvfio guest-qemu --json\n"
                "  $(pyvfio guest-qemu) -device vfio-user-pci,help\n\n"
                "exit status: 0 ready, 2 could not provision (the reason is printed)",
@@ -145,10 +145,15 @@ def run_guest_kernel(args: argparse.Namespace) -> int:
 
 
 def run_guest_qemu(args: argparse.Namespace) -> int:
+    from pyvfio.cli import print_json
     from pyvfio.testing import qemu
 
-    argv = (["--refresh"] if args.refresh else []) + (["--json"] if args.json else [])
-    return qemu.main(argv)
+    found = qemu.ensure_qemu(refresh=args.refresh)  # errors: the CLI's one line (or JSON)
+    if args.json:
+        print_json(found.as_json())
+    else:
+        print(found.command)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

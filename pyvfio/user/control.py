@@ -726,12 +726,13 @@ are printed), 2 bad arguments or no server at PATH
 
 def register(sub: Any) -> None:
     import argparse
+    import textwrap
 
     parser = sub.add_parser(
         "control", help="send a command to the control socket of pyvfio serve --control",
-        description="Send one command to a pyvfio serve control socket and print its JSON "
+        description=textwrap.fill("Send one command to a pyvfio serve control socket and print its JSON "
         "return value, or print its events (--monitor). Commands: query-version, "
-        "query-commands, query-models, query-devices, device-add, device-remove, quit.",
+        "query-commands, query-models, query-devices, device-add, device-remove, quit.", 78),
         epilog=CONTROL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", metavar="PATH", help="the control socket")
     parser.add_argument("execute", nargs="?", metavar="COMMAND", help="the command to run")

@@ -25,6 +25,7 @@ import json
 import re
 import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,10 +112,10 @@ exit status: 0 printed, 2 bad arguments
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "qemu-args", help="print the QEMU options that attach a device pyvfio serve serves",
-        description="Print the QEMU (>= 10.1) options that attach vfio-user devices: the "
+        description=textwrap.fill("Print the QEMU (>= 10.1) options that attach vfio-user devices: the "
         "vfio-user-pci device in QEMU's JSON syntax (one per --socket), guest RAM in a shared "
         "memfd (share=on) so the server can map it, and with --iommu the Intel vIOMMU with "
-        "caching-mode=on, which vfio-user-pci requires.",
+        "caching-mode=on, which vfio-user-pci requires.", 78),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", dest="sockets", action="append", default=[], metavar="PATH",

@@ -94,3 +94,21 @@ def test_control_cli_round_trip_and_exits(tmp_path: Path) -> None:
         assert vmm.stop_server(proc) == 0
     gone = pyvfio("control", str(control), "query-devices")
     assert gone.returncode == 2 and "is pyvfio serve --control running?" in gone.stderr
+
+
+def test_json_outputs_are_as_documented() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cli-json.md").read_text()
+
+    def block(title: str):
+        body = doc.split(f"## {title}\n", 1)[1]
+        return json.loads(re.search(r"```json\n(.*?)```", body, re.S).group(1))
+
+    documented = block("pyvfio qemu-args")
+    printed = json.loads(pyvfio("qemu-args", "--socket", "/run/edu.sock", "--json").stdout)
+    assert printed == documented
+    provisioned = block("pyvfio guest-qemu")
+    found = json.loads(pyvfio("guest-qemu", "--json").stdout)
+    assert set(found) == set(provisioned)
+    assert found["version"].count(".") == 2 and found["command"] == found["command"].strip()

@@ -28,8 +28,11 @@ import os, pathlib, subprocess, sys, time
 out = pathlib.Path(os.environ["PYVFIO_GUEST_OUT"])
 def edu():
     for d in pathlib.Path("/sys/bus/pci/devices").iterdir():
-        if ((d / "vendor").read_text().strip(), (d / "device").read_text().strip()) == (
-                "0x1234", "0x11e8"):
+        try:
+            ids = ((d / "vendor").read_text().strip(), (d / "device").read_text().strip())
+        except FileNotFoundError:  # removed while we looked: that is the unplug
+            continue
+        if ids == ("0x1234", "0x11e8"):
             return d.name
 def wait(cond, what, limit=600):
     end = time.monotonic() + limit
