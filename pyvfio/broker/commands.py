@@ -11,7 +11,7 @@ import textwrap
 import threading
 from typing import Any
 
-from pyvfio.cli import add_json_flag, print_json
+from pyvfio.cli import add_json_flag, check_root, print_json
 from pyvfio.errors import UsageError
 
 BROKER_EPILOG = """\
@@ -113,6 +113,7 @@ def run_broker(args: argparse.Namespace) -> int:
         mode = int(args.socket_mode, 8)
     except ValueError:
         raise UsageError(f"--socket-mode must be octal, not {args.socket_mode!r}") from None
+    check_root(args.root)  # the broker reads sysfs and /dev under it for every decision
     audit = AuditLog(args.log)
     broker = Broker(args.socket, policy, root=args.root, audit=audit, socket_mode=mode)
     broker.listen()

@@ -279,3 +279,10 @@ def test_process_broker_open_on_a_vfio_user_socket(edu_socket: str) -> None:
                            "--list"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "not a pyvfio broker" in proc.stderr
+
+
+def test_broker_checks_its_root_before_listening(capsys, sockdir: Path, policy: Path) -> None:
+    code, _, err = run(capsys, "broker", "--socket", str(sockdir / "b.sock"), "--policy",
+                       str(policy), "--root", "/nonexistent")
+    assert code == 2 and err == "pyvfio broker: root /nonexistent does not exist\n"
+    assert not (sockdir / "b.sock").exists()
