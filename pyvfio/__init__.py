@@ -8,6 +8,7 @@ Public surface (pinned by ``tests/test_public_api.py``):
 - :mod:`pyvfio.user` — vfio-user protocol, server framework and client.
 - :mod:`pyvfio.broker` — privilege separation: fd broker and device handoff.
 - :mod:`pyvfio.errors` — the exception tree.
+- :class:`PciAddress` — a PCI address, parsed and printed the way sysfs names devices.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
         ProtocolError,
         PyvfioError,
     )
+    from pyvfio.pci.address import PciAddress
 
 # Loaded on first use (PEP 562): every ``pyvfio`` command imports this package,
 # and most of them need neither the device core nor ctypes.
@@ -34,6 +36,7 @@ _LAZY = {
     "DeviceNotFound": "pyvfio.errors", "KernelError": "pyvfio.errors",
     "NotBoundToVfio": "pyvfio.errors", "NotViable": "pyvfio.errors",
     "ProtocolError": "pyvfio.errors", "PyvfioError": "pyvfio.errors",
+    "PciAddress": "pyvfio.pci.address",
 }
 
 
@@ -61,6 +64,7 @@ __all__ = [
     "KernelError",
     "NotBoundToVfio",
     "NotViable",
+    "PciAddress",
     "ProtocolError",
     "PyvfioError",
     "RegionIndex",

@@ -19,7 +19,25 @@ import pytest
 from pyvfio.errors import UsageError
 from pyvfio.testing import debian, guest, initramfs, kernel, pytest_guest, topology
 
-DEBIAN_MODULES = sorted(Path("/lib/modules").glob("6.1.0-*/modules.dep"))
+
+def _debian_module_tree() -> Path | None:
+    """The module tree of Debian's kernel here (6.1 on Debian 12, 6.12 on 13), or None.
+    ``depends=""``: found by looking, without asking dpkg or installing anything."""
+    try:
+        return guest.debian_kernel(depends="").modules_dir
+    except guest.GuestError:
+        return None
+
+
+DEBIAN_MODULE_TREE = _debian_module_tree()
+NO_DEBIAN_MODULES = "Debian's kernel and its module tree are not installed"
+
+
+def builtin_modules(tree: Path) -> set[str]:
+    """Module names the kernel has built in (``modules.builtin``): nothing to load."""
+    path = tree / "modules.builtin"
+    lines = path.read_text().split() if path.is_file() else []
+    return {initramfs.module_name(line) for line in lines}
 
 
 # --- cpio ----------------------------------------------------------------------------------
@@ -95,17 +113,29 @@ def test_resolve_modules_puts_dependencies_first_and_skips_unknown() -> None:
     assert order == ["k/c.ko", "k/b.ko", "k/a.ko", "k/d-e.ko"]
 
 
-@pytest.mark.skipif(not DEBIAN_MODULES, reason="Debian's 6.1 module tree is not installed")
+@pytest.mark.skipif(DEBIAN_MODULE_TREE is None, reason=NO_DEBIAN_MODULES)
 def test_resolve_modules_on_debians_tree() -> None:
-    table = initramfs.parse_modules_dep(DEBIAN_MODULES[-1].read_text())
+    assert DEBIAN_MODULE_TREE is not None
+    table = initramfs.parse_modules_dep((DEBIAN_MODULE_TREE / "modules.dep").read_text())
+    builtin = builtin_modules(DEBIAN_MODULE_TREE)
     names = [initramfs.module_name(p) for p in
              initramfs.resolve_modules(table, initramfs.GUEST_MODULES)]
+    # Dependencies first, for the pairs this kernel builds as modules (trixie builds
+    # virtio_pci and virtio_ring in; bookworm has them as modules).
     for before, after in [("irqbypass", "vfio_pci_core"), ("vfio", "vfio_iommu_type1"),
                           ("vfio_pci_core", "vfio_pci"), ("9pnet", "9pnet_virtio"),
                           ("netfs", "9p"), ("virtio_ring", "virtio_pci")]:
-        assert names.index(before) < names.index(after), (before, after)
+        if after in builtin:
+            assert after not in names, f"{after} is built in: nothing to insmod"
+        elif before in builtin or before not in table:
+            assert after in names, after  # its dependency is built in, or gone in this release
+        else:
+            assert names.index(before) < names.index(after), (before, after)
     assert len(names) == len(set(names))
-    assert {"e1000", "e1000e", "9p", "vfio_pci"} <= set(names)
+    # Every module the guest needs is loaded or built in.
+    for needed in ("e1000", "e1000e", "9p", "9pnet_virtio", "virtio_pci", "vfio", "vfio_pci",
+                   "vfio_iommu_type1"):
+        assert needed in names or needed in builtin, needed
 
 
 # --- the image and its cache ---------------------------------------------------------------
@@ -128,11 +158,11 @@ def test_initramfs_is_cached_by_content(tmp_path: Path) -> None:
     assert members["dev/console"][1:] == (0o020600, b"", (5, 1))
 
 
-@pytest.mark.skipif(not DEBIAN_MODULES, reason="Debian's 6.1 module tree is not installed")
+@pytest.mark.skipif(DEBIAN_MODULE_TREE is None, reason=NO_DEBIAN_MODULES)
 def test_initramfs_carries_modules_in_load_order(tmp_path: Path) -> None:
     busybox = tmp_path / "busybox"
     busybox.write_bytes(b"bb")
-    image = initramfs.build_initramfs(DEBIAN_MODULES[-1].parent, busybox=busybox,
+    image = initramfs.build_initramfs(DEBIAN_MODULE_TREE, busybox=busybox,
                                       cache=tmp_path)
     members = {m[0]: m for m in parse_newc(image.read_bytes())}
     load = [line.split() for line in members["etc/pyvfio-modules"][2].decode().splitlines()]
@@ -348,17 +378,17 @@ def test_archive_uri_from_deb822_skips_security(tmp_path: Path) -> None:
         "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\n"
         "Suites: bookworm bookworm-updates\nComponents: main\n"
     )
-    uri = debian.debian_archive_uri(tmp_path, tmp_path / "sources.list")
+    uri = debian.debian_archive_uri(tmp_path, tmp_path / "sources.list", codename="bookworm")
     assert uri == "http://mirror.example/debian"
 
 
 def test_archive_uri_from_one_line_sources(tmp_path: Path) -> None:
     (tmp_path / "sources.list").write_text(
         "deb [signed-by=/k.gpg] http://m.example/debian bookworm main\n")
-    assert debian.debian_archive_uri(tmp_path, tmp_path / "sources.list") == \
-        "http://m.example/debian"
-    with pytest.raises(debian.PackageError, match="cannot find"):
-        debian.debian_archive_uri(tmp_path / "empty", tmp_path / "none.list")
+    assert debian.debian_archive_uri(tmp_path, tmp_path / "sources.list",
+                                     codename="bookworm") == "http://m.example/debian"
+    with pytest.raises(debian.PackageError, match="no apt source carries the bookworm suite"):
+        debian.debian_archive_uri(tmp_path / "empty", tmp_path / "none.list", codename="bookworm")
 
 
 def test_backports_stanza_names_no_host_of_its_own() -> None:
@@ -401,3 +431,128 @@ def test_kernel_cache_key_follows_version_and_options() -> None:
     assert key == kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\n")
     assert key != kernel.cache_key("6.12.96-1~bpo12+1", "CONFIG_VFIO=y\n")
     assert key != kernel.cache_key("6.12.95-1~bpo12+1", "CONFIG_VFIO=y\nCONFIG_E1000=y\n")
+
+
+# --- finding Debian's kernel (Debian 12's 6.1, Debian 13's 6.12) ---------------------------
+
+
+def fake_kernel_tree(root: Path, releases: list[str], *, modules: list[str] | None = None,
+                     usr: bool = False) -> tuple[Path, Path]:
+    """``root/boot/vmlinuz-R`` (+ config-R) for each release, module trees for
+    ``modules`` (default: all) under ``root/lib/modules`` or ``root/usr/lib/modules``."""
+    boot = root / "boot"
+    mods = root / ("usr/lib/modules" if usr else "lib/modules")
+    boot.mkdir(parents=True)
+    for release in releases:
+        (boot / f"vmlinuz-{release}").write_bytes(b"kernel")
+        (boot / f"config-{release}").write_text("CONFIG_VFIO=m\n")
+    for release in releases if modules is None else modules:
+        (mods / release).mkdir(parents=True)
+        (mods / release / "modules.dep").write_text("")
+    return boot, mods
+
+
+BOOKWORM = "linux-image-6.1.0-57-amd64 (= 6.1.192-3)"
+TRIXIE = "linux-image-6.12.48+deb13-amd64 (= 6.12.48-1)"
+
+
+def test_releases_from_the_metapackages_depends() -> None:
+    assert guest.releases_from_depends(BOOKWORM) == ["6.1.0-57-amd64"]
+    assert guest.releases_from_depends(TRIXIE) == ["6.12.48+deb13-amd64"]
+    assert guest.releases_from_depends(
+        "linux-image-6.12.48+deb13-amd64 (= 6.12.48-1) | linux-image-6.12.48+deb13-amd64-unsigned"
+        " (= 6.12.48-1), initramfs-tools") == ["6.12.48+deb13-amd64"]
+    assert guest.releases_from_depends("") == []
+
+
+@pytest.mark.parametrize("depends, newest", [(BOOKWORM, "6.1.0-57-amd64"),
+                                              (TRIXIE, "6.12.48+deb13-amd64")])
+def test_debian_kernel_is_what_linux_image_amd64_depends_on(
+        tmp_path: Path, depends: str, newest: str) -> None:
+    # An older and a newer kernel beside the one the metapackage names.
+    boot, mods = fake_kernel_tree(tmp_path, [newest, "6.1.0-9-amd64", "6.19.1-custom"])
+    k = guest.debian_kernel(boot, mods, depends=depends)
+    assert (k.name, k.image, k.modules_dir, k.config) == (
+        "debian", boot / f"vmlinuz-{newest}", mods / newest, boot / f"config-{newest}")
+
+
+def test_debian_kernel_falls_back_to_the_newest_with_a_module_tree(tmp_path: Path) -> None:
+    boot, mods = fake_kernel_tree(
+        tmp_path, ["6.1.0-9-amd64", "6.1.0-57-amd64", "6.12.48+deb13-amd64", "6.19.1-nomods"],
+        modules=["6.1.0-9-amd64", "6.1.0-57-amd64", "6.12.48+deb13-amd64"])
+    # The metapackage names a kernel that is not there (removed by hand): newest with modules.
+    k = guest.debian_kernel(boot, mods, depends="linux-image-6.1.0-99-amd64")
+    assert k.image == boot / "vmlinuz-6.12.48+deb13-amd64" and k.modules_dir is not None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(guest.GuestError, match=r"no Debian kernel.*install linux-image-amd64"):
+        guest.debian_kernel(empty, empty, depends="")
+
+
+def test_this_machines_debian_kernel_has_a_module_tree_and_config() -> None:
+    try:
+        k = guest.debian_kernel()
+    except (guest.GuestError, debian.PackageError) as exc:
+        pytest.skip(f"no Debian kernel here: {exc}")
+    assert k.image.is_file() and k.modules_dir is not None
+    assert (k.modules_dir / "modules.dep").is_file()
+    assert k.config is not None and "CONFIG_VFIO=" in k.config.read_text()
+
+
+def test_a_kernel_unpacked_with_dpkg_x_finds_its_own_modules_and_config(tmp_path: Path) -> None:
+    release = "6.12.48+deb13-amd64"
+    boot, mods = fake_kernel_tree(tmp_path / "tree", [release], usr=True)
+    k = guest.kernel_by_name(str(boot / f"vmlinuz-{release}"))
+    assert k.name == f"vmlinuz-{release}"
+    assert k.modules_dir == mods / release and k.config == boot / f"config-{release}"
+    bare = tmp_path / "bzImage"
+    bare.write_bytes(b"k")
+    assert guest.kernel_by_name(str(bare)) == guest.Kernel("bzImage", bare, None, None)
+    with pytest.raises(UsageError, match="unknown kernel"):
+        guest.kernel_by_name(str(tmp_path / "missing"))
+
+
+def test_the_guests_python_is_the_venvs_not_its_base_interpreter() -> None:
+    # A venv's bin/python links to the base interpreter; the guest must run the
+    # venv (its packages, its pyvenv.cfg), so PATH starts with the venv's bin.
+    first = guest._BASE_ENV["PATH"].split(":")[0]
+    assert first == os.path.dirname(os.path.abspath(sys.executable))
+    if sys.prefix != sys.base_prefix:
+        assert Path(first, "python").exists() and Path(first).parent == Path(sys.prefix)
+
+
+def test_the_kernel_config_travels_to_the_guest(tmp_path: Path) -> None:
+    config = tmp_path / "config-x"
+    config.write_text("CONFIG_IOMMUFD=y\n")
+    bogus = tmp_path / "vmlinuz-x"
+    bogus.write_bytes(b"not a kernel")
+    vm = guest.Guest(guest.Kernel("bogus", bogus, None, config), accel="tcg")
+    with pytest.raises(guest.GuestError):
+        vm.run(["true"], timeout=60, run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "kernel.config").read_text() == "CONFIG_IOMMUFD=y\n"
+    assert Path(guest.GUEST_KERNEL_CONFIG).name == "kernel.config"
+
+
+# --- --guest-kernel PATH: the same test IDs on the host and in the guest --------------------
+
+
+def test_kernel_ids_are_the_same_on_host_and_guest() -> None:
+    assert pytest_guest.kernel_id("debian") == "debian"
+    assert pytest_guest.kernel_id("pyvfio-6.12") == "pyvfio-6.12"
+    host = pytest_guest.kernel_id("/x/tree/boot/vmlinuz-6.12.48+deb13-amd64")
+    name = guest.kernel_from_path(Path("/x/tree/boot/vmlinuz-6.12.48+deb13-amd64")).name
+    assert host == pytest_guest.kernel_id(name) == "vmlinuz-6.12.48+deb13-amd64"
+    assert pytest_guest.kernel_id("/k/my kernel") == "my_kernel"
+
+
+def test_a_module_tree_without_modules_dep_says_to_run_depmod(tmp_path: Path) -> None:
+    release = "6.12.48+deb13-amd64"
+    boot = tmp_path / "tree/boot"
+    boot.mkdir(parents=True)
+    (boot / f"vmlinuz-{release}").write_bytes(b"k")
+    mods = tmp_path / "tree/usr/lib/modules" / release
+    mods.mkdir(parents=True)
+    (mods / "modules.order").write_text("kernel/drivers/vfio/vfio.ko\n")
+    with pytest.raises(guest.GuestError,
+                       match=f"has no modules.dep .*run depmod -b {tmp_path}/tree/usr"):
+        guest.kernel_by_name(str(boot / f"vmlinuz-{release}"))

@@ -6,7 +6,7 @@ import pyvfio
 def test_top_level_names() -> None:
     assert sorted(pyvfio.__all__) == sorted([
         "BrokerRefused", "Device", "DeviceInUse", "DeviceNotFound", "DmaBuffer", "EventFd",
-        "IrqIndex", "KernelError", "NotBoundToVfio", "NotViable", "ProtocolError",
+        "IrqIndex", "KernelError", "NotBoundToVfio", "NotViable", "PciAddress", "ProtocolError",
         "PyvfioError", "RegionIndex", "__version__",
     ])
     for name in pyvfio.__all__:

@@ -273,7 +273,7 @@ def _rebuild(body: dict[str, Any], fds: list[int], root: str,
                                               owners=[group], backend="legacy",
                                               backend_reason="handed over by another process")
             else:
-                assert isinstance(space, Ioas)
+                assert isinstance(space, Ioas) and isinstance(space.iommufd, Iommufd)
                 binding = IommufdBinding(space.iommufd, space, own_ioas=False, own_iommufd=False)
                 device = IommufdDevice(entry["name"], device_fd, binding, _int(entry, "dev_id"),
                                        _int(entry, "pt_id"),

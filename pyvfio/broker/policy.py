@@ -43,12 +43,12 @@ from typing import Any
 
 from pyvfio.broker.wire import PeerCredentials
 from pyvfio.errors import UsageError
+from pyvfio.pci.address import PciAddress
 
 __all__ = ["BACKENDS", "DeviceIdentity", "Policy", "PolicyError", "Rule", "normalize_address"]
 
 BACKENDS = ("legacy", "iommufd")
 
-_ADDRESS = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
 _ID = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 
 _BROKER_KEYS = {"max_clients", "max_devices_per_client"}
@@ -75,12 +75,10 @@ class PolicyError(UsageError):
 
 
 def normalize_address(text: str) -> str:
-    """``00:03.0`` or ``0000:00:03.0`` -> ``0000:00:03.0``; UsageError otherwise."""
-    m = _ADDRESS.match(text.strip()) if isinstance(text, str) else None
-    if not m:
-        raise UsageError(f"not a PCI address (DDDD:BB:DD.F): {text!r}")
-    domain, bus, dev, fn = m.groups()
-    return f"{(domain or '0000').lower()}:{bus.lower()}:{dev.lower()}.{fn}"
+    """``00:03.0``, ``0000:00:03.0`` or ``10001:8a:00.0`` (VMD) ->
+    ``0000:00:03.0`` / ``10001:8a:00.0``; UsageError otherwise
+    (:class:`~pyvfio.pci.address.PciAddress` is the one parser)."""
+    return PciAddress.normalize(text)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ mmap), and overrides the lifecycle hooks it cares about (``reset``,
 ``quiesce``, ``save_state``/``load_state``).  The framework owns config space,
 DMA and interrupt plumbing: the model calls :meth:`~PciDeviceModel.dma_read`,
 :meth:`~PciDeviceModel.dma_write`, :meth:`~PciDeviceModel.raise_irq`,
-:meth:`~PciDeviceModel.set_intx` and never sees a socket.
+:meth:`~PciDeviceModel.set_intx` and never sees a socket.  Those go to the
+:class:`~pyvfio.devices.transport.ModelTransport` the model is attached to:
+the vfio-user server's connection, or an in-process one
+(:mod:`pyvfio.devices.inprocess`) for tests.
 
 Concurrency: the server calls every hook and callback with ``self.lock``
 held; a model's own threads (timers) take the same lock around their work.
@@ -25,15 +28,11 @@ import errno
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pyvfio.device import IrqIndex, RegionFlag, RegionIndex, SharedMemory
+from pyvfio.devices.transport import DmaAccess, DmaFault, ModelTransport
 from pyvfio.errors import UsageError
 from pyvfio.pci.emulated import BarKind, BarSpec, EmulatedConfig
-from pyvfio.user.dma import DmaFault, DmaTable
-
-if TYPE_CHECKING:
-    from pyvfio.user.server import Connection
 
 __all__ = [
     "AccessCallback",
@@ -168,7 +167,7 @@ class PciDeviceModel:
             self.config.on_flr(self._flr)
         self._intx_level = False
         self.msix_table: MsixTable | None = None
-        self._conn: Connection | None = None
+        self._conn: ModelTransport | None = None  # the client (see devices.transport)
         self._initial_config: bytes | None = None
 
     # ---- declaring the device (in __init__) ----
@@ -359,7 +358,7 @@ class PciDeviceModel:
         """Zero-copy view of fd-mapped client memory; release it promptly."""
         return self._dma().view(iova, size, write=write)
 
-    def _dma(self) -> DmaTable:
+    def _dma(self) -> DmaAccess:
         conn = self._conn
         if conn is None:
             raise DmaFault(errno.ENOTCONN, f"{self.name}: no client connected, no DMA memory")
@@ -435,7 +434,9 @@ class PciDeviceModel:
         if conn is not None:
             conn.irqs.reset()
 
-    def _attach(self, conn: Connection) -> None:
+    def _attach(self, conn: ModelTransport) -> None:
+        """Give the model its client (the server's connection, or
+        :class:`pyvfio.devices.inprocess.InProcessTransport`)."""
         self._conn = conn
 
     def _detach(self) -> None:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pyvfio.host.binding import BindResult, BindState, bind, restore, state_dir_for
     from pyvfio.host.diagnosis import Diagnosis, Member, Problem, diagnose, require_ready
+    from pyvfio.host.host import Host
     from pyvfio.host.model import (
         DRIVER_KINDS,
-        Host,
         IommuGroup,
         PciDevice,
         ReservedRegion,
@@ -32,13 +32,14 @@ if TYPE_CHECKING:
     )
 
 # Loaded on first use: `pyvfio ls` needs the model, not binding or diagnosis,
-# and every module imported is start-up time for each command.
+# and every module imported is start-up time for each command.  ``Host`` is
+# the model's Host with the diagnosis methods (pyvfio.host.host).
 _HOME = {
     "BindResult": "binding", "BindState": "binding", "bind": "binding", "restore": "binding",
     "state_dir_for": "binding",
     "Diagnosis": "diagnosis", "Member": "diagnosis", "Problem": "diagnosis",
     "diagnose": "diagnosis", "require_ready": "diagnosis",
-    "DRIVER_KINDS": "model", "Host": "model", "IommuGroup": "model", "PciDevice": "model",
+    "Host": "host", "DRIVER_KINDS": "model", "IommuGroup": "model", "PciDevice": "model",
     "ReservedRegion": "model", "normalize_bdf": "model",
     "RealSysfsWriter": "sysfs", "SysfsWriter": "sysfs", "install_writer": "sysfs",
     "uninstall_writer": "sysfs",

@@ -21,11 +21,10 @@ otherwise take seven reads: the kernel regenerates it on every read
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pyvfio.errors import DeviceNotFound, UsageError
+from pyvfio.errors import DeviceNotFound
 from pyvfio.host.modules import VFIO_PCI_MODULE, VfioAliases
 from pyvfio.host.sysfs import (
     SysfsWriter,
@@ -34,14 +33,8 @@ from pyvfio.host.sysfs import (
     read_str,
     writer_for,
 )
+from pyvfio.pci.address import PciAddress
 from pyvfio.pci.ids import PciIds
-
-if TYPE_CHECKING:
-    from pyvfio.host.diagnosis import Diagnosis
-
-_BDF = re.compile(
-    r"^(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$"
-)
 
 # Driver kinds (the ``driver_kind`` field of ``pyvfio check --json``).
 KIND_VFIO = "vfio"
@@ -64,14 +57,9 @@ BRIDGE_DRIVERS = ("pcieport", "shpchp")
 def normalize_bdf(text: str) -> str:
     """``"1:0.0"``, ``"01:00.0"``, ``"0000:01:00.0"`` -> ``"0000:01:00.0"``.
 
-    Raises :class:`UsageError` for anything that is not a PCI address."""
-    m = _BDF.match(text.strip()) if isinstance(text, str) else None
-    if m is None:
-        raise UsageError(f"not a PCI address: {text!r} (expected DDDD:BB:DD.F or BB:DD.F)")
-    domain, bus, dev, fn = m.groups()
-    if int(dev, 16) > 0x1F:
-        raise UsageError(f"not a PCI address: {text!r} (device number above 1f)")
-    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn}"
+    Raises :class:`UsageError` for anything that is not a PCI address
+    (:class:`~pyvfio.pci.address.PciAddress` is the one parser)."""
+    return PciAddress.normalize(text)
 
 
 def _hex_or_none(value: str | None) -> int | None:
@@ -529,19 +517,6 @@ class Host:
         if found is None:
             return VFIO_PCI
         return self.module_driver(found[0])
-
-    # ---- diagnosis ----
-
-    def diagnose(self, address: str) -> Diagnosis:
-        """The :class:`~pyvfio.host.diagnosis.Diagnosis` of one device."""
-        from pyvfio.host.diagnosis import diagnose
-
-        return diagnose(self, address)
-
-    def diagnose_many(self, addresses: list[str]) -> list[Diagnosis]:
-        from pyvfio.host.diagnosis import diagnose_many
-
-        return diagnose_many(self, addresses)
 
     # ---- processes ----
 

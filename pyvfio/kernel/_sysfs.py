@@ -7,12 +7,10 @@ needs nothing but this package; the host package gives the full diagnosis.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
-from pyvfio.errors import DeviceNotFound, UsageError
-
-_BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
+from pyvfio.errors import DeviceNotFound
+from pyvfio.pci.address import PciAddress
 
 # Drivers a group member may be bound to without making the group unusable
 # (drivers/vfio/group.c, vfio_driver_allowed; bridges use driver-managed DMA).
@@ -20,12 +18,9 @@ _ALLOWED_DRIVERS = {"pci-stub", "pcieport"}
 
 
 def normalize_bdf(text: str) -> str:
-    """``00:03.0`` or ``0000:00:03.0`` -> ``0000:00:03.0``."""
-    m = _BDF.match(text.strip())
-    if not m:
-        raise UsageError(f"not a PCI address (DDDD:BB:DD.F): {text!r}")
-    domain, bus, dev, fn = m.groups()
-    return f"{(domain or '0000').lower()}:{bus.lower()}:{dev.lower()}.{fn}"
+    """``00:03.0``, ``0000:00:03.0`` or ``10001:8a:00.0`` (VMD) -> the sysfs
+    name (:class:`~pyvfio.pci.address.PciAddress`); UsageError otherwise."""
+    return PciAddress.normalize(text)
 
 
 def device_dir(root: str, bdf: str) -> str:

@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pyvfio.device import (
     _FORMATS,
@@ -37,11 +37,9 @@ from pyvfio.device import (
     outside_region_error,
 )
 from pyvfio.errors import KernelError, UsageError
+from pyvfio.kernel.migration import KernelMigration
 from pyvfio.uapi import vfio as V
 from pyvfio.uapi.ioctl import call_with_argsz, ioctl, iter_caps
-
-if TYPE_CHECKING:
-    from pyvfio.kernel.migration import KernelMigration
 
 __all__ = ["DependentDevice", "FdOwner", "KernelDevice"]
 
@@ -404,8 +402,6 @@ class KernelDevice(Device):
     def migration(self) -> KernelMigration:
         """This device's migration v2 interface (:mod:`pyvfio.migration`); the
         caller closes it (it owns the migration data fd while a session is open)."""
-        from pyvfio.kernel.migration import KernelMigration
-
         return KernelMigration(self)
 
     def describe(self) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import Protocol
 
 from pyvfio.errors import ClosedError, KernelError
-from pyvfio.kernel.device import KernelDevice
 from pyvfio.migration import (
     DATA_STATES,
     MigFlag,
@@ -35,7 +35,27 @@ from pyvfio.migration import Migration as _Migration
 from pyvfio.uapi import vfio as V
 from pyvfio.uapi.ioctl import ioctl
 
-__all__ = ["KernelMigration"]
+__all__ = ["KernelMigration", "MigratableDevice"]
+
+
+class MigratableDevice(Protocol):
+    """What :class:`KernelMigration` needs of a device: the
+    ``VFIO_DEVICE_FEATURE`` calls of :class:`~pyvfio.kernel.device.KernelDevice`
+    (see there).  A protocol, so this module does not import the device module
+    that hands out migrations."""
+
+    name: str
+
+    def feature(self, feature: int, flags: int, payload: bytes | ctypes.Structure = b"",
+                reply_size: int = 0) -> bytes: ...
+
+    def has_feature(self, feature: int, flags: int = ...) -> bool: ...
+
+    def migration_flags(self) -> int: ...
+
+    def mig_state(self) -> int: ...
+
+    def set_mig_state(self, state: int) -> int | None: ...
 
 
 class KernelMigration(_Migration):
@@ -43,7 +63,7 @@ class KernelMigration(_Migration):
     such as ``mtty``).  The data fd is owned here and closed when the session
     ends or on :meth:`close`."""
 
-    def __init__(self, device: KernelDevice) -> None:
+    def __init__(self, device: MigratableDevice) -> None:
         self.device = device
         self.name = device.name
         self.data_fd = -1

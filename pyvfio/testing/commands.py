@@ -10,7 +10,8 @@ from typing import Any
 
 from pyvfio.cli import CommandFailed
 
-KERNEL_HELP = "debian (Debian's 6.1), pyvfio-6.12 (built on first use) or a bzImage path"
+KERNEL_HELP = ("debian (Debian's own: 6.1 on Debian 12, 6.12 on 13), pyvfio-6.12 (built on first "
+               "use) or the path of a kernel image (vmlinuz-RELEASE finds its modules)")
 
 
 GUEST_EPILOG = """\

@@ -51,12 +51,15 @@ from pyvfio.testing.initramfs import (
     build_initramfs,
     cache_dir,
 )
+from pyvfio.testing.kernel_image import Kernel
 
 QEMU = "qemu-system-x86_64"
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 GUEST_OUT = f"{GUEST_RUN_DIR}/out"  # $PYVFIO_GUEST_OUT inside the guest
+# The booted kernel's .config (a copy of Kernel.config) inside the guest, when known.
+GUEST_KERNEL_CONFIG = f"{GUEST_RUN_DIR}/kernel.config"
 
 # PCI slots on the root bus the harness itself uses (the 9p shares); topologies
 # must leave them free.
@@ -71,9 +74,11 @@ _GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 # The guest's environment: nothing leaks in from the host except what run(env=) adds.
 # PATH starts with the directory of the Python running the harness, so that
 # ``python3`` in the guest is this interpreter, with its pytest and its
-# (editable) pyvfio, whether it is a venv, pyenv or Debian's.
+# (editable) pyvfio, whether it is a venv, pyenv or Debian's.  Not resolved
+# through symlinks: a venv's bin/python3 links to its base interpreter, whose
+# directory has neither the venv's packages nor its pyvenv.cfg.
 _BASE_ENV = {
-    "PATH": os.path.dirname(os.path.realpath(sys.executable))
+    "PATH": os.path.dirname(os.path.abspath(sys.executable))
     + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/tmp",
     "LANG": "C.UTF-8",
@@ -108,59 +113,115 @@ class GuestTimeout(GuestError):
 # --- kernels -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """A kernel image the guest can boot.
-
-    ``modules_dir`` is ``/lib/modules/<release>`` for a modular kernel (the
-    initramfs carries the modules it needs) and ``None`` for an all-built-in one.
-    """
-
-    name: str
-    image: Path
-    modules_dir: Path | None = None
-
-
 def _version_key(text: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
-def debian_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules"),
-                  series: str = "6.1.0-") -> Kernel:
-    """Debian's own kernel (``linux-image-amd64``, 6.1 on bookworm): the newest
-    ``vmlinuz-<series>*`` in ``boot`` with its module tree."""
-    images = sorted(boot.glob(f"vmlinuz-{series}*"), key=lambda p: _version_key(p.name))
-    if not images and boot == Path("/boot"):
-        debian.ensure_packages(["linux-image-amd64"])
-        images = sorted(boot.glob(f"vmlinuz-{series}*"), key=lambda p: _version_key(p.name))
-    if not images:
-        raise GuestError(f"no {boot}/vmlinuz-{series}*: install linux-image-amd64")
-    image = images[-1]
-    release = image.name[len("vmlinuz-"):]
+DEBIAN_KERNEL_PACKAGE = "linux-image-amd64"
+
+
+def _metapackage_depends(package: str) -> str | None:
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", package],
+                          capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def releases_from_depends(depends: str) -> list[str]:
+    """Kernel releases named by a ``linux-image-amd64`` ``Depends`` field, in order:
+    ``linux-image-6.1.0-57-amd64 (= 6.1.192-3)`` -> ``6.1.0-57-amd64``;
+    ``linux-image-6.12.48+deb13-amd64-unsigned`` -> ``6.12.48+deb13-amd64``."""
+    releases = []
+    for alternative in re.split(r"[,|]", depends):
+        words = alternative.split()
+        if words and words[0].startswith("linux-image-"):
+            release = words[0].removeprefix("linux-image-").removesuffix("-unsigned")
+            if release not in releases:
+                releases.append(release)
+    return releases
+
+
+def _kernel_at(boot: Path, modules: Path, release: str) -> Kernel | None:
+    image = boot / f"vmlinuz-{release}"
     modules_dir = modules / release
-    if not (modules_dir / "modules.dep").is_file():
-        raise GuestError(f"{image} has no module tree at {modules_dir}")
-    return Kernel("debian", image, modules_dir)
+    if not image.is_file() or not (modules_dir / "modules.dep").is_file():
+        return None
+    config = boot / f"config-{release}"
+    return Kernel("debian", image, modules_dir, config if config.is_file() else None)
+
+
+def debian_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules"), *,
+                  depends: str | None = None) -> Kernel:
+    """Debian's own kernel: 6.1 on bookworm, 6.12 on trixie.
+
+    The release ``linux-image-amd64`` depends on (dpkg; ``depends`` gives the
+    field instead) when its ``vmlinuz-<release>`` and module tree are there,
+    otherwise the newest ``vmlinuz-*`` in ``boot`` that has a module tree in
+    ``modules``.  On the real ``/boot`` a missing ``linux-image-amd64`` is
+    installed first.  Raises :class:`GuestError` naming both places when no
+    kernel qualifies.
+    """
+    real = boot == Path("/boot")
+    if depends is None and real:
+        depends = _metapackage_depends(DEBIAN_KERNEL_PACKAGE)
+        if depends is None:
+            debian.ensure_packages([DEBIAN_KERNEL_PACKAGE])
+            depends = _metapackage_depends(DEBIAN_KERNEL_PACKAGE)
+    for release in releases_from_depends(depends or ""):
+        found = _kernel_at(boot, modules, release)
+        if found is not None:
+            return found
+    images = sorted(boot.glob("vmlinuz-*"), key=lambda p: _version_key(p.name), reverse=True)
+    for image in images:
+        found = _kernel_at(boot, modules, image.name.removeprefix("vmlinuz-"))
+        if found is not None:
+            return found
+    raise GuestError(f"no Debian kernel: no {boot}/vmlinuz-<release> with a module tree "
+                     f"{modules}/<release>/modules.dep (install {DEBIAN_KERNEL_PACKAGE})")
+
+
+def kernel_from_path(path: Path) -> Kernel:
+    """A kernel image given by path.  For ``vmlinuz-<release>`` the module tree
+    and ``config-<release>`` are looked up beside it first (a package unpacked
+    with ``dpkg -x`` into TREE has ``TREE/boot/vmlinuz-<release>`` and
+    ``TREE/lib/modules/<release>`` or ``TREE/usr/lib/modules/<release>``),
+    then in ``/lib/modules``; a bzImage without them is all-built-in."""
+    image = path.resolve()
+    release = image.name.removeprefix("vmlinuz-") if image.name.startswith("vmlinuz-") else ""
+    modules_dir = None
+    config = None
+    if release:
+        tree = image.parent.parent
+        for candidate in (tree / "lib/modules" / release, tree / "usr/lib/modules" / release,
+                          Path("/lib/modules") / release):
+            if (candidate / "modules.dep").is_file():
+                modules_dir = candidate
+                break
+            if (candidate / "modules.order").is_file():  # unpacked, never depmod'ed
+                raise GuestError(
+                    f"{candidate} has no modules.dep (a package unpacked with dpkg -x): "
+                    f"run depmod -b {candidate.parent.parent.parent} {release}")
+        if (image.parent / f"config-{release}").is_file():
+            config = image.parent / f"config-{release}"
+    if config is None and (image.parent / "config").is_file():
+        config = image.parent / "config"  # pyvfio-6.12's cache directory keeps it there
+    # Named as given (not resolved), so that the guest's test IDs (kernel_id of
+    # this name) match the host's (kernel_id of the path it was given).
+    return Kernel(path.name, image, modules_dir, config)
 
 
 def kernel_by_name(name: str) -> Kernel:
     """``debian``, ``pyvfio-6.12`` (built on first use, see :mod:`pyvfio.testing.kernel`),
-    or the path of a bzImage (modules from /lib/modules/<release> when its name is
-    ``vmlinuz-<release>`` and that tree exists)."""
+    or the path of a kernel image (see :func:`kernel_from_path`)."""
     if name == "debian":
         return debian_kernel()
     if name == "pyvfio-6.12":
-        from pyvfio.testing import kernel as kernel_build  # imports this module
+        from pyvfio.testing import kernel as kernel_build  # builds it: slow imports
 
         return kernel_build.pyvfio_kernel()
     path = Path(name)
     if path.is_file():
-        release = path.name[len("vmlinuz-"):] if path.name.startswith("vmlinuz-") else ""
-        modules_dir = Path("/lib/modules") / release if release else None
-        if modules_dir is not None and not (modules_dir / "modules.dep").is_file():
-            modules_dir = None
-        return Kernel(path.name, path.resolve(), modules_dir)
-    raise UsageError(f"unknown kernel {name!r}: use debian, pyvfio-6.12 or a bzImage path")
+        return kernel_from_path(path)
+    raise UsageError(f"unknown kernel {name!r}: use debian, pyvfio-6.12 or a kernel image path")
 
 
 # --- the accelerator -----------------------------------------------------------------------
@@ -448,6 +509,11 @@ class Guest:
         (run_dir / "status").unlink(missing_ok=True)
         full_env = {**_BASE_ENV, "PYVFIO_GUEST_KERNEL": self.kernel.name, **(env or {})}
         (run_dir / "run.sh").write_text(self.run_script(argv, cwd, full_env))
+        config_copy = run_dir / Path(GUEST_KERNEL_CONFIG).name
+        if self.kernel.config is not None and self.kernel.config.is_file():
+            shutil.copyfile(self.kernel.config, config_copy)
+        else:
+            config_copy.unlink(missing_ok=True)
         (run_dir / "expose").write_text("".join(f"{p}\n" for p in expose))
         qemu_argv = self.qemu_argv(initramfs, run_dir, accel)
 

@@ -1,9 +1,11 @@
 """The "pyvfio-6.12" guest kernel: a small, all-built-in 6.12 built from Debian's source.
 
 Debian 12's own kernel (6.1) has only the legacy VFIO API, and Debian's
-prebuilt 6.12 (bookworm-backports) has IOMMUFD off.  So the guest suites get
-a second kernel built here from ``linux-source-6.12`` (bookworm-backports, the
-same archive as the machine's apt sources): ``make tinyconfig`` plus
+prebuilt 6.12 (trixie's, and bookworm-backports') has IOMMUFD off.  So the
+guest suites get a second kernel built here from Debian's ``linux-source-6.12``
+(from the suites apt already has when one carries it, trixie's main or
+bookworm's security suite; else from the running release's backports, same
+archive as the machine's apt sources): ``make tinyconfig`` plus
 ``guest-6.12.config`` beside this file, everything built in, so the guest's
 initramfs carries no modules.  See issue 6 for the option list.
 
@@ -30,8 +32,8 @@ from pathlib import Path
 
 from pyvfio.errors import PyvfioError
 from pyvfio.testing import debian
-from pyvfio.testing.guest import Kernel
 from pyvfio.testing.initramfs import cache_dir
+from pyvfio.testing.kernel_image import Kernel
 
 NAME = "pyvfio-6.12"
 SOURCE_PACKAGE = "linux-source-6.12"
@@ -80,10 +82,10 @@ def options_that_did_not_stick(requested: dict[str, str], dot_config: dict[str, 
 
 
 def source_version() -> str:
-    """The installed linux-source-6.12 package version (installing it if missing)."""
-    if debian.missing_packages([SOURCE_PACKAGE]):
-        suite = debian.ensure_backports()
-        debian.ensure_packages([SOURCE_PACKAGE], release=suite)
+    """The installed linux-source-6.12 package version, installing it if missing
+    (see :func:`pyvfio.testing.debian.ensure_package_or_backport`: no suite pin
+    when apt has a candidate, the release's backports only when it has none)."""
+    debian.ensure_package_or_backport(SOURCE_PACKAGE)
     proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not proc.stdout.strip() or not SOURCE_TARBALL.is_file():
@@ -108,13 +110,13 @@ def pyvfio_kernel(*, log: bool = True) -> Kernel:
     out = kernels_dir() / cache_key(version, fragment)
     image = out / "bzImage"
     if image.is_file():
-        return Kernel(NAME, image)
+        return Kernel(NAME, image, config=out / "config")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
         if not image.is_file():
             build(out, version, fragment, log=log)
-    return Kernel(NAME, image)
+    return Kernel(NAME, image, config=out / "config")
 
 
 def _run(argv: list[str], cwd: Path, log_file: Path, what: str) -> None:

@@ -94,6 +94,15 @@ def selected_kernels(config: pytest.Config) -> list[str]:
     return chosen or list(KERNELS)
 
 
+def kernel_id(kernel: str) -> str:
+    """The test-ID form of a kernel name: ``debian`` and ``pyvfio-6.12`` as they
+    are, a kernel given by path as its file name (``/tmp/t/boot/vmlinuz-6.12.48+deb13-amd64``
+    -> ``vmlinuz-6.12.48+deb13-amd64``).  The host and the guest both use it, so
+    their node IDs agree; it is also safe as a directory name."""
+    name = os.path.basename(kernel.rstrip("/")) if "/" in kernel else kernel
+    return "".join(c if c.isalnum() or c in "._+-" else "_" for c in name) or "kernel"
+
+
 def config_name_of(node: pytest.Item | Any) -> str:
     """The guest configuration a test asks for (``guest_config`` marker), default ``default``."""
     marker = node.get_closest_marker("guest_config")
@@ -118,7 +127,10 @@ def generate_tests(metafunc: pytest.Metafunc) -> None:
         kernels = [os.environ.get("PYVFIO_GUEST_KERNEL", "unknown")]
     else:
         kernels = selected_kernels(metafunc.config)
-    metafunc.parametrize("guest_kernel", kernels, ids=kernels, scope="session")
+    # A kernel given by path is the path on the host (to boot it) and its file name in
+    # the guest (Kernel.name): the IDs are the file name on both sides.
+    metafunc.parametrize("guest_kernel", kernels, ids=[kernel_id(k) for k in kernels],
+                         scope="session")
 
 
 def modify_items(session: pytest.Session, config: pytest.Config,
@@ -280,7 +292,7 @@ class GuestSuites:
 
         group = GroupRun(kernel_name, config_name, list(nodeids))
         cfg = GUEST_CONFIGS[config_name]
-        run_dir = self.base_dir / f"{kernel_name}-{config_name}"
+        run_dir = self.base_dir / f"{kernel_id(kernel_name)}-{config_name}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "select.txt").write_text("\n".join(nodeids) + "\n")
         files = sorted({n.split("::", 1)[0] for n in nodeids})

@@ -29,23 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvfio.device import PAGE_SIZE
-from pyvfio.errors import DmaError
+from pyvfio.devices.transport import DmaFault
 from pyvfio.user.protocol import DmaMapFlag
 
 __all__ = ["DmaFault", "DmaMapping", "DmaTable", "MessagePort"]
-
-
-class DmaFault(DmaError, OSError):
-    """Raised when a model's DMA hits memory the client did not map (or
-    mapped without the needed permission), or when message-based DMA failed.
-    ``errno`` is ``EFAULT`` for unmapped addresses, ``EACCES`` for a
-    protection mismatch, or the client's error."""
-
-    def __init__(self, err: int, message: str) -> None:
-        OSError.__init__(self, err, message)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 MessagePort = tuple[Callable[[int, int], bytes], Callable[[int, bytes], None]]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 import pyvfio
+from pyvfio.testing import kconfig
 from pyvfio.testing.topology import E1000_BRIDGED, E1000E, EDU, EDU_BRIDGED
 
 try:
@@ -91,28 +92,59 @@ def broker() -> Iterator[BrokerProcess]:
 
 def unprivileged_python() -> str:
     """An interpreter nobody can execute: the test's own may live under /root
-    (mode 0700); Debian's /usr/bin/python3 (3.11, stdlib only: all pyvfio's
-    core needs) runs the checkout through PYTHONPATH."""
+    (mode 0700), or be a venv's link to such a one; Debian's /usr/bin/python3
+    (stdlib only: all pyvfio's core needs) runs the checkout through PYTHONPATH."""
     for candidate in (sys.executable, "/usr/bin/python3"):
-        if all(os.stat(p).st_mode & 0o001 for p in _ancestors(candidate)):
+        if os.path.exists(candidate) and reachable_by_others(candidate):
             return candidate
     pytest.skip(f"no interpreter executable by uid {NOBODY} ({sys.executable} is under a "
                 "private directory and /usr/bin/python3 is missing)")
 
 
+def reachable_by_others(path: str) -> bool:
+    """Whether every directory on the way to ``path``, as written and with links
+    resolved, lets others through (and ``path`` itself is theirs to read/run)."""
+    return all(os.stat(p).st_mode & 0o001 for p in _ancestors(path))
+
+
 def _ancestors(path: str) -> list[str]:
-    path = os.path.realpath(path)
-    out = [path]
-    while path != "/":
-        path = os.path.dirname(path)
-        out.append(path)
+    out = []
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        p = start
+        out.append(p)
+        while p != "/":
+            p = os.path.dirname(p)
+            out.append(p)
     return out
 
 
-def as_nobody(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+_copy_for_nobody: list[str] = []
+
+
+def nobody_pythonpath() -> str:
+    """Where nobody imports pyvfio from: the checkout when others can reach it;
+    otherwise (a checkout under /root, mode 0700) a copy of the package in a
+    fresh world-readable temp dir, made once per test session."""
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(pyvfio.__file__)))
+    if reachable_by_others(os.path.join(checkout, "pyvfio", "__init__.py")):
+        return checkout
+    if not _copy_for_nobody:
+        d = tempfile.mkdtemp(prefix="pyvfio-for-nobody-")
+        os.chmod(d, 0o755)
+        shutil.copytree(os.path.join(checkout, "pyvfio"), os.path.join(d, "pyvfio"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for root, dirs, files in os.walk(d):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
+        _copy_for_nobody.append(d)
+    return _copy_for_nobody[0]
+
+
+def as_nobody(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HOME="/nonexistent",
-               PYTHONPATH=checkout)
+               PYTHONPATH=nobody_pythonpath())
     return subprocess.run([unprivileged_python(), "-c", code, *args], user=NOBODY, group=NOBODY,
                           extra_groups=[], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd="/")
@@ -128,9 +160,9 @@ def group_of(bdf: str) -> int:
 
 
 def need_backend(backend: str) -> None:
-    if backend == "iommufd" and not os.path.exists("/dev/iommu"):
-        pytest.skip(f"this kernel ({os.uname().release}) has no iommufd (/dev/iommu): "
-                    "Debian 12's 6.1 has only the legacy container/group API")
+    if backend == "iommufd":
+        kconfig.require_feature(os.path.exists("/dev/iommu"), "CONFIG_IOMMUFD",
+                                feature="iommufd, /dev/iommu")
 
 
 _DRIVE_EDU = r"""

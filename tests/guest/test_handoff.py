@@ -23,6 +23,7 @@ import pytest
 from pyvfio.broker.handoff import send_devices
 from pyvfio.drivers import edu as E
 from pyvfio.kernel import open_device
+from pyvfio.testing import kconfig
 from pyvfio.testing.topology import EDU
 
 try:
@@ -89,9 +90,9 @@ def vfio_fds_of_this_process() -> list[str]:
 
 @pytest.mark.parametrize("backend", ["legacy", "iommufd"])
 def test_handoff_in_the_middle_of_dma_without_reset(backend: str) -> None:
-    if backend == "iommufd" and not os.path.exists("/dev/iommu"):
-        pytest.skip(f"this kernel ({os.uname().release}) has no iommufd (/dev/iommu): "
-                    "Debian 12's 6.1 has only the legacy container/group API")
+    if backend == "iommufd":
+        kconfig.require_feature(os.path.exists("/dev/iommu"), "CONFIG_IOMMUFD",
+                                feature="iommufd, /dev/iommu")
     before = vfio_fds_of_this_process()
     with helpers.vfio_bound(EDU):
         dev = open_device(EDU, backend)

@@ -20,7 +20,7 @@ import pytest
 from pyvfio.cli import main
 from pyvfio.errors import BindError, DeviceInUse, NotBoundToVfio, NotViable
 from pyvfio.host import Host, bind, require_ready, restore
-from pyvfio.testing import topology
+from pyvfio.testing import kconfig, topology
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
@@ -190,8 +190,7 @@ def test_in_use_by_a_process_holding_the_group(guest_kernel: str, state_dir: str
 
 @pytest.mark.guest_config("noiommu")
 def test_noiommu_mode_diagnosis(guest_kernel: str, state_dir: str) -> None:
-    if guest_kernel == "debian":
-        pytest.skip("Debian's 6.1 kernel is built without CONFIG_VFIO_NOIOMMU")
+    kconfig.require("CONFIG_VFIO_NOIOMMU", feature="vfio's no-IOMMU mode")
     host = Host()
     assert not host.iommu_present() and host.noiommu_enabled()
     d = host.diagnose(topology.EDU)

@@ -4,8 +4,8 @@ through an IOAS, the ``auto`` backend choice, one iommufd shared by two
 devices, and iommufd + cdev fds passed over SCM_RIGHTS to another process.
 
 They run on both guest kernels: on ``pyvfio-6.12`` they must run (a missing
-``/dev/iommu`` there is a failure); on Debian's 6.1 the iommufd tests skip
-because that kernel has no iommufd, and the backend-choice test checks that
+``/dev/iommu`` there is a failure); on Debian's kernels (6.1, 6.12) the iommufd tests skip
+because they are built without CONFIG_IOMMUFD, and the backend-choice test checks that
 ``auto`` falls back to legacy and says why.
 """
 
@@ -26,6 +26,7 @@ from pyvfio.drivers import edu as E
 from pyvfio.errors import ClosedError, IovaRangeError, KernelError
 from pyvfio.kernel import open_device
 from pyvfio.kernel.iommufd import Ioas, Iommufd, IommufdDevice, cdev_for, open_cdev_device
+from pyvfio.testing import kconfig
 from pyvfio.testing.topology import E1000_BRIDGED, EDU, EDU_BRIDGED
 from pyvfio.uapi import iommufd as U
 
@@ -45,9 +46,7 @@ PAGE = 4096
 def need_iommufd(guest_kernel: str) -> None:
     if guest_kernel == "pyvfio-6.12":
         assert HAS_IOMMUFD, "the pyvfio-6.12 guest kernel is built with IOMMUFD: /dev/iommu missing"
-    if not HAS_IOMMUFD:
-        pytest.skip(f"kernel {os.uname().release} has no iommufd (no /dev/iommu): Debian 12's "
-                    "6.1 kernel has only the legacy container/group API")
+    kconfig.require_feature(HAS_IOMMUFD, "CONFIG_IOMMUFD", feature="iommufd, /dev/iommu")
 
 
 @pytest.fixture

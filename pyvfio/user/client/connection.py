@@ -1,0 +1,285 @@
+"""The client's main socket: the limits it enforces, and request/reply under a
+lock, serving the server's commands (DMA_READ / DMA_WRITE) that arrive while a
+request waits.  Spec: QEMU ``docs/interop/vfio-user.rst``, "Socket" and
+"Command Concurrency".
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pyvfio.errors import ClosedError, ConnectionClosed, PeerError, ProtocolError
+from pyvfio.user.protocol import (
+    HEADER,
+    HEADER_SIZE,
+    REGION_ACCESS,
+    Command,
+    Message,
+    MessageReader,
+    MsgFlag,
+    send_message,
+)
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds to wait for the connection, and for each reply (``None``: forever)."""
+
+CLIENT_MAX_MSG_FDS = 16
+"""fds we accept in one message (a region fd, a twin socket, a few io fds)."""
+CLIENT_MAX_DATA_XFER = 1 << 20
+"""Largest DMA_READ/DMA_WRITE we serve, and largest region transfer we send."""
+
+MAX_REGIONS = 1024
+"""A server reporting more regions (or IRQ indexes) than this is refused."""
+MAX_IRQ_INDEXES = 64
+MAX_REGION_INFO_SIZE = 64 << 10
+"""Largest region-info reply (with capabilities) we ask for."""
+
+_pack_header = HEADER.pack
+_pack_access = REGION_ACCESS.pack
+_REPLY_FLAGS = 1  # MsgFlag.REPLY, as a plain int for the fast path
+
+
+def _command_name(command: int) -> str:
+    try:
+        return f"VFIO_USER_{Command(command).name}"
+    except ValueError:
+        return f"vfio-user command {command}"
+
+
+# --- the connection --------------------------------------------------------------------------
+
+
+class _Connection:
+    """The main socket: request/reply under a lock, serving server commands
+    that arrive in between.  ``server_commands`` is the callback that answers
+    a command from the server (returns the reply payload or raises
+    :class:`PeerError`/``ProtocolError`` to answer with an error)."""
+
+    def __init__(self, sock: socket.socket, reader: MessageReader, name: str,
+                 timeout: float | None) -> None:
+        self.sock = sock
+        self.name = name
+        self.timeout = timeout
+        self.reader = reader
+        self.lock = threading.Lock()
+        self.broken: str | None = None  # why the connection is unusable
+        self.closed = False  # closed by us (ClosedError) rather than broken
+        self._next_id = 0
+        self.serve_command: Any = None  # set by the device: (Message) -> bytes
+
+    # ---- request/reply ----
+
+    def _down(self, command: int) -> Exception:
+        if self.closed:
+            return ClosedError(f"vfio-user device {self.name} is closed")
+        return ConnectionClosed(f"{_command_name(command)}: vfio-user connection to {self.name} "
+                                f"is down: {self.broken}")
+
+    def _send(self, command: int, data: bytes, fds: Sequence[int] = ()) -> None:
+        try:
+            if fds:
+                send_message(self.sock, data, fds)
+            else:
+                self.sock.sendall(data)
+        except OSError as exc:
+            raise self._send_failed(command, exc) from None
+
+    def _send_failed(self, command: int, exc: OSError) -> Exception:
+        if isinstance(exc, BlockingIOError):  # SO_SNDTIMEO expired
+            self._break(f"sending timed out after {self.timeout}s")
+            return ConnectionClosed(f"{_command_name(command)} to {self.name}: the server did "
+                                    f"not take the message within {self.timeout}s; "
+                                    "connection dropped")
+        self._break(f"the server closed the connection ({exc})")
+        return ConnectionClosed(f"{_command_name(command)} to {self.name}: the server closed "
+                                "the connection")
+
+    def _read_failed(self, command: int, exc: OSError | None) -> Exception:
+        """What a failed read means (``exc`` None: a clean EOF).  Breaks the
+        connection: the stream cannot be trusted any more."""
+        if exc is None:
+            self._break("the server closed the connection")
+            return ConnectionClosed(f"{_command_name(command)} to {self.name}: the server "
+                                    "closed the connection")
+        if isinstance(exc, BlockingIOError):  # SO_RCVTIMEO expired
+            self._break(f"no reply within {self.timeout}s")
+            return ConnectionClosed(f"{_command_name(command)} to {self.name}: no reply within "
+                                    f"{self.timeout}s; connection dropped")
+        self._break(str(exc) if isinstance(exc, ConnectionClosed) else f"socket error: {exc}")
+        if isinstance(exc, ConnectionClosed):
+            return exc
+        return ConnectionClosed(f"{_command_name(command)} to {self.name}: {exc}")
+
+    def request(self, command: int, payload: bytes, fds: Sequence[int] = (),
+                *, no_reply: bool = False, keep_fds: bool = False) -> Message:
+        """Send one command and return its reply.  fds that came with the
+        reply are closed unless ``keep_fds`` (then the caller owns them).  An
+        error reply raises :class:`PeerError`."""
+        with self.lock:
+            if self.broken is not None:
+                raise self._down(command)
+            msg_id = self._next_id
+            self._next_id = (msg_id + 1) & 0xFFFF
+            flags = MsgFlag.NO_REPLY if no_reply else 0
+            self._send(command, HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags,
+                                            0) + payload, fds)
+            if no_reply:
+                return Message(msg_id, command, MsgFlag.REPLY, 0, b"", [])
+            return self._finish(self._read(command), msg_id, command, keep_fds)
+
+    def call(self, command: int, payload: bytes) -> bytes:
+        """The register-access fast path: a command without fds whose reply
+        payload is all the caller needs.  Same checks as :meth:`request`;
+        the common case (the very next message is our clean reply) runs in
+        this one frame."""
+        with self.lock:
+            if self.broken is not None:
+                raise self._down(command)
+            msg_id = self._next_id
+            self._next_id = (msg_id + 1) & 0xFFFF
+            try:
+                self.sock.sendall(_pack_header(msg_id, command, 16 + len(payload), 0, 0)
+                                  + payload)
+            except OSError as exc:
+                raise self._send_failed(command, exc) from None
+            try:
+                msg = self.reader.read()
+            except OSError as exc:
+                raise self._read_failed(command, exc) from None
+            if msg is None:
+                raise self._read_failed(command, None)
+            if msg.flags == _REPLY_FLAGS and msg.msg_id == msg_id and msg.command == command \
+                    and not msg.fds and msg.problem is None and not self.reader.queued:
+                return msg.payload
+            return self._finish(msg, msg_id, command, False).payload
+
+    def _finish(self, msg: Message, msg_id: int, command: int, keep_fds: bool) -> Message:
+        """From the first message after our request to our checked reply:
+        serve server commands on the way, raise on errors.  Lock held."""
+        try:
+            while True:
+                if not msg.is_reply:
+                    self._serve(msg)
+                    msg = self._read(command)
+                    continue
+                if msg.msg_id != msg_id or msg.command != command:
+                    msg.close_fds()
+                    raise ProtocolError(
+                        f"{_command_name(command)} to {self.name}: got a reply to "
+                        f"{_command_name(msg.command)} id {msg.msg_id}, expected id {msg_id}")
+                if msg.problem is not None:
+                    msg.close_fds()
+                    raise ProtocolError(f"{_command_name(command)} reply from {self.name}: "
+                                        f"{msg.problem}", msg.problem.errno)
+                if msg.is_error:
+                    msg.close_fds()
+                    raise PeerError(msg.error or errno.EIO, _command_name(command))
+                break
+            if msg.fds and not keep_fds:
+                msg.close_fds()  # fds where none belong
+            # Commands that came in the same read as the reply would wait in the
+            # reader's queue with nobody to see them: serve them now.
+            while self.reader.queued:
+                extra = self._read(command)
+                if extra.is_reply:
+                    extra.close_fds()
+                    raise ProtocolError(f"{self.name} sent a second reply (to "
+                                        f"{_command_name(extra.command)} id {extra.msg_id})")
+                self._serve(extra)
+            return msg
+        except ProtocolError as exc:
+            self._break(f"protocol error: {exc}")
+            raise
+
+    def _read(self, command: int) -> Message:
+        try:
+            msg = self.reader.read()
+        except OSError as exc:
+            raise self._read_failed(command, exc) from None
+        if msg is None:
+            raise self._read_failed(command, None)
+        return msg
+
+    def _serve(self, msg: Message) -> None:
+        """Answer one command from the server on this socket."""
+        reply = _answer_server_command(self.serve_command, msg)
+        if reply is not None:
+            try:
+                self.sock.sendall(reply)
+            except OSError as exc:
+                self._break(f"replying to the server failed: {exc}")
+                raise ConnectionClosed(f"{self.name}: replying to a server command failed: "
+                                       f"{exc}") from None
+
+    def serve_idle(self) -> None:
+        """Called by the idle thread when the socket is readable: read and
+        serve what is there, unless a requester already did."""
+        with self.lock:
+            if self.broken is not None:
+                return
+            poller = select.poll()  # not select(): fds above 1024 are fine
+            poller.register(self.sock.fileno(), select.POLLIN)
+            if not poller.poll(0) and not self.reader.queued:
+                return
+            try:
+                msg = self._read(0)
+                if msg.is_reply:
+                    msg.close_fds()
+                    raise ProtocolError(f"{self.name} sent a reply to "
+                                        f"{_command_name(msg.command)} id {msg.msg_id} that "
+                                        "nobody asked for")
+                self._serve(msg)
+                while self.reader.queued:
+                    self._serve(self._read(0))
+            except ProtocolError as exc:
+                self._break(f"protocol error: {exc}")
+            except ConnectionClosed:
+                pass
+
+    def _break(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        if self.broken is None:
+            self.broken = "closed by the client"
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self.lock:
+            self.reader.close()
+            self.sock.close()
+
+
+def _answer_server_command(handler: Any, msg: Message) -> bytes | None:
+    """The reply (header + payload) to a server→client command, or ``None``
+    when it asked for none.  fds never belong to a server command: they are
+    closed."""
+    msg.close_fds()
+    flags = MsgFlag.REPLY
+    try:
+        if msg.problem is not None:
+            raise msg.problem
+        if handler is None:
+            raise PeerError(errno.ENOSYS, _command_name(msg.command))
+        payload = handler(msg)
+    except PeerError as exc:
+        payload, flags, err = b"", MsgFlag.REPLY | MsgFlag.ERROR, exc.errno or errno.EINVAL
+    except ProtocolError as exc:
+        payload, flags, err = b"", MsgFlag.REPLY | MsgFlag.ERROR, exc.errno
+    else:
+        err = 0
+    if msg.no_reply:
+        return None
+    return HEADER.pack(msg.msg_id, msg.command, HEADER_SIZE + len(payload), flags, err) + payload
