@@ -21,9 +21,9 @@ examples:
   pyvfio broker ... --socket-mode 0660 --log /var/log/pyvfio-broker.log
 
 The socket's directory must be writable only by root (or be sticky, like /tmp),
-and the policy must be owned by root and writable by nobody else. A stale
-socket left by a dead broker is replaced; anything else at the path (a file, a
-symlink, a live broker) is refused and left as it is.
+the policy owned by root and writable by nobody else, and --log not a symlink.
+A stale socket left by a dead broker is replaced; anything else at the path (a
+file, a symlink, a live broker) is refused and left as it is.
 
 exit status: 0 stopped by SIGTERM or Ctrl-C (or --check: the policy is valid),
 2 bad usage, an invalid or unsafe policy, an unsafe or busy socket path (one line
