@@ -371,20 +371,6 @@ def released_after(codename: str, distro_csv: Path = DISTRO_INFO_CSV,
     return None
 
 
-def releases_from_depends(depends: str) -> list[str]:
-    """Kernel releases named by a ``linux-image-amd64`` ``Depends`` field, in order:
-    ``linux-image-6.1.0-57-amd64 (= 6.1.192-3)`` -> ``6.1.0-57-amd64``;
-    ``linux-image-6.12.48+deb13-amd64-unsigned`` -> ``6.12.48+deb13-amd64``."""
-    releases = []
-    for alternative in re.split(r"[,|]", depends):
-        words = alternative.split()
-        if words and words[0].startswith("linux-image-"):
-            release = words[0].removeprefix("linux-image-").removesuffix("-unsigned")
-            if release not in releases:
-                releases.append(release)
-    return releases
-
-
 def fetch_kernel(codename: str, dest: Path) -> Path:
     """Debian ``codename``'s kernel (what its ``linux-image-amd64`` depends on),
     unpacked under ``dest/tree`` without touching the system: a private apt

@@ -40,7 +40,6 @@ from typing import IO
 
 from pyvfio.errors import PyvfioError, UsageError
 from pyvfio.testing import debian
-from pyvfio.testing.debian import releases_from_depends
 from pyvfio.testing.initramfs import (
     EXIT_MARKER,
     GUEST_PYCACHE_DIR,
