@@ -25,13 +25,17 @@ records, and several threads may log at once.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import os
 import re
+import stat
 import sys
 import threading
 from typing import Any, TextIO
 
 from pyvfio.broker.wire import PeerCredentials
+from pyvfio.errors import UsageError
 
 __all__ = ["AuditLog", "format_record", "parse_record"]
 
@@ -71,13 +75,41 @@ def parse_record(line: str) -> dict[str, str]:
     return out
 
 
+
+def _open_log(path: str) -> TextIO:
+    """Open the decision log for appending, as a root daemon must: never
+    through a symlink (one planted in a writable directory would make root
+    append to any file), only a regular file, created 0640.  Errors name
+    the path (:class:`~pyvfio.errors.UsageError`)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:  # a FIFO or device would block or fail the open itself: say what it is first
+        st = os.lstat(path)
+    except OSError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"refusing the log {path}: it is not a regular file")
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"refusing the log {path}: it is a symlink; give the real path"
+                             ) from None
+        raise UsageError(f"cannot open the log {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UsageError(f"refusing the log {path}: it is not a regular file")
+    os.set_blocking(fd, True)
+    return open(fd, "a", encoding="utf-8")
+
 class AuditLog:
     """Writes decision records to a stream (stderr by default) and/or a file."""
 
     def __init__(self, path: str | None = None, stream: TextIO | None = sys.stderr) -> None:
         self._lock = threading.Lock()
         self._stream = stream
-        self._file: TextIO | None = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        self._file: TextIO | None = _open_log(path) if path else None
 
     def record(self, event: str, decision: str, peer: PeerCredentials | None = None,
                **fields: Any) -> str:

@@ -11,7 +11,7 @@ import textwrap
 import threading
 from typing import Any
 
-from pyvfio.cli import add_json_flag, print_json
+from pyvfio.cli import add_json_flag, check_root, print_json
 from pyvfio.errors import UsageError
 
 BROKER_EPILOG = """\
@@ -21,9 +21,9 @@ examples:
   pyvfio broker ... --socket-mode 0660 --log /var/log/pyvfio-broker.log
 
 The socket's directory must be writable only by root (or be sticky, like /tmp),
-and the policy must be owned by root and writable by nobody else. A stale
-socket left by a dead broker is replaced; anything else at the path (a file, a
-symlink, a live broker) is refused and left as it is.
+the policy owned by root and writable by nobody else, and --log not a symlink.
+A stale socket left by a dead broker is replaced; anything else at the path (a
+file, a symlink, a live broker) is refused and left as it is.
 
 exit status: 0 stopped by SIGTERM or Ctrl-C (or --check: the policy is valid),
 2 bad usage, an invalid or unsafe policy, an unsafe or busy socket path (one line
@@ -113,6 +113,7 @@ def run_broker(args: argparse.Namespace) -> int:
         mode = int(args.socket_mode, 8)
     except ValueError:
         raise UsageError(f"--socket-mode must be octal, not {args.socket_mode!r}") from None
+    check_root(args.root)  # the broker reads sysfs and /dev under it for every decision
     audit = AuditLog(args.log)
     broker = Broker(args.socket, policy, root=args.root, audit=audit, socket_mode=mode)
     broker.listen()

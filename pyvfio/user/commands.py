@@ -97,7 +97,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--socket-mode", type=_socket_mode, metavar="MODE",
                         help="permissions of the socket files, octal (default: 0600 when "
                         "--socket-owner is given, else as the umask leaves them)")
-    parser.add_argument("--socket-owner", type=_socket_owner, metavar="USER[:GROUP]",
+    parser.add_argument("--socket-owner", metavar="USER[:GROUP]",
                         help="owner of the socket files (as root: lets that user's VMM connect)")
     parser.add_argument("--socket", "--socket-path", dest="sockets", action="append",
                         metavar="PATH", help="socket path to listen on (repeat to serve "
@@ -151,7 +151,8 @@ def _socket_mode(text: str) -> int:
 
 def _socket_owner(text: str) -> tuple[int, int]:
     """``USER[:GROUP]`` (names or numbers) -> (uid, gid); the group defaults
-    to the user's primary group."""
+    to the user's primary group.  Resolved when serving starts (not while
+    parsing), before any socket exists."""
     import grp
     import pwd
 
@@ -160,7 +161,7 @@ def _socket_owner(text: str) -> tuple[int, int]:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
         if not user.isdigit():
-            raise argparse.ArgumentTypeError(f"no such user: {user!r}") from None
+            raise UsageError(f"--socket-owner: no such user: {user!r}") from None
         uid, gid = int(user), -1
     else:
         uid, gid = entry.pw_uid, entry.pw_gid
@@ -168,7 +169,7 @@ def _socket_owner(text: str) -> tuple[int, int]:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
-            raise argparse.ArgumentTypeError(f"no such group: {group!r}") from None
+            raise UsageError(f"--socket-owner: no such group: {group!r}") from None
     return uid, gid
 
 
@@ -287,8 +288,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("virtio-blk serves one --file on one --socket; run one server per "
                          "disk (or add more with the control socket)")
     check_model_args(args)
+    owner = _socket_owner(args.socket_owner) if args.socket_owner is not None else None
     mode = args.socket_mode
-    if mode is None and args.socket_owner is not None:
+    if mode is None and owner is not None:
         mode = 0o600
     _raise_fd_limit()
     server = Server()
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             assert factory is not None
             model = factory()
             models.append(model)
-            _add_with_permissions(server, model, path, mode, args.socket_owner)
+            _add_with_permissions(server, model, path, mode, owner)
             print(f"pyvfio: serving {name} on {path}", file=sys.stderr, flush=True)
         if control_path:
             from pyvfio.user.control import ControlServer

@@ -279,3 +279,29 @@ def test_process_broker_open_on_a_vfio_user_socket(edu_socket: str) -> None:
                            "--list"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "not a pyvfio broker" in proc.stderr
+
+
+def test_broker_checks_its_root_before_listening(capsys, sockdir: Path, policy: Path) -> None:
+    code, _, err = run(capsys, "broker", "--socket", str(sockdir / "b.sock"), "--policy",
+                       str(policy), "--root", "/nonexistent")
+    assert code == 2 and err == "pyvfio broker: root /nonexistent does not exist\n"
+    assert not (sockdir / "b.sock").exists()
+
+
+def test_a_symlinked_log_is_refused_before_listening(capsys, host: str, sockdir: Path,
+                                                     policy: Path) -> None:
+    """Root appending through a planted link would write into any file."""
+    target = sockdir / "shadow"
+    target.write_text("keep\n")
+    link = sockdir / "broker.log"
+    link.symlink_to(target)
+    code, _, err = run(capsys, "broker", "--socket", str(sockdir / "b.sock"), "--policy",
+                       str(policy), "--log", str(link), "--root", host)
+    assert code == 2
+    assert err == f"pyvfio broker: refusing the log {link}: it is a symlink; give the real path\n"
+    assert target.read_text() == "keep\n" and not (sockdir / "b.sock").exists()
+    fifo = sockdir / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "broker", "--socket", str(sockdir / "b.sock"), "--policy",
+                       str(policy), "--log", str(fifo), "--root", host)
+    assert code == 2 and "it is not a regular file" in err

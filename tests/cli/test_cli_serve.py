@@ -112,14 +112,24 @@ def test_socket_owner_lets_that_user_connect(sockdir: Path) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["edu", "--socket-mode", "rw"], "not an octal mode: 'rw'"),
     (["edu", "--socket-mode", "1777"], "outside 0000..0777"),
-    (["edu", "--socket-owner", "no-such-user-xyz"], "no such user: 'no-such-user-xyz'"),
-    (["edu", "--socket-owner", "root:no-such-group-xyz"], "no such group: 'no-such-group-xyz'"),
 ])
-def test_bad_socket_permissions_are_usage_errors(capsys, argv: list[str], message: str) -> None:
+def test_bad_socket_modes_are_usage_errors(capsys, argv: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["serve", *argv, "--socket", "/tmp/never.sock"])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists("/tmp/never.sock")
+
+
+@pytest.mark.parametrize("owner, message", [
+    ("no-such-user-xyz", "--socket-owner: no such user: 'no-such-user-xyz'"),
+    ("root:no-such-group-xyz", "--socket-owner: no such group: 'no-such-group-xyz'"),
+])
+def test_unknown_socket_owner_before_any_socket(capsys, sockdir: Path, owner: str,
+                                                message: str) -> None:
+    path = sockdir / "never.sock"
+    assert main(["serve", "edu", "--socket-owner", owner, "--socket", str(path)]) == 2
+    assert capsys.readouterr().err == f"pyvfio serve: {message}\n"
+    assert not path.exists()
 
 
 def test_model_module_class_is_served_and_its_bugs_are_logged(model_dir: Path, sockdir: Path) -> None:

@@ -112,3 +112,12 @@ def test_ctrl_c_in_any_command_is_one_line_and_130(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 130 and proc.stderr == f"pyvfio {argv[0]}: interrupted\n"
+
+
+@pytest.mark.parametrize("argv", [["info", "--json", "--vfio-user"], ["info", "--vfio-user"]])
+def test_info_into_head(served_edu: str, argv: list[str]) -> None:
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f'"$PY" -m pyvfio {" ".join(argv)} {served_edu} | head -1'],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PY": sys.executable})
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert len(proc.stdout.splitlines()) == 1
