@@ -22,6 +22,7 @@ host was the cause, its diagnosis in ``problems``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -34,25 +35,51 @@ from pyvfio.errors import BrokerRefused, ClosedError, ProtocolError, PyvfioError
 from pyvfio.kernel.device import KernelDevice
 from pyvfio.kernel.iommufd import Ioas, Iommufd, IommufdBinding, IommufdDevice
 from pyvfio.kernel.legacy import Container, Group
+from pyvfio.sockets import connect_error
 
 __all__ = ["BrokerSession", "open_device", "qemu_args"]
 
 _MAX_REPLY_FDS = 4  # container/iommufd, group, device
 
+#: Seconds to connect and see the broker's greeting and hello reply: a peer
+#: that is not a broker (or a wedged one) is reported, not waited on forever.
+HANDSHAKE_TIMEOUT = 5.0
+
+
+def looks_like_vfio_user(head: bytes) -> bool:
+    """Whether ``head`` (a peer's first bytes) is a vfio-user reply header:
+    a command number the spec defines and the reply type in the flags
+    (docs/interop/vfio-user.rst, "Header")."""
+    if len(head) < 16:
+        return False
+    command = int.from_bytes(head[2:4], "little")
+    size = int.from_bytes(head[4:8], "little")
+    flags = int.from_bytes(head[8:12], "little")
+    return 1 <= command <= 18 and 16 <= size <= 1 << 20 and flags & 0xF == 1
+
 
 class BrokerSession:
     """One connection to the broker, one address space for its devices."""
 
-    def __init__(self, socket_path: str, *, timeout: float | None = 120.0) -> None:
+    def __init__(self, socket_path: str, *, timeout: float | None = 120.0,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Connect and check that a pyvfio broker answered, within
+        ``handshake_timeout`` seconds (connect, greeting and hello); then each
+        request may take ``timeout`` (``None``: no limit; opening a managed
+        device rebinds drivers, which takes a while).
+
+        Raises :class:`BrokerRefused` naming the path when nothing usable is
+        there (no socket, permission denied, a full broker) and
+        :class:`ProtocolError` when something that is not a pyvfio broker
+        answered (a vfio-user server, another service) or nothing answered."""
         self.socket_path = socket_path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(socket_path)
-        except OSError as exc:
+            self.peer = self._handshake(handshake_timeout)
+        except BaseException:
             self.sock.close()
-            raise BrokerRefused(f"cannot reach the broker at {socket_path}: "
-                                f"{exc.strerror or exc}") from None
+            raise
+        self.sock.settimeout(timeout)
         self.backend: str | None = None
         self.setup = True
         self.root = "/"
@@ -65,6 +92,65 @@ class BrokerSession:
         self._closed = False
 
     # ---- protocol ----
+
+    def _handshake(self, timeout: float) -> dict[str, Any]:
+        """Connect, send hello at once, and read the greeting and hello's
+        reply.  Sending first makes a peer that is not a broker show itself
+        without a wait: a vfio-user server rejects the bytes (an error reply
+        or a closed connection) where a silent wait would only time out."""
+        path = self.socket_path
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            raise BrokerRefused(connect_error(path, exc, "pyvfio broker")) from None
+        with contextlib.suppress(OSError):
+            wire.send_message(self.sock, {"op": "hello"})
+        not_broker = f"{path} is not a pyvfio broker"
+        try:
+            head = self.sock.recv(64, socket.MSG_PEEK)
+        except TimeoutError:
+            raise ProtocolError(f"{path} did not greet within {timeout:g}s: not a pyvfio broker "
+                                "(a vfio-user server waits like this: use --vfio-user PATH for "
+                                "one)", errno.ETIMEDOUT) from None
+        except ConnectionResetError:
+            head = b""
+        except OSError as exc:
+            raise ProtocolError(f"{not_broker}: {exc.strerror or exc}") from None
+        if not head:
+            raise ProtocolError(f"{not_broker}: it closed the connection without a greeting "
+                                "(a vfio-user server does that to a request it cannot parse; "
+                                "use --vfio-user PATH for one)", errno.EPROTO)
+        if looks_like_vfio_user(head):
+            raise ProtocolError(f"{not_broker}: a vfio-user server answered (use --vfio-user "
+                                "PATH for it)", errno.EPROTO)
+        try:
+            greeting = wire.recv_message(self.sock, max_fds=0)
+        except TimeoutError:
+            raise ProtocolError(f"{not_broker}: its first bytes {head[:16]!r} are not a broker "
+                                "greeting", errno.EPROTO) from None
+        except (PyvfioError, OSError) as exc:
+            raise ProtocolError(f"{not_broker}: its first bytes {head[:16]!r} are not a broker "
+                                f"greeting ({exc})", errno.EPROTO) from None
+        body = greeting.body
+        if body.get("ok") is False:  # turned away (busy): say why
+            reason = str(body.get("reason") or "the broker gave no reason")
+            raise BrokerRefused(f"{path}: {body.get('error', 'refused')}: {reason}")
+        if body.get("op") != "greeting" or body.get("server") != "pyvfio-broker":
+            raise ProtocolError(f"{not_broker}: its first message {body!r} is not a broker "
+                                "greeting", errno.EPROTO)
+        try:
+            return self._read_reply()
+        except TimeoutError:
+            raise ProtocolError(f"the broker at {path} greeted but did not answer hello within "
+                                f"{timeout:g}s", errno.ETIMEDOUT) from None
+
+    def _read_reply(self) -> dict[str, Any]:
+        reply = wire.recv_message(self.sock, max_fds=_MAX_REPLY_FDS)
+        wire.close_fds(reply.fds)
+        if not reply.body.get("ok"):
+            raise BrokerRefused(str(reply.body.get("reason") or "the broker gave no reason"))
+        return reply.body
 
     def request(self, body: dict[str, Any]) -> wire.Message:
         """Send one request and return the reply (raising on an error reply)."""

@@ -34,8 +34,10 @@ names that do not exist on this host, and rules that can never match are all
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,6 +57,20 @@ _ID = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 _BROKER_KEYS = {"max_clients", "max_devices_per_client"}
 _RULE_KEYS = {"name", "users", "groups", "devices", "ids", "iommu_groups", "backends", "managed"}
 
+
+
+def _check_policy_file(path: Path, st: os.stat_result) -> None:
+    """The broker runs as root and does what the policy says: a policy that
+    another user can write (or owns) would let them grant themselves any
+    device.  Refused before it is parsed."""
+    if not stat.S_ISREG(st.st_mode):
+        raise PolicyError(f"policy {path} is not a regular file")
+    if st.st_uid not in (0, os.geteuid()):
+        raise PolicyError(f"policy {path} belongs to uid {st.st_uid}, not root: refusing a "
+                          "policy another user controls (chown root it)")
+    if st.st_mode & 0o022:
+        raise PolicyError(f"policy {path} is writable by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): refusing it (chmod go-w {path})")
 
 class PolicyError(UsageError):
     """Raised when a policy file cannot be read or is invalid; the message names
@@ -133,7 +149,9 @@ class Policy:
     def load(cls, path: str | Path) -> Policy:
         path = Path(path)
         try:
-            text = path.read_bytes().decode("utf-8")
+            with open(path, "rb") as f:
+                _check_policy_file(path, os.fstat(f.fileno()))
+                text = f.read().decode("utf-8")
         except OSError as exc:
             raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:

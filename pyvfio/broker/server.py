@@ -26,6 +26,7 @@ from one client reaches another.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -47,10 +48,16 @@ from pyvfio.errors import (
     PyvfioError,
     UsageError,
 )
+from pyvfio.sockets import listen_error, prepare_listen_path
 
 __all__ = ["PROTOCOL_VERSION", "Broker"]
 
 PROTOCOL_VERSION = 1
+
+#: The first message on every accepted connection (docs/broker.md): a client
+#: knows from it that a pyvfio broker answered.  A refused connection gets an
+#: error reply (``"ok": false``, e.g. ``"error": "busy"``) in its place.
+GREETING = {"ok": True, "op": "greeting", "server": "pyvfio-broker", "version": PROTOCOL_VERSION}
 _BACKEND_CHOICES = ("auto", "legacy", "iommufd")
 _OPS = ("hello", "open", "close", "list")
 
@@ -136,6 +143,7 @@ class Broker:
         self._threads: set[threading.Thread] = set()
         self._next = 1
         self._listener: socket.socket | None = None
+        self._created: os.stat_result | None = None  # the socket file we bound
         self._stopping = threading.Event()
 
     # ---- lifetime ----
@@ -145,14 +153,17 @@ class Broker:
         knows the socket exists before clients connect)."""
         if self._listener is not None:
             return
-        _remove_stale_socket(self.socket_path)
+        prepare_listen_path(self.socket_path, "broker")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             old = os.umask(0o077)  # no window where the socket has looser permissions
             try:
                 sock.bind(self.socket_path)
+            except OSError as exc:
+                raise listen_error(self.socket_path, exc) from None
             finally:
                 os.umask(old)
+            self._created = os.lstat(self.socket_path)
             os.chmod(self.socket_path, self.socket_mode)
             sock.listen(64)
         except BaseException:
@@ -202,11 +213,22 @@ class Broker:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
+        self._remove_socket()
         self.audit.record("stop", "info", reason="broker stopped")
+
+    def _remove_socket(self) -> None:
+        """Remove the socket we bound, and only that: if something else now
+        sits at the path (another broker's socket, a file), leave it."""
+        created, self._created = self._created, None
+        if created is None:
+            return
+        try:
+            st = os.lstat(self.socket_path)
+        except OSError:
+            return
+        if (st.st_ino, st.st_dev) == (created.st_ino, created.st_dev):
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
 
     @property
     def session_count(self) -> int:
@@ -242,6 +264,15 @@ class Broker:
             conn.close()
             return
         self.audit.record("connect", "info", peer, session=session.number)
+        try:
+            # Speak first, so a client can tell what answered at once: a
+            # vfio-user client (which expects a VERSION reply) and our own
+            # client (which expects this) both see it before they wait.
+            conn.settimeout(5)
+            wire.send_message(conn, GREETING)
+            conn.settimeout(None)
+        except OSError:
+            pass  # the session's first recv sees the broken connection
         thread = threading.Thread(target=self._run_session, args=(session,),
                                   name=f"broker-session-{session.number}", daemon=True)
         self._threads.add(thread)
@@ -640,21 +671,3 @@ class Broker:
                           session=session.number)
         with self._lock:  # counted against max_clients until fully released
             self._sessions.pop(session.number, None)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by a broker that died; refuse if one is running."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    except OSError as exc:
-        raise UsageError(f"{path} exists and is not a usable socket: {exc}") from None
-    finally:
-        probe.close()
-    raise UsageError(f"another broker is already listening on {path}")

@@ -271,6 +271,11 @@ def selftest(device: Device, *, interrupts: Sequence[str] = ("msi", "intx"),
         try:
             detail, ok = fn(), True
         except Exception as exc:  # a step's failure is data, not a crash
+            if _interrupted(exc):
+                # Ctrl-C left a request without its reply, so the clean-up
+                # (unmapping the step's buffers) failed: that is not the step
+                # failing, it is the run being interrupted.
+                raise KeyboardInterrupt from exc
             detail, ok = f"{type(exc).__name__}: {exc}", False
         s = Step(name, ok, detail, time.monotonic() - t0)
         result.steps.append(s)
@@ -413,7 +418,32 @@ def _interrupt_kinds(text: str) -> list[str]:
     return kinds
 
 
+def _interrupted(exc: BaseException) -> bool:
+    from pyvfio.cli import interrupted
+
+    return interrupted(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pyvfio.drivers.edu``: exit 0 when every step passed, 1 when
+    one failed, 2 when the device could not be opened, 130 on Ctrl-C (one
+    line, at any point, also in the middle of a DMA); a closed pipe on stdout
+    ends it quietly (exit 0).  ``--json`` errors: ``{"device", "ok": false,
+    "steps", "error": {"message", "kind"}}``."""
+    from pyvfio.cli import make_output_safe, reader_gone, stdout_gone
+
+    make_output_safe()
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        if stdout_gone():
+            return reader_gone()
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from pyvfio.cli import error_object, interrupted
+
     parser = argparse.ArgumentParser(
         prog="python -m pyvfio.drivers.edu",
         description=textwrap.fill(
@@ -437,24 +467,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pyvfio.errors import PyvfioError
 
-    try:
-        device = open_from_args(args)
-    except (PyvfioError, OSError) as exc:
+    name = args.bdf or args.vfio_user
+    steps: list[Step] = []
+
+    def failed(exc: BaseException, message: str, code: int) -> int:
+        print(f"edu: {message}", file=sys.stderr, flush=True)
         if args.json:
-            print(json.dumps({"device": args.bdf or args.vfio_user, "ok": False,
-                              "error": str(exc), "steps": []}, indent=2))
-        else:
-            print(f"edu: cannot open the device: {exc}", file=sys.stderr)
-        return 2
+            print(json.dumps({"device": name, "ok": False, "steps": [s.as_dict() for s in steps],
+                              **error_object(exc, message)}, indent=2))
+        return code
+
+    def record(s: Step) -> None:
+        steps.append(s)
+        show(s)
+
     try:
+        try:
+            device = open_from_args(args)
+        except (PyvfioError, OSError) as exc:
+            if interrupted(exc):
+                raise KeyboardInterrupt from exc
+            return failed(exc, f"cannot open the device: {exc}", 2)
         with device:
+            name = device.name
             if not args.json:
                 print(f"edu self-test on {device.name} ({device.backend}: "
                       f"{device.backend_reason})")
-            result = selftest(device, interrupts=args.interrupts, report=show)
-    except KeyboardInterrupt:
-        print("edu: interrupted", file=sys.stderr)
-        return 130
+            result = selftest(device, interrupts=args.interrupts, report=record)
+    except KeyboardInterrupt as exc:
+        done = f" after {len(steps)} step(s)" if steps else ""
+        return failed(exc, f"interrupted{done}", 130)
+    except (PyvfioError, OSError) as exc:
+        if interrupted(exc):  # the close on the way out met the interrupted request
+            return failed(KeyboardInterrupt(), "interrupted", 130)
+        if isinstance(exc, BrokenPipeError):  # our reader left: main() decides
+            raise
+        return failed(exc, str(exc), 2)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

@@ -141,7 +141,9 @@ class _Ops:
 
     def write(self, steps: list[str], relative: str, value: str) -> None:
         shown = value.strip() or "(empty: clear)"
-        steps.append(f"write {shown!r} to /{relative}")
+        # The path written, under the host's root (a dry run under --root
+        # shows the files it would touch there).
+        steps.append(f"write {shown!r} to {self.host.path(relative)}")
         if not self.dry_run:
             self.host.writer.write(self.host.path(relative), value)
 

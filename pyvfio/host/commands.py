@@ -18,7 +18,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pyvfio.cli import CommandFailed, add_json_flag, print_json
+from pyvfio.cli import CommandFailed, add_json_flag, error_kind, print_json
 from pyvfio.errors import DeviceNotFound, HostStateError
 from pyvfio.host.model import VIABLE_KINDS, Host, IommuGroup, normalize_bdf
 
@@ -30,25 +30,83 @@ if TYPE_CHECKING:
 # `groups` start faster without them.
 
 
+_ERRORS = ("2 bad usage, a bad --root, a missing device (one line on\nstderr; with --json "
+           "also {\"error\": {...}} on stdout), 130 interrupted")
+
+LS_EPILOG = f"""\
+examples:
+  pyvfio ls                              every PCI device
+  pyvfio ls 01:00.0 01:00.1              only these (the domain may be left out)
+  pyvfio ls --json | jq '.[] | select(.driver == "vfio-pci")'
+  pyvfio ls --root /srv/host-snapshot    another host's sysfs/dev/proc tree
+
+exit status: 0 listed, {_ERRORS}
+"""
+
+GROUPS_EPILOG = f"""\
+examples:
+  pyvfio groups                          groups, members, viability, /dev/vfio node
+  pyvfio groups --json
+
+exit status: 0 listed, {_ERRORS}
+"""
+
+CHECK_EPILOG = f"""\
+examples:
+  pyvfio check 01:00.0                   ready for VFIO? each problem with its fix
+  pyvfio check 01:00.0 01:00.1 --json
+  pyvfio check 01:00.0 && qemu-system-x86_64 ...
+
+exit status: 0 every named device is ready, 1 one is not,
+{_ERRORS}
+"""
+
+BIND_EPILOG = f"""\
+examples:
+  pyvfio bind 01:00.0 --dry-run          the sysfs writes it would make, nothing changed
+  pyvfio bind 01:00.0                    to the best vfio driver, recorded for restore
+  pyvfio bind --group 01:00.0            every endpoint of its IOMMU group
+  pyvfio bind 04:00.0 --driver mlx5_vfio_pci
+
+exit status: 0 bound and ready, 1 refused, rolled back or not ready afterwards,
+{_ERRORS}
+"""
+
+RESTORE_EPILOG = f"""\
+examples:
+  pyvfio restore 01:00.0                 back to the driver it had before bind
+  pyvfio restore --all --dry-run         what restoring every record would write
+
+exit status: 0 restored (or nothing to do), 1 a restore failed,
+{_ERRORS}
+"""
+
+
+def _parser(sub: Any, name: str, epilog: str, **kw: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    return parser
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("ls", help="list PCI devices (IDs, names, driver, IOMMU group)")
+    p = _parser(sub, "ls", LS_EPILOG, help="list PCI devices (IDs, names, driver, IOMMU group)")
     p.add_argument("devices", nargs="*", metavar="BDF", help="only these devices")
     add_json_flag(p)
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("groups", help="list IOMMU groups, their members and viability")
+    p = _parser(sub, "groups", GROUPS_EPILOG, help="list IOMMU groups, their members and viability")
     add_json_flag(p)
     p.set_defaults(func=cmd_groups)
 
-    p = sub.add_parser(
-        "check",
+    p = _parser(
+        sub, "check", CHECK_EPILOG,
         help="diagnose devices: viable, in use, driver kind, best driver, ready (exit 0 only if all ready)",
     )
     p.add_argument("devices", nargs="+", metavar="BDF")
     add_json_flag(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("bind", help="bind devices to a vfio driver, recording how to restore them")
+    p = _parser(sub, "bind", BIND_EPILOG, help="bind devices to a vfio driver, recording how to restore them")
     p.add_argument("devices", nargs="+", metavar="BDF")
     p.add_argument("--driver", metavar="NAME", help="driver to bind to (default: the best vfio driver)")
     p.add_argument("--group", action="store_true", help="bind every endpoint of the devices' IOMMU groups")
@@ -57,7 +115,7 @@ def register(sub: Any) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_bind)
 
-    p = sub.add_parser("restore", help="return bound devices to their original driver")
+    p = _parser(sub, "restore", RESTORE_EPILOG, help="return bound devices to their original driver")
     p.add_argument("devices", nargs="*", metavar="BDF")
     p.add_argument("--all", action="store_true", help="restore every recorded device")
     p.add_argument("--dry-run", action="store_true", help="print the sysfs writes, change nothing")
@@ -102,7 +160,8 @@ def _yes(value: bool) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     host = Host(args.root)
     if args.devices:
-        devices = [host.device(normalize_bdf(a)) for a in args.devices]
+        # A device named twice (in any spelling) is listed once, in first-named order.
+        devices = [host.device(a) for a in dict.fromkeys(normalize_bdf(a) for a in args.devices)]
     else:
         devices = host.devices()
     ids = host.ids
@@ -209,10 +268,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # ---- bind / restore ----
 
-def _refused(args: argparse.Namespace, exc: HostStateError) -> CommandFailed:
-    if args.json:
-        print_json({"error": str(exc), "problems": exc.problems})
-    return CommandFailed(str(exc), 1)
+def _refused(exc: HostStateError) -> CommandFailed:
+    """A refused bind/restore: exit 1, the problems in the error object."""
+    return CommandFailed(str(exc), 1, kind=error_kind(exc), problems=exc.problems)
 
 
 def _print_results(results: list[BindResult], dry_run: bool) -> None:
@@ -227,6 +285,8 @@ def _print_results(results: list[BindResult], dry_run: bool) -> None:
         if dry_run:
             for step in r.steps:
                 print(f"    {step}")
+    if dry_run and results:
+        print("dry run: nothing was changed")
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
@@ -240,7 +300,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
             state_dir=args.state_dir, host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, exc) from exc
+        raise _refused(exc) from exc
     diags = [] if args.dry_run else diagnose_many(host, [normalize_bdf(a) for a in args.devices])
     if args.json:
         print_json({
@@ -269,16 +329,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
             host=host,
         )
     except HostStateError as exc:
-        raise _refused(args, exc) from exc
+        raise _refused(exc) from exc
     if args.json:
         print_json({"dry_run": args.dry_run, "devices": [r.as_dict() for r in results]})
     else:
         for r in results:
-            print(f"{r.device}: restored to {r.driver or 'no driver'}"
+            verb = "would be restored to" if args.dry_run else "restored to"
+            print(f"{r.device}: {verb} {r.driver or 'no driver'}"
                   + (" (unchanged)" if not r.changed else ""))
             if args.dry_run:
                 for step in r.steps:
                     print(f"    {step}")
         if not results:
             print("nothing to restore")
+        elif args.dry_run:
+            print("dry run: nothing was changed")
     return 0

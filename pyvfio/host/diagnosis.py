@@ -130,7 +130,9 @@ class Diagnosis:
             "ready": self.ready,
             "problems": [p.as_dict() for p in self.problems],
             "group_node": self.group_node,
-            "vfio_cdev": f"/dev/vfio/devices/{self.vfio_cdev}" if self.vfio_cdev else None,
+            # The same two forms as `ls --json`: the name, and the node's path.
+            "vfio_cdev": self.vfio_cdev,
+            "vfio_cdev_path": f"/dev/vfio/devices/{self.vfio_cdev}" if self.vfio_cdev else None,
             "noiommu": self.noiommu,
             "members": [m.as_dict() for m in self.members],
         }

@@ -117,6 +117,7 @@ class PciDevice:
             "iommu_group": self.iommu_group,
             "is_bridge": self.is_bridge,
             "vfio_cdev": self.vfio_cdev,
+            "vfio_cdev_path": f"/dev/vfio/devices/{self.vfio_cdev}" if self.vfio_cdev else None,
             "reset_methods": self.reset_methods,
         }
         if ids is not None:

@@ -7,7 +7,7 @@ import textwrap
 from importlib import import_module
 from typing import Any
 
-from pyvfio.cli import add_json_flag, print_json
+from pyvfio.cli import add_json_flag, check_root, print_json
 from pyvfio.device import Device
 from pyvfio.errors import UsageError
 
@@ -18,7 +18,8 @@ examples:
   pyvfio info --vfio-user /tmp/edu.sock      a vfio-user server (pyvfio serve edu --socket ...)
   pyvfio info --broker /run/pyvfio-broker.sock 0000:00:03.0 --json
 
-exit status: 0 success, 2 the device could not be opened (one line on stderr says why)
+exit status: 0 success, 2 the device could not be opened (one line on stderr says why;
+with --json also {"error": {"message", "kind"}} on stdout), 130 interrupted
 """
 
 
@@ -79,7 +80,7 @@ def open_for_args(args: argparse.Namespace) -> Device:
             args.broker, args.bdf, backend=args.backend)
     from pyvfio.kernel import open_device
 
-    return open_device(args.bdf, args.backend, root=args.root)
+    return open_device(args.bdf, args.backend, root=check_root(args.root))
 
 
 def run_info(args: argparse.Namespace) -> int:

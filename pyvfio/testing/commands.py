@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from typing import Any
 
 from pyvfio.cli import CommandFailed
@@ -13,14 +14,41 @@ KERNEL_HELP = ("debian (Debian's own: 6.1 on Debian 12, 6.12 on 13), pyvfio-6.12
                "use) or the path of a kernel image (vmlinuz-RELEASE finds its modules)")
 
 
+GUEST_EPILOG = """\
+examples:
+  pyvfio guest -- pyvfio ls                       the guest's PCI devices
+  pyvfio guest --kernel pyvfio-6.12 -- python -m pytest tests/guest -k iommufd
+  pyvfio guest --noiommu --quiet -- pyvfio groups
+
+exit status: the command's own in the guest; 2 bad usage or a guest that could
+not boot (one line on stderr); 130 interrupted
+"""
+
+GUEST_KERNEL_EPILOG = """\
+examples:
+  pyvfio guest-kernel                             build if needed, print the path
+
+exit status: 0 the kernel is there (its path on stdout), 2 it could not be built
+"""
+
+DEMO_EPILOG = """\
+examples:
+  pyvfio demo                                     with Debian's kernel
+  pyvfio demo --kernel pyvfio-6.12                iommufd and the device cdev too
+
+exit status: 0 every step passed, 1 a step failed, 2 the guest could not run,
+130 interrupted
+"""
+
+
 def register(sub: Any) -> None:
     guest = sub.add_parser(
-        "guest",
+        "guest", epilog=GUEST_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="boot a real kernel under QEMU (Intel vIOMMU, standard PCI topology) and run a command",
-        description="Boot a kernel under QEMU q35 with an Intel vIOMMU, the host's / shared "
+        description=textwrap.fill("Boot a kernel under QEMU q35 with an Intel vIOMMU, the host's / shared "
         "read-only, and run COMMAND in this checkout with PYVFIO_GUEST=1. Exits with the "
         "command's exit status. Files the command writes to $PYVFIO_GUEST_OUT are kept "
-        "on the host (the path is printed).",
+        "on the host (the path is printed).", 78),
     )
     guest.add_argument("--kernel", default="debian", metavar="K", help=KERNEL_HELP)
     guest.add_argument("--topology", default="standard", choices=("standard", "none"),
@@ -42,15 +70,16 @@ def register(sub: Any) -> None:
     guest.set_defaults(func=run_guest)
 
     build = sub.add_parser(
-        "guest-kernel",
+        "guest-kernel", epilog=GUEST_KERNEL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="build the pyvfio-6.12 guest kernel if the cache is cold; print its path",
-        description="Build (only when its cache is cold) the all-built-in 6.12 guest kernel "
-        "from Debian's linux-source-6.12 and print the bzImage path.",
+        description=textwrap.fill("Build (only when its cache is cold) the all-built-in 6.12 guest kernel "
+        "from Debian's linux-source-6.12 and print the bzImage path.", 78),
     )
     build.set_defaults(func=run_guest_kernel)
 
     demo = sub.add_parser(
-        "demo",
+        "demo", epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="the whole story in a real guest: list, check, bind edu, DMA and interrupts",
     )
     demo.add_argument("--kernel", default="debian", metavar="K", help=KERNEL_HELP)

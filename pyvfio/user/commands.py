@@ -9,13 +9,11 @@ SIGINT or SIGTERM and removes its socket files.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
-import signal
 import sys
 import textwrap
-import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from pyvfio.devices.model import PciDeviceModel
@@ -40,6 +38,9 @@ examples:
   pyvfio serve edu --socket /tmp/edu.sock                     one edu device
   pyvfio serve edu --socket /tmp/a.sock --socket /tmp/b.sock  two independent ones
   pyvfio serve --list                                         the models there are
+  pyvfio serve --model mymodels:Checksum --socket /tmp/c.sock your own PciDeviceModel
+  pyvfio serve edu --socket /run/vm1/edu.sock --socket-mode 0660 --socket-owner qemu:kvm
+                                     as root, for a VMM running as user qemu
 
 then, from another shell:
   pyvfio info --vfio-user /tmp/edu.sock
@@ -47,7 +48,10 @@ then, from another shell:
 
 Runs in the foreground until Ctrl-C or SIGTERM (exit 0) and removes its socket
 files. A stale socket left by a killed server is replaced; one with a live
-server behind it is refused (exit 2).
+server behind it, or anything that is not a socket, is refused.
+
+exit status: 0 stopped by Ctrl-C or SIGTERM, 2 bad usage or a socket that
+cannot be created (one line on stderr)
 """
 
 
@@ -62,6 +66,14 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("model", nargs="?", choices=sorted(MODELS), metavar="MODEL",
                         help=f"the device model: {', '.join(sorted(MODELS))}")
+    parser.add_argument("--model", dest="model_class", metavar="MODULE:CLASS",
+                        help="serve your own model: a PciDeviceModel subclass, made with no "
+                        "arguments (MODULE is imported from sys.path and the current directory)")
+    parser.add_argument("--socket-mode", type=_socket_mode, metavar="MODE",
+                        help="permissions of the socket files, octal (default: 0600 when "
+                        "--socket-owner is given, else as the umask leaves them)")
+    parser.add_argument("--socket-owner", type=_socket_owner, metavar="USER[:GROUP]",
+                        help="owner of the socket files (as root: lets that user's VMM connect)")
     parser.add_argument("--socket", "--socket-path", dest="sockets", action="append",
                         metavar="PATH", help="socket path to listen on (repeat to serve "
                         "several independent devices)")
@@ -69,6 +81,8 @@ def register(sub: Any) -> None:
                         help="edu: delay between the DMA start command and the transfer "
                         "(default: 0.1, as QEMU)")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
+    parser.add_argument("--json", action="store_true",
+                        help="with --list: print the models as JSON (errors too)")
     parser.set_defaults(func=run)
 
 
@@ -80,41 +94,120 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _socket_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (e.g. 0660)") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is outside 0000..0777")
+    return mode
+
+
+def _socket_owner(text: str) -> tuple[int, int]:
+    """``USER[:GROUP]`` (names or numbers) -> (uid, gid); the group defaults
+    to the user's primary group."""
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise argparse.ArgumentTypeError(f"no such user: {user!r}") from None
+        uid, gid = int(user), -1
+    else:
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"no such group: {group!r}") from None
+    return uid, gid
+
+
+def _model_factory(args: argparse.Namespace) -> tuple[str, Callable[[], PciDeviceModel]]:
+    """The model to serve (name, factory), from MODEL or --model MODULE:CLASS."""
+    if args.model and args.model_class:
+        raise UsageError(f"name one model: {args.model} or --model {args.model_class}, not both")
+    if args.model:
+        factory = MODELS[args.model][0]
+        return args.model, lambda: factory(args)
+    if not args.model_class:
+        raise UsageError(f"name a device model ({', '.join(sorted(MODELS))}), e.g. "
+                         "pyvfio serve edu --socket /tmp/edu.sock")
+    spec = args.model_class
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise UsageError(f"--model takes MODULE:CLASS (e.g. mymodels:Checksum), not {spec!r}")
+    import importlib
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, "")  # `pyvfio serve --model mine:Dev` next to mine.py, as python -m does
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(f"--model {spec}: no module named {module_name!r} on sys.path "
+                             "(run from its directory, or set PYTHONPATH)") from None
+        raise UsageError(f"--model {spec}: importing {module_name} failed: {exc}") from None
+    except Exception as exc:  # the user's module: report, never a traceback
+        raise UsageError(f"--model {spec}: importing {module_name} failed: "
+                         f"{type(exc).__name__}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UsageError(f"--model {spec}: module {module_name} has no {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, PciDeviceModel)):
+        raise UsageError(f"--model {spec}: {class_name} is not a PciDeviceModel subclass")
+
+    maker: Callable[[], PciDeviceModel] = cls  # a subclass made with no arguments
+
+    def make() -> PciDeviceModel:
+        try:
+            return maker()
+        except Exception as exc:
+            raise UsageError(f"--model {spec}: {class_name}() failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+    return getattr(cls, "name", None) or class_name, make
+
+
 def run(args: argparse.Namespace) -> int:
+    from pyvfio.user.lifecycle import serve_until_signalled
     from pyvfio.user.server import Server
 
+    if args.list and args.json:
+        from pyvfio.cli import print_json
+
+        print_json([{"model": name, "description": text} for name, (_f, text) in MODELS.items()])
+        return 0
     if args.list:
         for name, (_f, text) in MODELS.items():
             print(f"{name:8} {text}")
         return 0
-    if not args.model:
-        raise UsageError(f"name a device model ({', '.join(sorted(MODELS))}), e.g. "
-                         "pyvfio serve edu --socket /tmp/edu.sock")
+    if args.json:
+        raise UsageError("--json goes with --list (a running server logs to stderr)")
+    name, factory = _model_factory(args)
     if not args.sockets:
-        raise UsageError(f"say where to listen: pyvfio serve {args.model} --socket PATH")
+        shown = args.model or f"--model {args.model_class}"
+        raise UsageError(f"say where to listen: pyvfio serve {shown} --socket PATH")
     if args.dma_delay < 0:
         raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
-    factory = MODELS[args.model][0]
+    mode = args.socket_mode
+    if mode is None and args.socket_owner is not None:
+        mode = 0o600
     _raise_fd_limit()
     server = Server()
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-        server.stop()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     models: list[PciDeviceModel] = []
     try:
         for path in args.sockets:
-            model = factory(args)
+            model = factory()
             models.append(model)
-            server.add(model, path)
-            print(f"pyvfio: serving {args.model} on {path}", file=sys.stderr, flush=True)
-        server.serve_forever()
-        if stop.is_set():
+            _add_with_permissions(server, model, path, mode, args.socket_owner)
+            print(f"pyvfio: serving {name} on {path}", file=sys.stderr, flush=True)
+        if serve_until_signalled(server) is not None:
             served = sum(ds.clients_served for ds in server.devices)
-            print(f"pyvfio: stopped serving {args.model} ({served} client(s) served)",
+            print(f"pyvfio: stopped serving {name} ({served} client(s) served)",
                   file=sys.stderr, flush=True)
     finally:
         server.close()
@@ -122,6 +215,27 @@ def run(args: argparse.Namespace) -> int:
             close = getattr(model, "close", None)
             if close is not None:
                 close()
-        for s, handler in old.items():
-            signal.signal(s, handler)
     return 0
+
+
+def _add_with_permissions(server: Any, model: PciDeviceModel, path: str, mode: int | None,
+                          owner: tuple[int, int] | None) -> None:
+    """``server.add(model, path)``, the socket created owner-only (umask 077)
+    when a mode or owner is asked for, so that there is no moment at which it
+    is looser than asked; then chown and chmod."""
+    if mode is None and owner is None:
+        server.add(model, path)
+        return
+    old = os.umask(0o077)
+    try:
+        server.add(model, path)
+    finally:
+        os.umask(old)
+    try:
+        if owner is not None:
+            os.chown(path, *owner)
+        if mode is not None:
+            os.chmod(path, mode)
+    except OSError as exc:
+        raise UsageError(f"cannot set the owner or mode of {path}: {exc.strerror or exc}"
+                         + (" (only root may give a file away)" if exc.errno == 1 else "")) from None

@@ -122,6 +122,9 @@ def raw_connect(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     s.connect(path)
+    # The broker speaks first (pyvfio.broker.server.GREETING).
+    assert wire.recv_message(s).body == {"ok": True, "op": "greeting", "server": "pyvfio-broker",
+                                         "version": 1}
     return s
 
 

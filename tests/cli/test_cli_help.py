@@ -3,6 +3,7 @@ that open a device spell their options the same way."""
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -82,3 +83,35 @@ def test_edu_driver_rejects_unknown_interrupt_kind(capsys) -> None:
         edu_driver.main(["--vfio-user", "/x", "--interrupts", "msi,msix"])
     assert exc.value.code == 2
     assert "unknown interrupt kind 'msix': use msi, intx" in capsys.readouterr().err
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from pyvfio.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "command"]
+    return dict(action.choices)
+
+
+def test_every_subcommand_is_covered() -> None:
+    assert set(_subcommands()) >= {"ls", "groups", "check", "bind", "restore", "info", "serve",
+                                   "broker", "broker-open", "guest", "guest-kernel", "demo"}
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_subcommand_help_has_examples_and_exit_statuses(capsys, name: str) -> None:
+    """From the parser itself, so a new subcommand without them fails here."""
+    text = help_of(capsys, main, [name, "--help"])
+    epilog = text.split("examples:", 1)
+    assert len(epilog) == 2, f"{name}: no examples"
+    examples = [line.split()[1] for line in epilog[1].splitlines()
+                if line.startswith("  pyvfio ")]
+    assert name in examples, f"{name}: no example runs `pyvfio {name}`"
+    assert "exit status: " in epilog[1], f"{name}: no exit statuses"
+    assert "--root DIR" in text  # the global option, after the subcommand too
+    assert max(len(line) for line in text.splitlines()) <= 100, name
+
+
+def test_top_level_help_says_global_options_may_follow(capsys) -> None:
+    text = " ".join(help_of(capsys, main, ["--help"]).split())
+    assert "Global options (--root) may also come after the command" in text
+    assert "130 interrupted" in text

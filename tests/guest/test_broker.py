@@ -299,6 +299,7 @@ for n in range(50):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(path)
         s.sendall(struct.pack(">I", 1 << 30))
+        assert wire.recv_message(s).body["op"] == "greeting"  # the broker speaks first
         assert wire.recv_message(s).body["error"] == "bad-request"
         s.close()
     else:              # garbage, then gone

@@ -120,7 +120,8 @@ def test_bind_check_restore_edu(
     node = check["group_node"]
     assert node == f"/dev/vfio/{check['group']}" and stat.S_ISCHR(os.stat(node).st_mode)
     if guest_kernel != "debian":  # device cdevs arrived in 6.6
-        assert check["vfio_cdev"] and stat.S_ISCHR(os.stat(check["vfio_cdev"]).st_mode)
+        assert check["vfio_cdev_path"] == f"/dev/vfio/devices/{check['vfio_cdev']}"
+        assert stat.S_ISCHR(os.stat(check["vfio_cdev_path"]).st_mode)
     code, _, err = run(capsys, "restore", topology.EDU, "--state-dir", state_dir)
     assert code == 0, err
     assert driver_of(topology.EDU) is None and override_of(topology.EDU) == "(null)"

@@ -139,7 +139,7 @@ def test_bind_group_and_restore_json(fake: FakeSysfs, capsys) -> None:
 def test_bind_refused_exits_1_with_the_problem(fake: FakeSysfs, capsys) -> None:
     code, out, err = run(capsys, "--root", fake.root, "bind", GPU, "--json")
     assert code == 1
-    assert json.loads(out)["problems"][0]["device"] == AUDIO
+    assert json.loads(out)["error"]["problems"][0]["device"] == AUDIO
     assert err.startswith("pyvfio bind: refusing to bind 0000:01:00.0") and err.count("\n") == 1
     code, _, err = run(capsys, "--root", fake.root, "bind", BUSY_NIC, "--driver", "pci-stub")
     assert code == 1 and "pid 4242 (qemu-system-x86)" in err
@@ -148,7 +148,9 @@ def test_bind_refused_exits_1_with_the_problem(fake: FakeSysfs, capsys) -> None:
 def test_bind_dry_run_prints_the_writes(fake: FakeSysfs, capsys) -> None:
     code, out, _ = run(capsys, "--root", fake.root, "bind", "--dry-run", E1000_BRIDGED)
     assert code == 0 and fake.writes == []
-    assert f"write '{E1000_BRIDGED}' to /sys/bus/pci/drivers/e1000/unbind" in out
+    # The paths under --root: what it would really write.
+    assert f"write '{E1000_BRIDGED}' to {fake.root}/sys/bus/pci/drivers/e1000/unbind" in out
+    assert out.endswith("dry run: nothing was changed\n")
 
 
 def test_restore_usage(fake: FakeSysfs, capsys) -> None:

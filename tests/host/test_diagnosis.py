@@ -172,7 +172,8 @@ def test_in_use_through_a_cdev(tmp_path) -> None:
     fake.add_process(99, "cloud-hypervisor", ["/dev/iommu", "/dev/vfio/devices/vfio0"])
     d = Host(fake.root).diagnose("0000:00:03.0")
     assert d.in_use == [{"pid": 99, "comm": "cloud-hypervisor", "path": "/dev/vfio/devices/vfio0"}]
-    assert d.as_dict()["vfio_cdev"] == "/dev/vfio/devices/vfio0"
+    assert d.as_dict()["vfio_cdev"] == "vfio0"
+    assert d.as_dict()["vfio_cdev_path"] == "/dev/vfio/devices/vfio0"
 
 
 def test_in_use_through_a_legacy_device_fd(fake: FakeSysfs) -> None:
@@ -192,7 +193,8 @@ def test_ready_device(fake: FakeSysfs) -> None:
     assert d.as_dict() == {
         "device": EDU, "group": 31, "driver": "vfio-pci", "driver_kind": "vfio",
         "best_driver": "vfio-pci", "viable": True, "in_use": [], "ready": True, "problems": [],
-        "group_node": "/dev/vfio/31", "vfio_cdev": None, "noiommu": False,
+        "group_node": "/dev/vfio/31", "vfio_cdev": None, "vfio_cdev_path": None,
+        "noiommu": False,
         "members": [{"device": EDU, "driver": "vfio-pci", "driver_kind": "vfio", "is_bridge": False}],
     }
 

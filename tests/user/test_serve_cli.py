@@ -97,7 +97,7 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(tmp_path):
     try:
         out = subprocess.run([sys.executable, "-m", "pyvfio", "serve", "edu", "--socket", path],
                              capture_output=True, text=True, timeout=20)
-        assert out.returncode == 2 and "another server" in out.stderr
+        assert out.returncode == 2 and "another vfio-user server is already listening" in out.stderr
     finally:
         proc.kill()
         proc.wait(10)

@@ -47,6 +47,10 @@ def connect(path: str, *, timeout: float | None = DEFAULT_TIMEOUT, share_dma_fds
             raise ConnectionClosed(f"no vfio-user server listening at {path}") from None
         except TimeoutError:
             raise ConnectionClosed(f"connecting to {path} timed out after {timeout}s") from None
+        except OSError as exc:  # permission denied, a bad path: say which and what to do
+            from pyvfio.sockets import connect_error
+
+            raise ConnectionClosed(connect_error(path, exc, "vfio-user server")) from None
         # Blocking from here on; timeouts are the kernel's (SO_RCVTIMEO/SO_SNDTIMEO)
         # so that the request path pays no poll() per call.
         sock.settimeout(None)
@@ -76,10 +80,13 @@ def _check_first_reply(sock: socket.socket, path: str, max_size: int) -> None:
     whose "header" claims an absurd size, which the reader would otherwise
     wait for until the timeout.  A header split over two sends is left to
     the reader."""
-    head = sock.recv(HEADER_SIZE, socket.MSG_PEEK)
+    head = sock.recv(64, socket.MSG_PEEK)
+    if b'"server":"pyvfio-broker"' in head:  # it speaks first: see pyvfio.broker.server
+        raise ProtocolError(f"{path} is a pyvfio broker, not a vfio-user server: use "
+                            f"--broker {path} BDF")
     if len(head) < HEADER_SIZE:
         return
-    _msg_id, command, msg_size, _flags, _err = HEADER.unpack(head)
+    _msg_id, command, msg_size, _flags, _err = HEADER.unpack_from(head)
     if command != Command.VERSION or not HEADER_SIZE <= msg_size <= max_size:
         raise ProtocolError(f"{path} is not a vfio-user server: its first bytes "
                             f"{head[:HEADER_SIZE]!r} are not a VERSION reply")

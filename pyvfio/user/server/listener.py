@@ -11,12 +11,12 @@ import os
 import select
 import selectors
 import socket
-import stat
 import threading
 from collections.abc import Iterator
 
 from pyvfio.devices.model import IoEventFd, PciDeviceModel
 from pyvfio.errors import UsageError
+from pyvfio.sockets import listen_error, prepare_listen_path
 from pyvfio.user.server._base import (
     LISTEN_BACKLOG,
     MAX_WAITING_CLIENTS,
@@ -176,48 +176,16 @@ class DeviceServer:
                 conn.thread.join(5)
 
 
-# sun_path holds 108 bytes with the terminating NUL (unix(7)).
-_SUN_PATH_MAX = 107
-
-
 def _listen_error(path: str, exc: OSError) -> UsageError:
     """Say which path failed and what to do, instead of a bare errno."""
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        return UsageError(f"socket path {path!r} is {len(os.fsencode(path))} bytes; UNIX "
-                          f"socket paths hold at most {_SUN_PATH_MAX}: use a shorter one")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        what = "is not a directory" if os.path.exists(parent) else "does not exist"
-        return UsageError(f"cannot create socket {path}: {parent} {what}")
-    if isinstance(exc, PermissionError):
-        return UsageError(f"cannot create socket {path}: permission denied in {parent}")
-    return UsageError(f"cannot create socket {path}: {exc.strerror or exc} "
-                      f"(is {parent} a writable directory?)")
+    return listen_error(path, exc)
 
 
 def _prepare_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse a live one or a
-    non-socket file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:  # a path component is not a directory, no permission...
-        raise _listen_error(path, exc) from exc
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UsageError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise UsageError(f"{path}: another server is listening there")
+    """Remove a stale socket left by a dead server; refuse a live one, a
+    symlink, a non-socket file or a directory others could swap it in
+    (the rules of a root daemon: :func:`pyvfio.sockets.prepare_listen_path`)."""
+    prepare_listen_path(path, "vfio-user server")
 
 
 # --- the server ------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ from pyvfio.device import RegionFlag, RegionIndex
 from pyvfio.devices.model import RegionSpec
 from pyvfio.errors import ProtocolError
 from pyvfio.user import protocol as P
-from pyvfio.user.server._base import _REGION_ACCESS, KVM_IOEVENTFD_FLAG_DATAMATCH, ConnectionBase
+from pyvfio.user.server._base import (
+    _REGION_ACCESS,
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    ConnectionBase,
+    log,
+)
 
 
 class RegionHandlers(ConnectionBase):
@@ -130,14 +135,20 @@ class RegionHandlers(ConnectionBase):
             data = callback(offset, count, False)
             if data.__class__ is not bytes:
                 if not isinstance(data, (bytes, bytearray)):
-                    raise OSError(errno.EIO, f"region {index} read callback returned "
-                                  f"{type(data).__name__}")
+                    raise self._model_bug(index, offset, count, f"returned {type(data).__name__}")
                 data = bytes(data)
             if len(data) != count:
-                raise OSError(errno.EIO, f"region {index} read callback returned "
-                              f"{len(data)} bytes for a {count}-byte read")
+                raise self._model_bug(index, offset, count, f"returned {len(data)} bytes")
             return payload + data
         return payload + bytes(view[offset:offset + count])
+
+    def _model_bug(self, index: int, offset: int, count: int, what: str) -> OSError:
+        """A read callback that broke its contract: logged here, with where,
+        for the model's author (the client only sees EIO)."""
+        message = (f"{self.owner.path}: region {index} read callback at offset {offset:#x} "
+                   f"{what} for a {count}-byte read; the client gets EIO")
+        log.error("%s", message)
+        return OSError(errno.EIO, message)
 
     def _region_read(self, m: P.Message) -> tuple[bytes, list[int]]:
         return self._access(m.payload, False), []
