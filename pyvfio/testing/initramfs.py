@@ -53,6 +53,7 @@ GUEST_MODULES = (
     "vfio_pci_core", "vfio_pci",                        # legacy VFIO
     "mdev",                                             # mediated devices (if modular)
     "e1000", "e1000e",                                  # the topology's NICs
+    "nvme", "ext4", "crc32c_generic",                   # the storage topology's disk
 )
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")

@@ -35,6 +35,8 @@ from pyvfio.user.server.feature import FeatureHandlers
 from pyvfio.user.server.irq import IrqHandlers
 from pyvfio.user.server.region import RegionHandlers
 
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+
 
 class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
     """One client of one device.  Runs in its own thread (:meth:`run`)."""
@@ -108,10 +110,47 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         lock = self.device.lock
         sock = self.sock
         backlog = self._backlog
+        recvmsg, bufsize, cmsg_space = sock.recvmsg, reader.bufsize, reader.cmsg_space
+        sendall, send_lock, access = sock.sendall, self._send_lock, self._access
         while True:
             if backlog:
                 msgs = list(backlog)
                 backlog.clear()
+            elif reader.idle:
+                try:
+                    data, anc, msg_flags, _addr = recvmsg(bufsize, cmsg_space, _MSG_CMSG_CLOEXEC)
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    reader.close()
+                    raise ConnectionClosed(f"vfio-user peer broke the connection: {exc}") from None
+                # The hot path, in this frame: one read that holds exactly one
+                # REGION_READ or REGION_WRITE wanting a reply, and no fds.  No
+                # Message object, no reader state; everything else (and any
+                # refusal) goes through the reader and the general loop below.
+                if not anc and len(data) >= 32 and self.negotiated:
+                    msg_id, cmd, msg_size, flags, _err = _HEADER.unpack_from(data)
+                    if cmd in (_CMD_REGION_READ, _CMD_REGION_WRITE) and not flags \
+                            and msg_size == len(data):
+                        try:
+                            with lock:
+                                reply = access(data[16:], cmd == _CMD_REGION_WRITE)
+                            with send_lock:
+                                sendall(_HEADER.pack(msg_id, cmd, 16 + len(reply), _REPLY, 0)
+                                        + reply)
+                            continue
+                        except ProtocolError as exc:
+                            err = exc.errno
+                        except OSError as exc:
+                            err = exc.errno or errno.EIO
+                        except Exception:
+                            log.exception("%s: region access callback failed", self.owner.path)
+                            err = errno.EIO
+                        self._send_error(P.Message(msg_id, cmd, flags, 0, b"", []), err)
+                        continue
+                msgs = reader.take(data, anc, msg_flags)
+                if not msgs:
+                    if reader.eof:
+                        return
+                    continue
             else:
                 msgs = reader.read_some()
                 if not msgs:
