@@ -211,6 +211,10 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
      lambda: RegionIoFds.unpack(le("IIII", 16 + 40 * 1024, 0, 0, 1024), reply=True), OK),
     ("io_fds: reply count 1025",
      lambda: RegionIoFds.unpack(le("IIII", 16, 0, 0, 1025), reply=True), E2BIG),
+    ("io_fds: request 17 bytes", lambda: RegionIoFds.unpack(le("IIII", 16, 0, 0, 0) + b"\0"),
+     EINVAL),
+    ("io_fds: reply entries long",
+     lambda: RegionIoFds.unpack(le("IIII", 56, 0, 0, 1) + b"\0" * 41, reply=True), EINVAL),
     ("io_fds: reply entries short",
      lambda: RegionIoFds.unpack(le("IIII", 96, 0, 0, 2) + b"\0" * 79, reply=True), EINVAL),
     # --- DEVICE_SET_IRQS ---
@@ -316,6 +320,21 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
 ]
 
 
+# What a refusal's message starts with: the message it is about, by case name.
+MESSAGE_NAMES = {
+    "version": ("VERSION",), "caps": ("VERSION",), "header": ("header",),
+    "pack_message": ("header",), "dma_map": ("DMA_MAP",), "dma_unmap": ("DMA_UNMAP",),
+    "device_info": ("DEVICE_GET_INFO",), "irq_info": ("DEVICE_GET_IRQ_INFO",),
+    "region_info": ("DEVICE_GET_REGION_INFO", "REGION_INFO"),
+    "io_fds": ("DEVICE_GET_REGION_IO_FDS", "REGION_IO_FDS"), "set_irqs": ("DEVICE_SET_IRQS",),
+    "region access": ("REGION access",), "write_multi": ("REGION_WRITE_MULTI",),
+    "dma access": ("DMA access",), "feature": ("DEVICE_FEATURE",),
+    "migration data": ("MIGRATION feature",), "mig state": ("MIG_DEVICE_STATE",),
+    "logging": ("DMA_LOGGING",), "report": ("DMA_LOGGING_REPORT",),
+    "mig data": ("MIG_DATA", "MIG_DATA_READ"),
+}
+
+
 @pytest.mark.parametrize("name, call, want", CASES, ids=[c[0] for c in CASES])
 def test_edges(name: str, call: Callable[[], Any], want: int) -> None:
     if want == OK:
@@ -324,6 +343,11 @@ def test_edges(name: str, call: Callable[[], Any], want: int) -> None:
     with pytest.raises(ProtocolError) as exc:
         call()
     assert exc.value.errno == want
+    # the message names the message and says what is wrong
+    text = str(exc.value)
+    prefixes = MESSAGE_NAMES[name.split(":")[0]]
+    assert any(text.startswith(p + " ") or text.startswith(p + ":") for p in prefixes), text
+    assert text == text.strip() and len(text.split(":", 1)[-1].strip()) > 8, text
 
 
 def test_capabilities_keep_unknown_keys_and_defaults() -> None:
@@ -403,6 +427,7 @@ def test_message_properties_and_repr() -> None:
 
 
 @pytest.mark.parametrize("message, name", [
+    (lambda: Header(2**16, 1, 16), "header"),
     (lambda: DmaAccess(2**64, 0), "DMA access"),
     (lambda: DeviceFeature(2**32), "DEVICE_FEATURE"),
     (lambda: MigrationFeature(2**64), "MIGRATION feature"),
