@@ -39,6 +39,7 @@ _COMMAND_MODULES = (
     "pyvfio.user.commands",  # serve
     "pyvfio.broker.commands",  # broker
     "pyvfio.testing.commands",  # guest, demo
+    "pyvfio.k8s.commands",  # k8s-device-plugin
 )
 
 # Commands whose module is known up front: running one of them imports only

@@ -457,12 +457,12 @@ TRIXIE = "linux-image-6.12.48+deb13-amd64 (= 6.12.48-1)"
 
 
 def test_releases_from_the_metapackages_depends() -> None:
-    assert guest.releases_from_depends(BOOKWORM) == ["6.1.0-57-amd64"]
-    assert guest.releases_from_depends(TRIXIE) == ["6.12.48+deb13-amd64"]
-    assert guest.releases_from_depends(
+    assert debian.releases_from_depends(BOOKWORM) == ["6.1.0-57-amd64"]
+    assert debian.releases_from_depends(TRIXIE) == ["6.12.48+deb13-amd64"]
+    assert debian.releases_from_depends(
         "linux-image-6.12.48+deb13-amd64 (= 6.12.48-1) | linux-image-6.12.48+deb13-amd64-unsigned"
         " (= 6.12.48-1), initramfs-tools") == ["6.12.48+deb13-amd64"]
-    assert guest.releases_from_depends("") == []
+    assert debian.releases_from_depends("") == []
 
 
 @pytest.mark.parametrize("depends, newest", [(BOOKWORM, "6.1.0-57-amd64"),

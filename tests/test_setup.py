@@ -35,7 +35,7 @@ def stock_env() -> dict[str, str]:
 def copy_checkout(dest: Path) -> Path:
     """The checkout's files without its venv, caches, build metadata or git."""
     shutil.copytree(CHECKOUT, dest, symlinks=True, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache",
+        ".venv", ".git", ".cache", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache",
         ".pytest_cache", ".hypothesis", "build", "dist"))
     return dest
 
@@ -88,3 +88,18 @@ def test_scripts_run_the_venvs_python() -> None:
         assert not any("python3 " in line for line in code), name
     assert "scripts/test" in (CHECKOUT / ".ci/run").read_text()
     assert "-m venv" in (CHECKOUT / "scripts/setup").read_text()
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian machine (no dpkg)")
+def test_setups_package_check_survives_an_unknown_package() -> None:
+    """One dpkg-query for all packages; dpkg-query exits 1 when one is unknown,
+    which under ``set -euo pipefail`` must not end the check early (it once
+    reported nothing missing)."""
+    script = (CHECKOUT / "scripts/setup").read_text()
+    function = script[script.index("missing_packages() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    proc = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + function
+         + "missing_packages dpkg pyvfio-no-such-package; echo done"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "pyvfio-no-such-package\ndone\n", proc.stdout + proc.stderr

@@ -19,8 +19,11 @@ A policy is a TOML file (parsed with the standard library's ``tomllib``)::
 A rule *applies to* a client when the client's uid is in ``users`` or any of
 its gids is in ``groups`` (``"*"`` in ``users`` means everyone).  It *covers*
 a device when the device's address is in ``devices``, or its vendor:device is
-in ``ids``, or its IOMMU group is in ``iommu_groups``.  The first rule (in file
-order) that applies and covers decides.  Nothing is allowed by default.
+in ``ids`` (vendor and device both), or its IOMMU group is in ``iommu_groups``.
+The first rule (in file order) that applies, covers, and allows the asked
+backend decides (for ``auto``: the first that applies and covers); a rule that
+covers the device with other backends leaves the decision to the next.
+Nothing is allowed by default.
 
 Validation is strict, because a typo in a policy must not silently grant or
 deny: unknown tables and keys, malformed addresses and IDs, user or group

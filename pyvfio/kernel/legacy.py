@@ -551,33 +551,10 @@ class Group:
 
 def diagnose_group(root: str, group_id: int, bdf: str | None = None) -> list[dict[str, Any]]:
     """Why a group is not viable, as problem dicts (as ``pyvfio check --json``
-    prints them), each naming a device and its driver.
-
-    Uses the host package's diagnosis (``pyvfio.host.diagnose``) when it can;
-    falls back to reading the group's members and drivers from sysfs.
-    """
-    problems: list[dict[str, Any]] = []
-    if bdf is not None:
-        diag = _host_diagnosis(root, bdf)
-        if diag is not None:
-            problems = [p.as_dict() for p in diag.problems if p.kind == "host-driver"]
-            for p in problems:
-                p.setdefault("message", f"{p['reason']}; fix: {p['fix']}")
-    return problems or _sysfs.group_blockers(root, group_id)
-
-
-def _host_diagnosis(root: str, bdf: str) -> Any:
-    """``pyvfio.host.diagnose(Host(root), bdf)``, or None when the host package
-    is unavailable or cannot say (the diagnosis explains an error we already
-    have; it must never replace it)."""
-    try:
-        from pyvfio.host import Host, diagnose
-    except ImportError:
-        return None
-    try:
-        return diagnose(Host(root), bdf)
-    except Exception:
-        return None
+    prints them), each naming a device and its driver, read through the
+    shared sysfs reader (the full diagnosis is :mod:`pyvfio.host.diagnosis`,
+    a layer above the kernel backends)."""
+    return _sysfs.group_blockers(root, group_id)
 
 
 def _group_of(root: str, bdf: str) -> int:
@@ -604,11 +581,9 @@ def open_legacy_device(bdf: str, *, root: str = "/", container: Container | None
     group_id = _group_of(root, bdf)
     driver = _sysfs.driver(root, bdf)
     if not _sysfs.is_vfio_driver(root, driver):
-        diag = _host_diagnosis(root, bdf)
-        problems = [p.as_dict() for p in diag.problems] if diag is not None else [
-            {"device": bdf, "driver": driver, "kind": "not-vfio",
-             "reason": f"{bdf} is bound to {driver or 'no driver'}",
-             "fix": f"pyvfio bind {bdf}"}]
+        problems = [{"device": bdf, "driver": driver, "kind": "not-vfio",
+                     "reason": f"{bdf} is bound to {driver or 'no driver'}",
+                     "fix": f"pyvfio bind {bdf}"}]
         raise NotBoundToVfio(
             f"cannot open {bdf}: it is bound to {driver or 'no driver'}, not to a vfio driver; "
             f"fix: pyvfio bind {bdf}", problems)

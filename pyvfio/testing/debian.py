@@ -329,6 +329,20 @@ def ensure_package_or_backport(package: str, *, os_release: Path = OS_RELEASE,
     return suite
 
 
+def releases_from_depends(depends: str) -> list[str]:
+    """Kernel releases named by a ``linux-image-amd64`` ``Depends`` field, in order:
+    ``linux-image-6.1.0-57-amd64 (= 6.1.192-3)`` -> ``6.1.0-57-amd64``;
+    ``linux-image-6.12.48+deb13-amd64-unsigned`` -> ``6.12.48+deb13-amd64``."""
+    releases = []
+    for alternative in re.split(r"[,|]", depends):
+        words = alternative.split()
+        if words and words[0].startswith("linux-image-"):
+            release = words[0].removeprefix("linux-image-").removesuffix("-unsigned")
+            if release not in releases:
+                releases.append(release)
+    return releases
+
+
 # --- another release's kernel, unpacked privately -----------------------------------------------
 
 DISTRO_INFO_CSV = Path("/usr/share/distro-info/debian.csv")
@@ -368,8 +382,6 @@ def fetch_kernel(codename: str, dest: Path) -> Path:
 
     Raises :class:`PackageError` when apt, dpkg or depmod fails.
     """
-    from pyvfio.testing.guest import releases_from_depends  # guest imports this module
-
     tree = dest / "tree"
     done = sorted(tree.glob("boot/vmlinuz-*"))
     if done:

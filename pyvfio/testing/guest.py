@@ -126,20 +126,6 @@ def _metapackage_depends(package: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
 
 
-def releases_from_depends(depends: str) -> list[str]:
-    """Kernel releases named by a ``linux-image-amd64`` ``Depends`` field, in order:
-    ``linux-image-6.1.0-57-amd64 (= 6.1.192-3)`` -> ``6.1.0-57-amd64``;
-    ``linux-image-6.12.48+deb13-amd64-unsigned`` -> ``6.12.48+deb13-amd64``."""
-    releases = []
-    for alternative in re.split(r"[,|]", depends):
-        words = alternative.split()
-        if words and words[0].startswith("linux-image-"):
-            release = words[0].removeprefix("linux-image-").removesuffix("-unsigned")
-            if release not in releases:
-                releases.append(release)
-    return releases
-
-
 def _kernel_at(boot: Path, modules: Path, release: str) -> Kernel | None:
     image = boot / f"vmlinuz-{release}"
     modules_dir = modules / release
@@ -166,7 +152,7 @@ def debian_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules
         if depends is None:
             debian.ensure_packages([DEBIAN_KERNEL_PACKAGE])
             depends = _metapackage_depends(DEBIAN_KERNEL_PACKAGE)
-    for release in releases_from_depends(depends or ""):
+    for release in debian.releases_from_depends(depends or ""):
         found = _kernel_at(boot, modules, release)
         if found is not None:
             return found

@@ -23,6 +23,7 @@ import pytest
 
 import pyvfio
 from pyvfio.testing import kconfig
+from pyvfio.testing.fds import fd_numbers
 from pyvfio.testing.topology import E1000_BRIDGED, E1000E, EDU, EDU_BRIDGED
 
 try:
@@ -51,8 +52,8 @@ class BrokerProcess:
     log: str
     dir: str
 
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+    def fds(self) -> set[int]:
+        return fd_numbers(self.proc.pid)
 
     def records(self) -> list[dict[str, str]]:
         from pyvfio.broker.audit import parse_record
@@ -316,13 +317,13 @@ def test_fifty_clients_leave_no_fd_behind(broker: BrokerProcess) -> None:
     with helpers.vfio_bound(EDU):
         last_json(as_nobody(_ASK, broker.socket, EDU))  # warm up: imports, first session
         time.sleep(0.5)
-        baseline = broker.fd_count()
+        baseline = broker.fds()
         out = last_json(as_nobody(_FIFTY, broker.socket, EDU, E1000E))
         assert out == {"0": 10, "1": 10, "2": 10, "3": 10, "4": 10}
         deadline = time.monotonic() + 60
-        while broker.fd_count() != baseline and time.monotonic() < deadline:
+        while broker.fds() != baseline and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert broker.fd_count() == baseline
+        assert broker.fds() == baseline, sorted(broker.fds() ^ baseline)
         assert broker.proc.poll() is None
         # still serving, and the device is free again
         assert last_json(as_nobody(_ASK, broker.socket, EDU))["granted"] is True

@@ -24,6 +24,7 @@ from pyvfio.broker.handoff import send_devices
 from pyvfio.drivers import edu as E
 from pyvfio.kernel import open_device
 from pyvfio.testing import kconfig
+from pyvfio.testing.fds import fd_targets
 from pyvfio.testing.topology import EDU
 
 try:
@@ -77,11 +78,8 @@ print(json.dumps(out))
 
 def vfio_fds_of_this_process() -> list[str]:
     out = []
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{n}")
-        except OSError:
-            continue
+    for entry in fd_targets():
+        target = entry.split(":", 1)[1]
         if target.startswith(("/dev/vfio", "/dev/iommu")) or "vfio" in target \
                 or "iommufd" in target:
             out.append(target)

@@ -25,7 +25,7 @@ from pyvfio.device import SharedMemory
 from pyvfio.drivers import edu as E
 from pyvfio.errors import ClosedError, IovaRangeError, KernelError
 from pyvfio.kernel import open_device
-from pyvfio.kernel.iommufd import Ioas, Iommufd, IommufdDevice, cdev_for, open_cdev_device
+from pyvfio.kernel.iommufd import Iommufd, IommufdDevice, cdev_for, open_cdev_device
 from pyvfio.testing import kconfig
 from pyvfio.testing.topology import E1000_BRIDGED, EDU, EDU_BRIDGED
 from pyvfio.uapi import iommufd as U
@@ -400,8 +400,53 @@ def test_iommufd_and_cdev_fds_passed_over_scm_rights(need_iommufd: None) -> None
     assert data["result"]["ok"] is True
 
 
-def test_sizes_the_kernel_accepted() -> None:
-    """A guard that the structs used above are the 6.12 sizes (a smaller size
-    is refused by the kernel with EINVAL, a larger one with E2BIG)."""
-    assert ctypes.sizeof(U.iommu_ioas_map) == 40 and ctypes.sizeof(U.iommu_hwpt_alloc) == 48
-    assert isinstance(Ioas, type)
+def _raw_ioctl(fd: int, request: int, struct: ctypes.Structure, size: int,
+               tail: bytes = b"") -> bytearray:
+    """``ioctl(fd, request, buf)`` with ``struct``'s bytes cut or extended to
+    ``size`` (extension bytes from ``tail``) and ``size`` in its first field."""
+    data = bytearray(bytes(struct))[:size] + tail
+    data[0:4] = size.to_bytes(4, "little")
+    import fcntl
+    fcntl.ioctl(fd, request, data)
+    return data
+
+
+def test_struct_sizes_are_the_kernel_minimum(need_iommufd: None) -> None:
+    """iommufd checks each command's ``size``: below the struct's size it is
+    EINVAL, above it the extra bytes must be zero (else E2BIG).  So our size is
+    accepted, one byte less is refused, and a zero-filled larger one is taken:
+    pyvfio's ``sizeof`` is exactly the kernel's."""
+    fd = os.open("/dev/iommu", os.O_RDWR | os.O_CLOEXEC)
+    mem = SharedMemory(PAGE)
+    try:
+        alloc = U.iommu_ioas_alloc()
+        n = ctypes.sizeof(alloc)
+        out = _raw_ioctl(fd, U.IOMMU_IOAS_ALLOC, alloc, n)
+        ioas_id = int.from_bytes(out[8:12], "little")
+        assert ioas_id > 0
+        with pytest.raises(OSError) as exc:
+            _raw_ioctl(fd, U.IOMMU_IOAS_ALLOC, alloc, n - 1)
+        assert exc.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as exc:
+            _raw_ioctl(fd, U.IOMMU_IOAS_ALLOC, alloc, n + 4, b"\x01\0\0\0")
+        assert exc.value.errno == errno.E2BIG
+        assert int.from_bytes(_raw_ioctl(fd, U.IOMMU_IOAS_ALLOC, alloc, n + 4,
+                                         b"\0\0\0\0")[8:12], "little") > ioas_id
+
+        user_va = mem.address
+        flags = U.IoasMapFlag.FIXED_IOVA | U.IoasMapFlag.READABLE | U.IoasMapFlag.WRITEABLE
+        m = U.iommu_ioas_map(flags=flags, ioas_id=ioas_id, user_va=user_va, length=PAGE,
+                             iova=0x100000)
+        n = ctypes.sizeof(m)
+        for size, tail, err in ((n - 1, b"", errno.EINVAL), (n + 8, b"\xff" * 8, errno.E2BIG)):
+            with pytest.raises(OSError) as exc:
+                _raw_ioctl(fd, U.IOMMU_IOAS_MAP, m, size, tail)
+            assert exc.value.errno == err, size
+        out = _raw_ioctl(fd, U.IOMMU_IOAS_MAP, m, n)
+        assert int.from_bytes(out[32:40], "little") == 0x100000  # the fixed IOVA
+        with pytest.raises(OSError) as exc:  # mapped: the same IOVA again is taken
+            _raw_ioctl(fd, U.IOMMU_IOAS_MAP, m, n)
+        assert exc.value.errno == errno.EEXIST
+    finally:
+        os.close(fd)  # frees the IOASes and their mappings
+        mem.close()

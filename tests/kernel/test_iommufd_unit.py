@@ -26,6 +26,7 @@ from pyvfio.errors import (
     UsageError,
 )
 from pyvfio.kernel import iommufd as I
+from pyvfio.testing.fds import fd_targets
 from pyvfio.uapi import iommufd as U
 
 BDF = "0000:00:03.0"
@@ -97,10 +98,10 @@ def test_open_without_dev_iommu_explains(tmp_path: Path) -> None:
 
 def test_open_cdev_device_without_iommufd_leaves_nothing_open(tmp_path: Path) -> None:
     make_device(tmp_path)
-    before = set(os.listdir("/proc/self/fd"))
+    before = fd_targets()
     with pytest.raises(I.IommufdUnavailable):
         I.open_cdev_device(BDF, str(tmp_path))
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert fd_targets() == before
 
 
 def test_from_fd_refuses_what_is_not_an_iommufd() -> None:

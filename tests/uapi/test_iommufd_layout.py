@@ -18,19 +18,13 @@ checked against the struct as written in the upstream header (quoted below).
 from __future__ import annotations
 
 import ctypes
-import os
-import re
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from pyvfio.uapi import iommufd as U
 from pyvfio.uapi import vfio_cdev as C
 
-from .conftest import Layout, c_fields
+from .conftest import Layout, c_fields, enum_probe
 
 IOMMUFD_STRUCTS: list[type[ctypes.Structure]] = [
     U.iommu_destroy, U.iommu_ioas_alloc, U.iommu_iova_range, U.iommu_ioas_iova_ranges,
@@ -86,17 +80,6 @@ IOMMUFD_ENUMS = {
 }
 
 
-def _enum_probe(names: list[str]) -> str:
-    """C source that prints enum constants as ``macro NAME value`` lines from a
-    constructor, so the shared probe's parser reads them with the macros."""
-    rows = "\n".join(f'    {{"{n}", (long long)({n})}},' for n in names)
-    return ("struct pyvfio_enum { const char *name; long long value; };\n"
-            "__attribute__((constructor)) static void pyvfio_print_enums(void) {\n"
-            "  static const struct pyvfio_enum e[] = {\n" + rows + "\n  };\n"
-            "  for (size_t i = 0; i < sizeof(e) / sizeof(e[0]); i++)\n"
-            '    printf("macro %s %lld\\n", e[i].name, e[i].value);\n}\n')
-
-
 def _check_structs(layout: Layout, structs: list[type[ctypes.Structure]]) -> None:
     for struct in structs:
         name = struct.__name__
@@ -110,7 +93,7 @@ def test_iommufd_structs_match_header(c_layout: Callable[..., Layout],
     layout = c_layout(["linux/iommufd.h"],
                       {s.__name__: [f for f, _ in c_fields(s)] for s in IOMMUFD_STRUCTS},
                       macros=list(IOMMUFD_MACROS),
-                      extra_source=_enum_probe(list(IOMMUFD_ENUMS)))
+                      extra_source=enum_probe(list(IOMMUFD_ENUMS)))
     _check_structs(layout, IOMMUFD_STRUCTS)
     # MAP_FILE is 6.13: absent from the 6.12 header, present in ours (for newer kernels).
     assert "IOMMU_IOAS_MAP_FILE" not in layout.macros
@@ -170,57 +153,6 @@ def test_vfio_cdev_structs_match_header(c_layout: Callable[..., Layout],
     }
 
 
-# --- the 6.12 headers, from the kernel source tarball -----------------------------------------
-
-SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
-WANTED = {  # path in the source tree -> path under the include dir
-    "include/uapi/linux/iommufd.h": "linux/iommufd.h",
-    "include/uapi/linux/vfio.h": "linux/vfio.h",
-    "drivers/iommu/iommufd/iommufd_test.h": "iommufd_test.h",
-}
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pyvfio" / "uapi-6.12"
-
-
-def _headers_612() -> Path | None:
-    """An include dir holding the 6.12 headers (extracted once, then cached)."""
-    root = _cache_dir()
-    done = root / ".complete"
-    if done.exists():
-        return root
-    if not SOURCE_TARBALL.exists():
-        return None
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        # One pass of tar(1) over the 150 MB .xz (about 9 s here); Python's
-        # tarfile would decompress the whole archive as well, only slower.
-        members = [f"linux-source-6.12/{m}" for m in WANTED]
-        subprocess.run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", tmp, *members],
-                       check=True, capture_output=True, timeout=600)
-        for src, dst in WANTED.items():
-            text = (Path(tmp) / "linux-source-6.12" / src).read_text()
-            # What scripts/headers_install.sh does that matters here.
-            text = re.sub(r"\b__user\b\s*", "", text)
-            out = root / dst
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-    done.write_text(f"from {SOURCE_TARBALL}\n")
-    return root
-
-
-@pytest.fixture
-def headers_612(monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = _headers_612()
-    if root is None:
-        pytest.skip(f"{SOURCE_TARBALL} is not installed (the guest-kernel build installs "
-                    "linux-source-6.12); the installed linux-libc-dev 6.1 has no iommufd.h")
-    monkeypatch.setenv("CPATH", str(root))
-    return root
-
-
 def test_iommu_test_cmd_matches_kernel_source(c_layout: Callable[..., Layout],
                                               headers_612: Path) -> None:
     fields = {
@@ -233,7 +165,7 @@ def test_iommu_test_cmd_matches_kernel_source(c_layout: Callable[..., Layout],
     }
     layout = c_layout(["linux/iommufd.h"], {"iommu_test_cmd": list(fields)},
                       macros=["IOMMU_TEST_CMD"],
-                      extra_source="#include <iommufd_test.h>\n" + _enum_probe(
+                      extra_source="#include <iommufd_test.h>\n" + enum_probe(
                           [f"IOMMU_TEST_OP_{op.name}" for op in U.IommuTestOp]
                           + ["MOCK_APERTURE_START", "MOCK_APERTURE_LAST"]))
     cmd = U.iommu_test_cmd

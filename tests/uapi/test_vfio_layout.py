@@ -13,10 +13,12 @@ import re
 
 import pytest
 
+from pyvfio.device import DeviceFlag, IrqAction, IrqFlag, IrqIndex, RegionFlag, RegionIndex
+from pyvfio.migration import MigFlag, MigState
 from pyvfio.uapi import ioctl as uioctl
 from pyvfio.uapi import vfio
 
-from .conftest import c_fields, header_text
+from .conftest import c_fields, enum_probe, header_enum_members, header_text
 
 # Upstream definitions (torvalds/linux include/uapi/linux/vfio.h) of structs
 # added or extended after 6.1; compiled for those the installed header lacks
@@ -235,16 +237,106 @@ def test_ioctl_numbers_match_header(installed_header: str, c_layout) -> None:
         assert vfio.IOCTLS[name] == 0x3B00 | UPSTREAM_IOCTLS[name]
 
 
-def test_constants_match_header(installed_header: str, c_layout) -> None:
-    names = [n for n, v in vars(vfio).items()
-             if n.startswith(("VFIO_", )) and isinstance(v, int) and n not in vfio.IOCTLS
-             and n != "VFIO_TYPE1_NESTING_IOMMU"]  # renamed __VFIO_RESERVED_... upstream
-    layout = c_layout(["linux/vfio.h"], {}, macros=names)
-    assert len(layout.macros) > 80
+# Constants of pyvfio.uapi.vfio that the installed header may lack (Debian 12's
+# linux-libc-dev is 6.1).  Each is compared with the 6.12 kernel's header instead
+# (test_every_constant_matches_the_612_header); any other constant the installed
+# header does not define fails test_every_constant_matches_the_installed_header.
+NEWER_THAN_6_1 = {
+    "VFIO_DEVICE_STATE_PRE_COPY", "VFIO_DEVICE_STATE_PRE_COPY_P2P", "VFIO_DEVICE_STATE_NR",
+    "VFIO_MIGRATION_PRE_COPY", "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE",
+    "VFIO_DEVICE_FEATURE_BUS_MASTER", "VFIO_DEVICE_FEATURE_CLEAR_MASTER",
+    "VFIO_DEVICE_FEATURE_SET_MASTER", "VFIO_DEVICE_FLAGS_CDX",
+    "VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP", "VFIO_PCI_ATOMIC_COMP32", "VFIO_PCI_ATOMIC_COMP64",
+    "VFIO_PCI_ATOMIC_COMP128", "VFIO_PCI_DEVID_OWNED", "VFIO_PCI_DEVID_NOT_OWNED",
+    "VFIO_PCI_HOT_RESET_FLAG_DEV_ID", "VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED",
+}
+
+# Dropped upstream after 6.12 (renamed __VFIO_RESERVED_TYPE1_NESTING_IOMMU); a newer
+# installed header lacks it, and the 6.12 test still compares it.
+REMOVED_AFTER_6_12 = {"VFIO_TYPE1_NESTING_IOMMU"}
+
+# Newer than 6.12 as well: the upstream lines (torvalds/linux
+# include/uapi/linux/vfio.h), compiled the same way as the headers.
+UPSTREAM_CONSTANTS = {
+    "VFIO_DEVICE_BIND_FLAG_TOKEN": "#define VFIO_DEVICE_BIND_FLAG_TOKEN (1 << 0)",
+    "VFIO_DEVICE_ATTACH_PASID": "#define VFIO_DEVICE_ATTACH_PASID\t(1 << 0)",
+    "VFIO_DEVICE_DETACH_PASID": "#define VFIO_DEVICE_DETACH_PASID\t(1 << 0)",
+    "VFIO_DEVICE_FEATURE_DMA_BUF": "#define VFIO_DEVICE_FEATURE_DMA_BUF 11",
+}
+
+
+def uapi_constants() -> dict[str, int]:
+    """Every ``VFIO_*`` integer of :mod:`pyvfio.uapi.vfio` that is not an ioctl number."""
+    return {n: v for n, v in vars(vfio).items()
+            if n.startswith("VFIO_") and isinstance(v, int) and n not in vfio.IOCTLS}
+
+
+def probe_constants(c_layout, header: str, names: set[str]) -> dict[str, int]:
+    """The header's value of each name it defines, as a macro or an enum member."""
+    enums = sorted(names & header_enum_members(header))
+    macros = sorted(names - set(enums))
+    return c_layout(["linux/vfio.h"], {}, macros=macros, extra_source=enum_probe(enums)).macros
+
+
+def _mismatches(seen: dict[str, int], ours: dict[str, int]) -> dict[str, tuple[int, int]]:
     # C's (1 << 31) is a negative int; compare as the __u32 the kernel uses.
-    wrong = {n: (layout.macros[n], getattr(vfio, n)) for n in layout.macros
-             if layout.macros[n] & 0xFFFFFFFF != getattr(vfio, n) & 0xFFFFFFFF}
-    assert not wrong
+    return {n: (seen[n], ours[n]) for n in seen if seen[n] & 0xFFFFFFFF != ours[n] & 0xFFFFFFFF}
+
+
+def test_every_constant_matches_the_installed_header(installed_header: str, c_layout) -> None:
+    ours = uapi_constants()
+    seen = probe_constants(c_layout, installed_header, set(ours))
+    assert not _mismatches(seen, ours)
+    # enum members (region and IRQ indexes, migration states) are compared too
+    assert {"VFIO_PCI_CONFIG_REGION_INDEX", "VFIO_PCI_MSIX_IRQ_INDEX",
+            "VFIO_DEVICE_STATE_STOP_COPY"} <= set(seen)
+    newer = NEWER_THAN_6_1 | set(UPSTREAM_CONSTANTS) | REMOVED_AFTER_6_12
+    unchecked = set(ours) - set(seen)
+    assert unchecked <= newer, (
+        f"not in the installed header and not listed as newer: {sorted(unchecked - newer)}")
+
+
+def test_every_constant_matches_the_612_header(c_layout, headers_612) -> None:
+    """What the installed header lacks is in 6.12's, with the same value; what
+    6.12 lacks too is compared with the upstream line."""
+    header = (headers_612 / "linux" / "vfio.h").read_text()
+    ours = uapi_constants()
+    seen = probe_constants(c_layout, header, set(ours))
+    assert not _mismatches(seen, ours)
+    assert set(seen) >= NEWER_THAN_6_1, sorted(NEWER_THAN_6_1 - set(seen))
+    assert set(ours) - set(seen) == set(UPSTREAM_CONSTANTS)
+
+
+def test_constants_newer_than_612_match_upstream(c_layout) -> None:
+    ours = uapi_constants()
+    layout = c_layout(["linux/types.h"], {}, macros=sorted(UPSTREAM_CONSTANTS),
+                      extra_source="\n".join(UPSTREAM_CONSTANTS.values()))
+    assert layout.macros == {n: ours[n] for n in UPSTREAM_CONSTANTS}
+
+
+def test_python_enums_are_the_uapi_constants() -> None:
+    """The enums the rest of pyvfio uses (pyvfio.device, pyvfio.migration)
+    carry the numbers of the uapi constants, which the tests above check
+    against the kernel's headers."""
+    c = uapi_constants()
+
+    def mirror(enum_cls, name) -> dict[str, int]:
+        return {m.name: int(m) for m in enum_cls}, {m.name: c[name(m.name)] for m in enum_cls}
+
+    pairs = [
+        mirror(MigState, lambda n: f"VFIO_DEVICE_STATE_{n}"),
+        mirror(MigFlag, lambda n: f"VFIO_MIGRATION_{n}"),
+        mirror(DeviceFlag, lambda n: f"VFIO_DEVICE_FLAGS_{n}"),
+        mirror(RegionFlag, lambda n: f"VFIO_REGION_INFO_FLAG_{n}"),
+        mirror(RegionIndex, lambda n: f"VFIO_PCI_{n}_REGION_INDEX"),
+        mirror(IrqFlag, lambda n: f"VFIO_IRQ_INFO_{n}"),
+        mirror(IrqIndex, lambda n: f"VFIO_PCI_{n}_IRQ_INDEX"),
+        mirror(IrqAction, lambda n: f"VFIO_IRQ_SET_{n}"),
+    ]
+    for ours, kernel in pairs:
+        assert ours == kernel
+    # every state of enum vfio_device_mig_state has a MigState
+    assert len(MigState) == c["VFIO_DEVICE_STATE_NR"]
 
 
 def test_irq_set_buffer_argsz_covers_data() -> None:

@@ -13,6 +13,7 @@ import time
 import pytest
 from vfu_raw import RawClient, wait_until
 
+from pyvfio.testing.fds import fd_targets
 from pyvfio.user import protocol as P
 
 
@@ -37,8 +38,8 @@ def listening(path: str) -> bool:
         s.close()
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def server_fds(pid: int) -> set[str]:
+    return fd_targets(pid)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -66,7 +67,7 @@ def test_server_process_fd_count_is_restored(tmp_path):
         c.read32(0, 0)
         c.close()
         time.sleep(0.2)
-        base = fd_count(proc.pid)
+        base = server_fds(proc.pid)
         for _ in range(3):
             c = RawClient(path)
             fds = [os.eventfd(0) for _ in range(20)]
@@ -80,8 +81,8 @@ def test_server_process_fd_count_is_restored(tmp_path):
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
         s.close()
-        assert wait_until(lambda: fd_count(proc.pid) == base, 10), \
-            (fd_count(proc.pid), base)
+        assert wait_until(lambda: server_fds(proc.pid) == base, 10), \
+            sorted(server_fds(proc.pid) ^ base)
         c = RawClient(path)
         assert c.read32(0, 0) == 0x010000ED
         c.close()

@@ -10,6 +10,7 @@ import pytest
 from vfu_raw import RawClient, wait_until
 
 from pyvfio.device import SharedMemory
+from pyvfio.testing.fds import fd_numbers as open_fds
 from pyvfio.user import protocol as P
 
 R, W = P.DmaMapFlag.READ, P.DmaMapFlag.WRITE
@@ -38,12 +39,12 @@ def test_map_with_fd_and_model_reads_it(scratch_client, scratch, mem):
 
 
 def test_unmap_releases_everything_the_map_took(scratch_client, scratch, mem):
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_fds()
     assert not dma_map(scratch_client, 0x100000, mem.size, mem.fd).is_error
     # CPython's mmap keeps a dup of the fd while mapped; the passed fd is closed.
-    assert len(set(os.listdir("/proc/self/fd")) - before) <= 1
+    assert len(open_fds() - before) == 1
     scratch_client.ok(P.Command.DMA_UNMAP, P.DmaUnmap(0x100000, mem.size).pack())
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert open_fds() == before
 
 
 @pytest.mark.parametrize("payload", [

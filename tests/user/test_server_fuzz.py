@@ -4,6 +4,7 @@ server runs in this process)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -141,12 +142,32 @@ def test_fds_where_none_belong(baseline):
 
 
 def test_bogus_dma_maps_and_client_leaves_them_mapped(baseline):
+    """Each hostile map gets the reply the spec and the server's rules call
+    for, and only the good window is mapped afterwards."""
     c = RawClient(baseline[1])
     mem = SharedMemory(16 * 4096)
-    for iova, size, off in ((0x1000, 0x4000, 0), (0x2000, 0x1000, 0), (0x1000, 0x4000, 0),
-                            (0x10000, 0x100000, 0), (0x20000, 0x1000, 4095),
-                            (2**64 - 4096, 8192, 0), (0x30000, 0x1000, 0x10000)):
-        c.call(P.Command.DMA_MAP, P.DmaMap(iova, size, 3, off).pack(), [mem.fd])
+    for iova, size, off, err in (
+            (0x1000, 0x4000, 0, 0),                 # a good window
+            (0x2000, 0x1000, 0, errno.EEXIST),      # inside it: "must be failed ... EEXIST"
+            (0x1000, 0x4000, 0, errno.EEXIST),      # the same again
+            (0x0000, 0x2000, 0, errno.EEXIST),      # overlapping its start
+            (0x10000, 0x100000, 0, errno.EINVAL),   # past the end of the 64 KiB memfd
+            (0x20000, 0x1000, 4095, errno.EINVAL),  # fd offset not page aligned
+            (2**64 - 4096, 8192, 0, errno.EINVAL),  # wraps past 2**64
+            (0x30000, 0x1000, 0x10000, errno.EINVAL),  # offset at the end of the memfd
+            (0x40000, 0, 0, errno.EINVAL)):         # empty window
+        m = c.call(P.Command.DMA_MAP, P.DmaMap(iova, size, 3, off).pack(), [mem.fd])
+        assert (m.command, m.is_reply, m.payload, m.fds) == (P.Command.DMA_MAP, True, b"", [])
+        assert (m.is_error, m.error) == (bool(err), err), (hex(iova), hex(size), off)
+    # only the good window is there: its neighbours are free, its inside is not
+    assert c.errno_of(P.Command.DMA_MAP, P.DmaMap(0x4000, 0x1000, 3).pack()) == errno.EEXIST
+    c.ok(P.Command.DMA_MAP, P.DmaMap(0x5000, 0x1000, 3).pack())
+    c.ok(P.Command.DMA_MAP, P.DmaMap(0x0, 0x1000, 3).pack())
+    # an unmap must name a window exactly; the reply echoes the entry
+    assert c.errno_of(P.Command.DMA_UNMAP, P.DmaUnmap(0x1000, 0x1000).pack()) == errno.ENOENT
+    m = c.ok(P.Command.DMA_UNMAP, P.DmaUnmap(0x1000, 0x4000).pack())
+    assert m.payload == P.DmaUnmap(0x1000, 0x4000).pack()
+    c.ok(P.Command.DMA_MAP, P.DmaMap(0x2000, 0x1000, 3).pack(), [mem.fd])
     mem.close()
     c.close()  # vanish with windows mapped: the server unmaps them
 

@@ -10,10 +10,7 @@ import os
 from collections.abc import Iterable
 from typing import Protocol
 
-from pyvfio.errors import (
-    PyvfioError,
-    UsageError,
-)
+from pyvfio.errors import PyvfioError, UsageError
 from pyvfio.uapi import iommufd as U
 
 U64_MAX = (1 << 64) - 1

@@ -13,14 +13,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from pyvfio.errors import (
-    DeviceInUse,
-    DeviceNotFound,
-    KernelError,
-    NotBoundToVfio,
-    UsageError,
-)
-from pyvfio.host.sysfs import list_dir, read_link_name
+from pyvfio.errors import DeviceInUse, DeviceNotFound, KernelError, NotBoundToVfio, UsageError
+from pyvfio.host.sysfs import device_cdev, device_driver, is_vfio_driver, read_link_name
 from pyvfio.kernel.iommufd._common import IommufdUnavailable, _path
 from pyvfio.kernel.iommufd.iommufd import Iommufd
 from pyvfio.pci.address import PciAddress
@@ -59,10 +53,10 @@ def cdev_for(device: str, root: str = "/") -> CdevInfo:
     base = sysfs_device_dir(device, root)
     if not os.path.isdir(base):
         raise DeviceNotFound(f"no device {device} ({base} does not exist)")
-    names = [n for n in list_dir(os.path.join(base, "vfio-dev")) if n.startswith("vfio")]
-    if not names:
-        driver = read_link_name(os.path.join(base, "driver"))
-        if driver is None or ("vfio" not in driver and driver != "mtty"):
+    name = device_cdev(base)
+    if name is None:
+        driver = device_driver(base)
+        if not is_vfio_driver(root, driver, mdev=not PciAddress.is_address(device)):
             raise NotBoundToVfio(
                 f"{device} is bound to {driver or 'no driver'}, not a vfio driver, so it has "
                 "no VFIO cdev", [{"device": device, "driver": driver,
@@ -70,7 +64,6 @@ def cdev_for(device: str, root: str = "/") -> CdevInfo:
         raise IommufdUnavailable(
             f"{device} is bound to {driver} but has no {base}/vfio-dev/: this kernel has no "
             "VFIO device cdevs (Linux 6.6+ with CONFIG_VFIO_DEVICE_CDEV)")
-    name = sorted(names)[0]
     if not os.path.exists(os.path.join(base, "vfio-dev", name, "dev")) and is_noiommu(device, root):
         # vfio_device_add: "cdev does not support noiommu device" - the vfio
         # device is registered, but with no character device behind it.

@@ -9,9 +9,7 @@ import errno
 import os
 from typing import Any
 
-from pyvfio.errors import (
-    KernelError,
-)
+from pyvfio.errors import KernelError
 from pyvfio.kernel.device import KernelDevice
 from pyvfio.kernel.iommufd.cdev import _open_cdev, attach_pt, bind_iommufd, detach_pt
 from pyvfio.kernel.iommufd.hwpt import _NO_HWPT_FLAGS, HwInfo, Hwpt

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyvfio.device import PAGE_SIZE
-from pyvfio.errors import (
-    UsageError,
-)
+from pyvfio.errors import UsageError
 from pyvfio.kernel.iommufd._common import IommufdHandle, _bitmap
 from pyvfio.uapi import iommufd as U
 from pyvfio.uapi.ioctl import ioctl

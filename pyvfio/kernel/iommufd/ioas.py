@@ -14,13 +14,7 @@ from fcntl import ioctl as _fcntl_ioctl
 from typing import Any
 
 from pyvfio.device import DmaSpace, SharedMemory
-from pyvfio.errors import (
-    ClosedError,
-    IovaRangeError,
-    KernelError,
-    MemlockLimitError,
-    UsageError,
-)
+from pyvfio.errors import ClosedError, IovaRangeError, KernelError, MemlockLimitError, UsageError
 from pyvfio.kernel.iommufd._common import U64_MAX, IommufdHandle
 from pyvfio.uapi import iommufd as U
 from pyvfio.uapi.ioctl import ioctl

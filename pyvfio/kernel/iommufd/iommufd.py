@@ -13,11 +13,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from pyvfio.errors import (
-    ClosedError,
-    KernelError,
-    UsageError,
-)
+from pyvfio.errors import ClosedError, KernelError, UsageError
 from pyvfio.host.sysfs import list_dir
 from pyvfio.kernel.iommufd._common import IommufdUnavailable, _bitmap, _path
 from pyvfio.kernel.iommufd.hwpt import _NO_HWPT_FLAGS, HwInfo, Hwpt
@@ -50,8 +46,8 @@ class Iommufd:
         except FileNotFoundError:
             raise IommufdUnavailable(
                 f"{path} does not exist: this kernel has no iommufd (it needs Linux 6.2+ "
-                "built with CONFIG_IOMMUFD; Debian 12's 6.1 kernel has only the legacy "
-                "container/group API)") from None
+                "built with CONFIG_IOMMUFD; Debian's own kernels, 6.1 and 6.12, are built "
+                "without it and offer only the legacy container/group API)") from None
         except OSError as exc:
             raise KernelError.from_oserror(exc, "open", path) from None
         return cls(fd, name=path)

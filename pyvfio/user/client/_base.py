@@ -10,15 +10,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from pyvfio.device import (
-    Device,
-)
+from pyvfio.device import Device
 from pyvfio.errors import ProtocolError
 from pyvfio.user.client.connection import _Connection
-from pyvfio.user.protocol import (
-    Capabilities,
-    Message,
-)
+from pyvfio.user.protocol import Capabilities, Message
 
 
 class ClientBase(Device):

@@ -8,10 +8,7 @@ import os
 import socket
 import threading
 
-from pyvfio.device import (
-    DeviceFlag,
-    DeviceInfo,
-)
+from pyvfio.device import DeviceFlag, DeviceInfo
 from pyvfio.user import protocol as P
 from pyvfio.user.client.connection import (
     CLIENT_MAX_DATA_XFER,
@@ -23,12 +20,7 @@ from pyvfio.user.client.dma import ServerCommands, VfioUserDmaSpace
 from pyvfio.user.client.irq import IrqCalls
 from pyvfio.user.client.migration import MigrationCalls
 from pyvfio.user.client.region import RegionCalls
-from pyvfio.user.protocol import (
-    Capabilities,
-    Command,
-    MessageReader,
-    close_fds,
-)
+from pyvfio.user.protocol import Capabilities, Command, MessageReader, close_fds
 
 # --- the device ------------------------------------------------------------------------------
 

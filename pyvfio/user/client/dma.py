@@ -12,11 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from pyvfio.device import (
-    PAGE_SIZE,
-    DmaSpace,
-    SharedMemory,
-)
+from pyvfio.device import PAGE_SIZE, DmaSpace, SharedMemory
 from pyvfio.errors import ClosedError, PeerError, ProtocolError, UsageError
 from pyvfio.user import protocol as P
 from pyvfio.user.client._base import ClientBase
@@ -26,12 +22,7 @@ from pyvfio.user.client.connection import (
     _answer_server_command,
     _command_name,
 )
-from pyvfio.user.protocol import (
-    DMA_ACCESS,
-    Command,
-    Message,
-    MessageReader,
-)
+from pyvfio.user.protocol import DMA_ACCESS, Command, Message, MessageReader
 
 # --- DMA -------------------------------------------------------------------------------------
 

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyvfio.device import (
-    IrqAction,
-    IrqFlag,
-    IrqInfo,
-)
+from pyvfio.device import IrqAction, IrqFlag, IrqInfo
 from pyvfio.errors import UsageError
 from pyvfio.user import protocol as P
 from pyvfio.user.client._base import ClientBase
-from pyvfio.user.protocol import (
-    Command,
-)
+from pyvfio.user.protocol import Command
 
 
 class IrqCalls(ClientBase):

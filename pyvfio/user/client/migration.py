@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pyvfio.device import (
-    PAGE_SIZE,
-)
+from pyvfio.device import PAGE_SIZE
 from pyvfio.errors import PeerError
 from pyvfio.migration import MigFlag, Migration, MigrationError, MigState, arc_path
 from pyvfio.user import protocol as P
 from pyvfio.user.client._base import ClientBase
-from pyvfio.user.protocol import (
-    Command,
-)
+from pyvfio.user.protocol import Command
 
 # --- migration -------------------------------------------------------------------------------
 

@@ -9,23 +9,12 @@ import mmap
 import os
 from collections.abc import Callable, Iterable
 
-from pyvfio.device import (
-    RegionFlag,
-    RegionInfo,
-    SparseArea,
-    outside_region_error,
-)
+from pyvfio.device import RegionFlag, RegionInfo, SparseArea, outside_region_error
 from pyvfio.errors import UsageError
 from pyvfio.user import protocol as P
 from pyvfio.user.client._base import ClientBase
-from pyvfio.user.client.connection import (
-    MAX_REGION_INFO_SIZE,
-    _pack_access,
-)
-from pyvfio.user.protocol import (
-    Command,
-    close_fds,
-)
+from pyvfio.user.client.connection import MAX_REGION_INFO_SIZE, _pack_access
+from pyvfio.user.protocol import Command, close_fds
 
 
 class RegionCalls(ClientBase):

@@ -37,12 +37,8 @@ The handlers live by command group, as libvfio-user keeps them:
 
 from __future__ import annotations
 
-from pyvfio.user.server._base import (
-    CLIENT_REPLY_TIMEOUT as CLIENT_REPLY_TIMEOUT,
-)
-from pyvfio.user.server._base import (
-    KVM_IOEVENTFD_FLAG_DATAMATCH as KVM_IOEVENTFD_FLAG_DATAMATCH,
-)
+from pyvfio.user.server._base import CLIENT_REPLY_TIMEOUT as CLIENT_REPLY_TIMEOUT
+from pyvfio.user.server._base import KVM_IOEVENTFD_FLAG_DATAMATCH as KVM_IOEVENTFD_FLAG_DATAMATCH
 from pyvfio.user.server._base import LISTEN_BACKLOG as LISTEN_BACKLOG
 from pyvfio.user.server._base import MAX_WAITING_CLIENTS as MAX_WAITING_CLIENTS
 from pyvfio.user.server._base import SERVER_MAX_DATA_XFER_SIZE as SERVER_MAX_DATA_XFER_SIZE
