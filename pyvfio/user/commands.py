@@ -9,6 +9,7 @@ SIGINT or SIGTERM and removes its socket files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -124,10 +125,10 @@ def register(sub: Any) -> None:
                         help="with --list: print the models as JSON (errors too)")
     parser.set_defaults(func=run)
 
-    from pyvfio.user import control, qemu_args
+    from pyvfio.user import qemu_args
 
     qemu_args.register(sub)
-    control.register(sub)
+    register_control(sub)
 
 
 def _raise_fd_limit() -> None:
@@ -350,3 +351,72 @@ def _add_with_permissions(server: Any, model: PciDeviceModel, path: str, mode: i
     except OSError as exc:
         raise UsageError(f"cannot set the owner or mode of {path}: {exc.strerror or exc}"
                          + (" (only root may give a file away)" if exc.errno == 1 else "")) from None
+
+
+# --- pyvfio control: the control socket's command-line client -------------------------------
+
+CONTROL_EPILOG = """\
+examples:
+  pyvfio control /run/pyvfio.ctl query-devices
+  pyvfio control /run/pyvfio.ctl device-add '{"model": "edu", "socket": "/run/edu.sock"}'
+  pyvfio control /run/pyvfio.ctl device-remove '{"id": "edu0"}'
+  pyvfio control /run/pyvfio.ctl --monitor            print events as they come
+
+exit status: 0 done, 1 the server answered with an error (its class and text
+are printed), 2 bad arguments or no server at PATH
+"""
+
+
+def register_control(sub: Any) -> None:
+    parser = sub.add_parser(
+        "control", help="send a command to the control socket of pyvfio serve --control",
+        description=textwrap.fill("Send one command to a pyvfio serve control socket and print its JSON "
+        "return value, or print its events (--monitor). Commands: query-version, "
+        "query-commands, query-models, query-devices, device-add, device-remove, quit.", 78),
+        epilog=CONTROL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", metavar="PATH", help="the control socket")
+    parser.add_argument("execute", nargs="?", metavar="COMMAND", help="the command to run")
+    parser.add_argument("arguments", nargs="?", metavar="JSON",
+                        help="the command's arguments, a JSON object")
+    parser.add_argument("--monitor", action="store_true",
+                        help="then print events, one JSON object a line, until Ctrl-C")
+    parser.set_defaults(func=run_control)
+
+
+def run_control(args: Any) -> int:
+    from pyvfio.cli import CommandFailed
+    from pyvfio.user.control import ControlClient, ControlError
+
+    if not args.execute and not args.monitor:
+        raise UsageError("name a command (e.g. query-devices) or give --monitor")
+    arguments = None
+    if args.arguments:
+        try:
+            arguments = json.loads(args.arguments)
+        except ValueError as exc:
+            raise UsageError(f"arguments {args.arguments!r}: not JSON ({exc})") from None
+        if not isinstance(arguments, dict):
+            raise UsageError(f"arguments {args.arguments!r}: give a JSON object")
+    try:
+        client = ControlClient(args.path)
+    except OSError as exc:
+        raise UsageError(f"cannot reach {args.path}: {exc.strerror or exc} "
+                         "(is pyvfio serve --control running?)") from None
+    with client:
+        if args.execute:
+            try:
+                value = client.execute(args.execute, arguments)
+            except ControlError as exc:
+                raise CommandFailed(f"{exc.error_class}: {exc}", 1) from None
+            print(json.dumps(value, indent=2))
+        if args.monitor:
+            client.sock.settimeout(None)
+            for event in client.events:
+                print(json.dumps(event), flush=True)
+            while True:
+                line = client._file.readline()
+                if not line:
+                    return 0
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+    return 0
