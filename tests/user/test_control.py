@@ -284,3 +284,23 @@ def test_a_control_client_that_never_reads_is_dropped_not_waited_for(tmp_path):
         stalled.close()
         control.close()
         server.close()
+
+
+def test_device_add_passes_each_models_own_options(server, tmp_path):
+    _proc, path = server
+    c = Ctl(path)
+    models = {m["name"]: m["options"] for m in c.execute("query-models")["return"]}
+    assert models["virtio-blk"] == {"file": None, "read-only": False}
+    assert models["virtio-rng"] == {"seed": None}
+    no_file = c.execute("device-add", {"model": "virtio-blk", "socket": str(tmp_path / "b.sock")})
+    assert no_file["error"]["class"] == "InvalidParameter"
+    assert "needs a backing file" in no_file["error"]["desc"]
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    added = c.execute("device-add", {"model": "virtio-blk", "socket": str(tmp_path / "b.sock"),
+                                     "options": {"file": str(disk), "read-only": True}})
+    assert added["return"]["model"] == "virtio-blk"
+    wrong = c.execute("device-add", {"model": "virtio-rng", "socket": str(tmp_path / "r.sock"),
+                                     "options": {"seed": 7}})
+    assert "takes a str" in wrong["error"]["desc"]
+    c.close()
