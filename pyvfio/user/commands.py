@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sys
+import threading
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -297,6 +299,11 @@ def run(args: argparse.Namespace) -> int:
     server = Server()
     models: list[PciDeviceModel] = []
     control = None
+    # A SIGTERM while the sockets are being created (before serve_until_signalled
+    # takes the signals over) must still end in the clean-up below, not kill the
+    # process with its sockets left behind.
+    main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _stop_starting) if main else None
     try:
         for path in args.sockets or ():
             assert factory is not None
@@ -318,7 +325,11 @@ def run(args: argparse.Namespace) -> int:
             served = sum(ds.clients_served for ds in server.devices)
             print(f"pyvfio: stopped serving {name} ({served} client(s) served)",
                   file=sys.stderr, flush=True)
+    except _StoppedWhileStarting:
+        print(f"pyvfio: stopped while starting to serve {name}", file=sys.stderr, flush=True)
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous_term)
         if control is not None:
             control.close()
             models += control.models_served()
@@ -328,6 +339,14 @@ def run(args: argparse.Namespace) -> int:
             if close is not None:
                 close()
     return 0
+
+
+class _StoppedWhileStarting(Exception):
+    """SIGTERM arrived before the server was serving."""
+
+
+def _stop_starting(_signum: int, _frame: object) -> None:
+    raise _StoppedWhileStarting
 
 
 def _add_with_permissions(server: Any, model: PciDeviceModel, path: str, mode: int | None,
