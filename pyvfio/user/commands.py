@@ -14,8 +14,8 @@ import os
 import resource
 import signal
 import sys
-import threading
 import textwrap
+import threading
 from collections.abc import Callable
 from typing import Any
 
