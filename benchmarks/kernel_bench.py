@@ -10,10 +10,16 @@ and measures, first through pyvfio's public API and then with
   memfd page (``Container.map``/``unmap``), pairs per second
 - ``pread``: 4-byte read of edu's ID register (``device.bar(0).read32``)
 - ``mmap``: the same through the mapped BAR (``bar.mmap().read32``)
+- ``view``: the same through the typed register view (``bar.mmap().u32[0]``)
 - ``irq``: edu raise -> MSI eventfd wakes -> ack, round trips per second
 
-and prints each as a ratio to C.  Goals: >= 0.7x C for map_unmap and
-pread, >= 0.5x for mmap.
+Goals (issue 11), as pyvfio over the floor below: >= 0.9 for map_unmap, pread
+and irq, >= 0.95 for the typed view.  The C program gives the absolute scale.
+
+Batch calls are measured against pyvfio's own per-call loop, per register or
+per buffer: ``Region.read_block`` of 16 registers against 16 ``read32`` calls,
+and ``DmaSpace.map_many`` of 16 buffers (then 16 unmaps) against 16 ``map``
+calls (then the same unmaps).
 
 A third column, the *floor*, is the same loop in Python calling the bare
 builtins (``fcntl.ioctl``, ``os.pread``, a ``memoryview`` item, ``os.pwrite`` +
@@ -43,7 +49,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from inguest import bind_vfio, rate, type1_structs  # noqa: E402  (benchmarks/inguest.py)
 
-GOALS = {"map_unmap": 0.7, "pread": 0.7, "mmap": 0.5, "irq": None}
+# pyvfio/floor goals; mmap (the read32 method on a mapping) is reported only.
+GOALS = {"map_unmap": 0.9, "pread": 0.9, "mmap": None, "view": 0.95, "irq": 0.9}
+BATCH = 16
 
 
 def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
@@ -84,7 +92,43 @@ def measure_pyvfio(bdf: str, seconds: float) -> dict[str, float]:
                 mread32(0)
 
         out["mmap"] = rate(mm, 256, seconds)
+        u32 = mapped.u32
+
+        def typed() -> None:
+            for _ in range(256):
+                u32[0]
+
+        out["view"] = rate(typed, 256, seconds)
         mapped.close()
+
+        read_block = bar.read_block
+
+        def block() -> None:  # per register, 16 at a time
+            for _ in range(16):
+                read_block(0, BATCH)
+
+        out["block_per_register"] = rate(block, 16 * BATCH, seconds)
+        out["read32_per_register"] = out["pread"]
+
+        memories = [SharedMemory(4096) for _ in range(BATCH)]
+        batch = [(0x200000 + n * 0x1000, m) for n, m in enumerate(memories)]
+        map_many = container.map_many
+
+        def many() -> None:
+            map_many(batch)
+            for iova, _m in batch:
+                cunmap(iova, 4096)
+
+        def loop() -> None:
+            for iova, m in batch:
+                cmap(iova, m)
+            for iova, _m in batch:
+                cunmap(iova, 4096)
+
+        out["map_many_per_buffer"] = rate(many, BATCH, seconds)
+        out["map_loop_per_buffer"] = rate(loop, BATCH, seconds)
+        for m in memories:
+            m.close()
 
         (eventfd,) = dev.enable_irq(IrqIndex.MSI, 1)
         write32, wait = bar.write32, eventfd.wait
@@ -136,6 +180,17 @@ def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
 
         out["pread"] = rate(pread_loop, 256, seconds)
 
+        # What any register-read *function* costs: the least a Python frame
+        # can do around the same pread (no check, no conversion).
+        def read_fn(offset: int) -> bytes:
+            return pread(dfd, 4, offset)
+
+        def wrapper_loop() -> None:
+            for _ in range(256):
+                read_fn(bar0)
+
+        out["pread_wrapper"] = rate(wrapper_loop, 256, seconds)
+
         mapped = dev.bar(0).mmap()
         view = memoryview(mapped.mmap).cast("I")
 
@@ -144,6 +199,7 @@ def measure_floor(bdf: str, seconds: float) -> dict[str, float]:
                 view[0]
 
         out["mmap"] = rate(mm, 256, seconds)
+        out["view"] = out["mmap"]
         view.release()
         mapped.close()
 
@@ -174,7 +230,9 @@ def measure_c(bdf: str, seconds: float) -> dict[str, float]:
                          text=True)
     data = json.loads(res.stdout)
     data.pop("sink", None)
-    return {k: float(v) for k, v in data.items()}
+    out = {k: float(v) for k, v in data.items()}
+    out["view"] = out["mmap"]  # a typed view is the C load too
+    return out
 
 
 def inside(seconds: float, as_json: bool, rounds: int = 3) -> int:
@@ -191,19 +249,27 @@ def inside(seconds: float, as_json: bool, rounds: int = 3) -> int:
                 best[side][k] = max(best[side].get(k, 0.0), v)
     rows = []
     ok = True
-    for name in ("map_unmap", "pread", "mmap", "irq"):
+    for name in ("map_unmap", "pread", "mmap", "view", "irq"):
         py, floor, c = best["pyvfio"][name], best["floor"][name], best["c"][name]
-        ratio = py / c
         goal = GOALS[name]
-        met = goal is None or ratio >= goal
+        met = goal is None or py / floor >= goal
         ok &= met
         rows.append({"op": name, "pyvfio_per_s": round(py, 1), "floor_per_s": round(floor, 1),
-                     "c_per_s": round(c, 1), "ratio": round(ratio, 3),
+                     "c_per_s": round(c, 1), "ratio": round(py / c, 3),
                      "floor_ratio": round(floor / c, 3), "pyvfio_over_floor": round(py / floor, 3),
-                     "goal": goal, "met": met,
-                     "goal_within_floor": goal is None or floor / c >= goal})
+                     "goal": goal, "met": met})
+    pyv, fl = best["pyvfio"], best["floor"]
+    wrapper = round(fl["pread_wrapper"] / fl["pread"], 3)
+    batch = [
+        {"call": f"read_block({BATCH} registers)", "per_s": round(pyv["block_per_register"], 1),
+         "loop_per_s": round(pyv["read32_per_register"], 1),
+         "speedup": round(pyv["block_per_register"] / pyv["read32_per_register"], 2)},
+        {"call": f"map_many({BATCH} buffers) + unmaps", "per_s": round(pyv["map_many_per_buffer"], 1),
+         "loop_per_s": round(pyv["map_loop_per_buffer"], 1),
+         "speedup": round(pyv["map_many_per_buffer"] / pyv["map_loop_per_buffer"], 2)},
+    ]
     report = {"kernel": os.uname().release, "seconds_per_op": seconds, "rounds": rounds,
-              "results": rows}
+              "results": rows, "pread_wrapper_over_floor": wrapper, "batch": batch}
     out_dir = os.environ.get("PYVFIO_GUEST_OUT")
     if out_dir:
         Path(out_dir, "kernel_bench.json").write_text(json.dumps(report, indent=2))
@@ -212,16 +278,19 @@ def inside(seconds: float, as_json: bool, rounds: int = 3) -> int:
     else:
         print(f"kernel {report['kernel']}, best of {rounds} rounds of {seconds} s per operation")
         print(f"{'op':<10} {'pyvfio/s':>11} {'floor/s':>11} {'C/s':>12} {'pyvfio/C':>8} "
-              f"{'floor/C':>8} {'py/floor':>8}  goal")
+              f"{'floor/C':>8} {'py/floor':>8}  goal (py/floor)")
         for r in rows:
             goal_text = f">= {r['goal']}" if r["goal"] else "-"
-            verdict = "" if r["met"] else (
-                "(NOT MET)" if r["goal_within_floor"] else "(NOT MET: below the floor)")
             print(f"{r['op']:<10} {r['pyvfio_per_s']:>11.1f} {r['floor_per_s']:>11.1f} "
                   f"{r['c_per_s']:>12.1f} {r['ratio']:>8.3f} {r['floor_ratio']:>8.3f} "
-                  f"{r['pyvfio_over_floor']:>8.3f}  {goal_text} {verdict}")
-        print("floor: the same loop calling the bare builtins; a goal above floor/C is out of "
-              "reach of any Python code here")
+                  f"{r['pyvfio_over_floor']:>8.3f}  {goal_text} {'' if r['met'] else '(NOT MET)'}")
+        print(f"floor: the same loop calling the bare builtins.  A Python function that does "
+              f"nothing but that pread runs at {wrapper:.3f} of the floor: no function-call "
+              f"register API can beat that here")
+        print("batch calls, per register / per buffer, against pyvfio's per-call loop:")
+        for b in batch:
+            print(f"  {b['call']:<34} {b['per_s']:>11.1f}/s  loop {b['loop_per_s']:>11.1f}/s  "
+                  f"x{b['speedup']:.2f}")
     return 0 if ok else 1
 
 

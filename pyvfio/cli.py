@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 from pyvfio.errors import HostStateError, PyvfioError, UsageError
 
 _COMMAND_MODULES = (
-    "pyvfio.host.commands",  # ls, groups, check, bind, restore
+    "pyvfio.host.commands",  # ls, groups, check, bind, restore, apply, persist
     "pyvfio.kernel.commands",  # info
     "pyvfio.user.commands",  # serve
     "pyvfio.broker.commands",  # broker
@@ -45,7 +45,8 @@ _COMMAND_MODULES = (
 # Commands whose module is known up front: running one of them imports only
 # that module (importing every area costs ~80 ms of CPU at start-up, more than
 # `pyvfio ls` spends on 1,000 devices).  Anything else, or no command, imports all.
-_COMMAND_OWNERS = {name: "pyvfio.host.commands" for name in ("ls", "groups", "check", "bind", "restore")}
+_COMMAND_OWNERS = {name: "pyvfio.host.commands"
+                   for name in ("ls", "groups", "check", "bind", "restore", "apply", "persist")}
 
 #: Commands that read the host tree under ``--root`` before anything else;
 #: ``info`` and the edu driver check it only when they open a kernel device

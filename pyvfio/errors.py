@@ -59,6 +59,19 @@ class NotBoundToVfio(HostStateError):
     """Raised when the device itself is not bound to a vfio driver."""
 
 
+class HostUsesDevice(HostStateError):
+    """Raised when the host itself uses a device that an operation would take:
+    a network interface with routes or addresses, a mounted filesystem, swap,
+    a device-mapper/md holder, the console (``problems`` has one entry per
+    use, with its own kind), or a group that vfio cannot own (a firmware
+    ``direct`` reserved region).  ``--force`` (``force=True``) overrides."""
+
+
+class NotPermitted(HostStateError, PermissionError):
+    """Raised before the first write when the caller may not make the writes an
+    operation needs (sysfs attributes, the state or configuration directory)."""
+
+
 class BindError(HostStateError):
     """Raised when binding or restoring a driver failed.  By the time it is
     raised, the original driver has been put back (or the message says it could

@@ -36,8 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     # A driver's ``python -m`` entry point opens devices the way the CLI does.
     "drivers": LOW | {"pci", "core", "device", "kernel", "user", "broker", "cli"},
     "broker": LOW | {"pci", "uapi", "core", "device", "migration", "host", "kernel", "sockets"},
-    # The device plugin: diagnoses through host, picks backends as kernel does.
-    "k8s": LOW | {"host", "kernel"},
+    # The kubelet device plugin: host facts and the kernel's backend choice.
+    "k8s": LOW | {"pci", "uapi", "host", "kernel", "sockets"},
     "pyvfio": LOW | {"device", "pci"},            # the package's lazy top-level names
 }
 TOP = {"cli", "__main__", "testing"}

@@ -85,6 +85,21 @@ class Device(abc.ABC):
 
         return read, write
 
+    def _region_read_block(self, index: int, offset: int, count: int, width: int) -> bytes:
+        """``count`` accesses of exactly ``width`` bytes at consecutive offsets,
+        their bytes concatenated (checked by the caller).  The default makes
+        one :meth:`_region_read` each; a backend overrides it to do them in one
+        system call or one round trip, never as wider accesses: a device may
+        answer a register only at its own width."""
+        read = self._region_read
+        return b"".join(read(index, offset + i * width, width) for i in range(count))
+
+    def _region_write_block(self, index: int, offset: int, data: bytes, width: int) -> None:
+        """``len(data) // width`` writes of exactly ``width`` bytes (see
+        :meth:`_region_read_block`)."""
+        for start in range(0, len(data), width):
+            self._region_write(index, offset + start, data[start:start + width])
+
     def _region_int_accessors(self, info: RegionInfo
                               ) -> dict[int, tuple[Callable[[int], int],
                                                    Callable[[int, int], None]]] | None:

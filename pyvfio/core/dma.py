@@ -10,6 +10,7 @@ import abc
 import bisect
 import ctypes
 import fcntl
+import itertools
 import mmap
 import os
 import threading
@@ -198,6 +199,57 @@ class DmaSpace(abc.ABC):
 
     @abc.abstractmethod
     def unmap(self, iova: int, size: int) -> None: ...
+
+    def map_many(self, mappings: Iterable[tuple[int, SharedMemory]],
+                 readable: bool = True, writable: bool = True) -> None:
+        """Map several whole buffers, ``[(iova, memory), ...]``, all or none.
+
+        Neither VFIO_IOMMU_MAP_DMA (type1) nor IOMMU_IOAS_MAP (iommufd) takes
+        more than one range per call (``include/uapi/linux/vfio.h``,
+        ``iommufd.h``), so a kernel backend still makes one ioctl per buffer;
+        what a batch saves is the per-call work around it, and what it adds is
+        atomicity.  Everything that can be refused up front is, before the
+        first map: closed memory, an empty buffer, and two entries whose IOVA
+        ranges overlap (:class:`UsageError`, :class:`ClosedError`).  When a map
+        fails part way (the kernel's error, e.g. ``IovaRangeError`` or
+        ``MemlockLimitError``), the buffers this call already mapped are
+        unmapped again before the error propagates.
+        """
+        batch = list(mappings)
+        spans = sorted((iova, iova + memory.size, n) for n, (iova, memory) in enumerate(batch))
+        for n, (iova, memory) in enumerate(batch):
+            if memory.closed:
+                raise ClosedError(f"DMA map of closed memory (entry {n})")
+            if memory.size <= 0 or iova < 0:
+                raise UsageError(f"entry {n}: cannot map {memory.size:#x} bytes at {iova:#x}")
+        for (start, end, n), (next_start, _end, m) in itertools.pairwise(spans):
+            if next_start < end:
+                raise UsageError(f"entries {n} and {m} overlap: IOVA {start:#x}..{end - 1:#x} "
+                                 f"and {next_start:#x}")
+        self._map_batch(batch, readable, writable)
+
+    def _map_batch(self, batch: list[tuple[int, SharedMemory]], readable: bool,
+                   writable: bool) -> None:
+        """Map a checked batch (no overlaps, no closed memory), all or none.
+        The default makes one :meth:`map` per entry and unmaps what it mapped
+        on an error; a kernel backend overrides it to run every check of every
+        entry before its first ioctl."""
+        done: list[tuple[int, int]] = []
+        try:
+            for iova, memory in batch:
+                self.map(iova, memory, 0, None, readable, writable)
+                done.append((iova, memory.size))
+        except BaseException:
+            self._unmap_quietly(done)
+            raise
+
+    def _unmap_quietly(self, done: list[tuple[int, int]]) -> None:
+        """Roll back a partly done batch: the first error is the one to report."""
+        for iova, size in reversed(done):
+            try:
+                self.unmap(iova, size)
+            except Exception:
+                pass
 
     @property
     def page_size(self) -> int:

@@ -35,7 +35,10 @@ class EventFd:
             raise ClosedError("eventfd is closed")
         if not poller.poll(None if timeout is None else int(timeout * 1000)):
             return 0
-        return self.read()
+        try:  # read() inlined: interrupt round trips are a hot path
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
 
     def read(self) -> int:
         """Return and clear the counter; 0 when it is not signalled."""

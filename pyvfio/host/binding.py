@@ -27,12 +27,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvfio.errors import BindError, DeviceInUse, NoIommu, NotViable, UsageError
-from pyvfio.host.diagnosis import VIABLE_KINDS, diagnose_many
+from pyvfio.errors import (
+    BindError,
+    DeviceInUse,
+    HostUsesDevice,
+    NoIommu,
+    NotPermitted,
+    NotViable,
+    UsageError,
+)
+from pyvfio.host.diagnosis import (
+    P_NO_GROUP,
+    P_RESERVED_DIRECT,
+    VIABLE_KINDS,
+    diagnose_many,
+)
 from pyvfio.host.model import Host, PciDevice, normalize_bdf
 from pyvfio.host.sysfs import read_link_name, read_str
+from pyvfio.host.usage import USAGE_KINDS
 
 DEFAULT_STATE_DIR = "run/pyvfio/bind"
+# Problems that refuse a bind unless forced: the host uses the device, or vfio
+# cannot own its group (binding would only take the device from the host).
+FORCEABLE_KINDS = (*USAGE_KINDS, P_RESERVED_DIRECT)
 
 
 def state_dir_for(root: str, override: str | None = None) -> str:
@@ -120,6 +137,7 @@ class BindResult:
     driver: str | None
     changed: bool
     steps: list[str] = field(default_factory=list)
+    forced: list[dict[str, Any]] = field(default_factory=list)  # problems --force overrode
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +146,7 @@ class BindResult:
             "driver": self.driver,
             "changed": self.changed,
             "steps": list(self.steps),
+            "forced": [dict(p) for p in self.forced],
         }
 
 
@@ -181,8 +200,12 @@ def _targets(host: Host, devices: list[PciDevice], group: bool) -> list[PciDevic
     return [chosen[a] for a in sorted(chosen)]
 
 
-def _check_groups(host: Host, targets: list[PciDevice]) -> None:
-    """Refuse what would leave a group not viable, and groups in use."""
+def _check_groups(host: Host, targets: list[PciDevice], force: bool = False) -> list[dict[str, Any]]:
+    """Refuse, before the first write, everything the diagnosis already shows
+    (issue 10): a group the bind would leave not viable, a group in use, a
+    device without an IOMMU group on an IOMMU host (vfio-pci's probe fails),
+    and, unless ``force``, a device the host uses or a group vfio cannot own.
+    Returns the problems ``force`` overrode."""
     names = {d.address for d in targets}
     for dev in targets:
         if dev.iommu_group is None and not host.noiommu_enabled() and not host.iommu_present():
@@ -209,6 +232,7 @@ def _check_groups(host: Host, targets: list[PciDevice]) -> None:
                     f"driver {member.driver}, so the group would not be viable",
                     "fix": f"bind {member.address} ({member.driver}) to vfio-pci, or use --group",
                     "kind": "host-driver",
+                    "evidence": [],
                 })
     if problems:
         first = problems[0]
@@ -216,15 +240,69 @@ def _check_groups(host: Host, targets: list[PciDevice]) -> None:
             f"refusing to bind {', '.join(sorted(names))}: {first['reason']}; fix: {first['fix']}",
             problems,
         )
-    in_use = [h for d in diagnose_many(host, [t.address for t in targets]) for h in d.in_use]
+    diags = diagnose_many(host, [t.address for t in targets])
+    in_use = [h for d in diags for h in d.in_use]
     if in_use:
         h = in_use[0]
         raise DeviceInUse(
             f"refusing to bind: {h['path']} is held open by pid {h['pid']} ({h['comm']})",
             [{"device": t.address, "driver": t.driver, "kind": "in-use",
               "reason": f"{h['path']} is held open by pid {h['pid']} ({h['comm']})",
-              "fix": f"stop pid {h['pid']} ({h['comm']}) first"} for t in targets],
+              "fix": f"stop pid {h['pid']} ({h['comm']}) first", "evidence": []} for t in targets],
         )
+    cannot = [p for d in diags for p in d.problems
+              if p.kind == P_NO_GROUP and p.device == d.device and not d.noiommu]
+    if cannot:
+        blocked = cannot[0]
+        raise BindError(f"refusing to bind {blocked.device}: {blocked.reason}; fix: {blocked.fix}",
+                        [p.as_dict() for p in cannot])
+    # What the host uses, for every device this call would take (each target
+    # is diagnosed, so members taken by --group are covered), and groups the
+    # kernel will not hand to vfio.  One entry per (device, kind, object).
+    seen: set[tuple[str, str, str]] = set()
+    overridable: list[dict[str, Any]] = []
+    for d in diags:
+        for p in d.problems:
+            # A target's own diagnosis names its own uses; a peer's repeats them.
+            own = p.device == d.device or p.kind == P_RESERVED_DIRECT
+            if p.kind in FORCEABLE_KINDS and own and (p.device, p.kind, p.reason) not in seen:
+                seen.add((p.device, p.kind, p.reason))
+                overridable.append(p.as_dict())
+    if overridable and not force:
+        use = overridable[0]
+        more = len(overridable) - 1
+        tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise HostUsesDevice(
+            f"refusing to bind {use['device']}: {use['reason']}; fix: {use['fix']}{tail}",
+            overridable,
+        )
+    return overridable
+
+
+def _check_rights(host: Host, plan: list[tuple[PciDevice, str]], state: BindState) -> None:
+    """Refuse, before the first write, a caller who may not make the writes:
+    every sysfs attribute the bind writes, and the state directory (or the
+    nearest existing directory above it).  ``os.access`` answers with the
+    real ids and sees read-only mounts (EROFS), as the writes would."""
+    wanted = ["sys/bus/pci/drivers_probe"]
+    for dev, _target in plan:
+        wanted.append(_dev_attr(dev.address, "driver_override"))
+        if dev.driver:
+            wanted.append(f"sys/bus/pci/drivers/{dev.driver}/unbind")
+    for relative in wanted:
+        path = host.path(relative)
+        if os.path.exists(path) and not os.access(path, os.W_OK, effective_ids=True):
+            raise NotPermitted(f"cannot write {path}: binding needs root (or write access to "
+                               "sysfs); nothing was changed")
+    directory = state.directory
+    while not os.path.isdir(directory):
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        raise NotPermitted(f"cannot write the bind records in {state.directory} ({directory} is not "
+                           "writable; use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
 
 
 def bind(
@@ -236,12 +314,22 @@ def bind(
     dry_run: bool = False,
     state_dir: str | None = None,
     host: Host | None = None,
+    force: bool = False,
 ) -> list[BindResult]:
     """Bind devices (with ``group``: every endpoint of their groups) to
     ``driver`` or each device's best vfio driver.  All or nothing: on any
     failure the devices this call changed are restored and :class:`BindError`
-    is raised.  Refuses with :class:`NotViable` / :class:`DeviceInUse` before
-    touching anything."""
+    is raised.
+
+    Refuses before the first write (in a dry run too): :class:`NotViable`
+    (a member would stay on a host driver), :class:`DeviceInUse` (a process
+    holds the group), :class:`BindError` (no IOMMU group on an IOMMU host,
+    a driver not loaded), :class:`HostUsesDevice` (the host uses a device
+    that would be taken: routes/addresses, mounts, swap, holders, console;
+    or a ``direct`` reserved region) unless ``force``, and
+    :class:`NotPermitted` (the caller cannot write sysfs or the state
+    directory).  Each result's ``forced`` lists the problems ``force``
+    overrode."""
     if isinstance(addresses, str):
         addresses = [addresses]
     if not addresses:
@@ -249,19 +337,22 @@ def bind(
     host = host or Host(root)
     devices = [host.device(normalize_bdf(a)) for a in addresses]
     targets = _targets(host, devices, group)
-    _check_groups(host, targets)
+    forced = _check_groups(host, targets, force)
     plan = [(dev, driver or host.best_driver(dev)) for dev in targets]
     for _dev, target in plan:
         if not host.driver_loaded(target):
             module = target.replace("-", "_")
             raise BindError(f"driver {target} is not loaded (modprobe {module})")
     state = _state_for(host, state_dir)
+    if not dry_run:
+        _check_rights(host, [(d, t) for d, t in plan if d.driver != t], state)
     ops = _Ops(host, dry_run)
     done: list[tuple[BindResult, dict[str, Any]]] = []
     results: list[BindResult] = []
     try:
         for dev, target in plan:
             result, record = _bind_one(ops, state, dev, target)
+            result.forced = [p for p in forced if p["device"] == dev.address]
             results.append(result)
             if record is not None and result.changed:
                 done.append((result, record))

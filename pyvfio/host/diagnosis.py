@@ -12,11 +12,35 @@ The rules (issue 2, seed 004):
   recognised by ``modules.alias`` and cross-checked against ``/dev/vfio/N``,
   which exists once any member is registered with vfio.  When the two
   disagree, the disagreement is a problem of its own.
-- **ready**: viable, not in use, the device on a vfio driver, the node present.
+- **vfio registration** is the kernel's own evidence and outranks
+  ``modules.alias``: a device with ``.../<bdf>/vfio-dev/vfioX`` was
+  registered with vfio by its driver (a variant or a vendor driver such as
+  nvidia's vGPU VFs), whatever ``modules.alias`` says or whether it exists.
+  On kernels without the device cdev (before 6.6), a group that vfio
+  registered (``/sys/class/vfio/N``) with exactly one member on a driver
+  names that member.
+- **nodes** count only when they are the kernel's: ``/dev/vfio/N`` and
+  ``/dev/vfio/devices/vfioX`` must be character devices whose ``st_rdev`` is
+  the ``dev`` of ``/sys/class/vfio/N`` / ``/sys/class/vfio-dev/vfioX``
+  (``stale-node`` otherwise; see :mod:`pyvfio.host.nodes`).
+- **reserved regions**: a ``direct`` region (a firmware RMRR that is not
+  relaxable) in the group's ``reserved_regions`` makes the kernel refuse DMA
+  ownership of the group ("iommu: Prevent RESV_DIRECT devices from blocking
+  domains"): ``reserved-direct``, never ready.  ``direct-relaxable`` is fine.
+- **host use** (:mod:`pyvfio.host.usage`): netdevs with routes or
+  addresses, mounted filesystems, swap, holders, the console, for the device
+  and every member of its group, each its own problem kind.
+- **ready**: viable, not in use, the device on a vfio driver, the node
+  present and the kernel's, no ``direct`` region.
+
+Each diagnosis lists the ``evidence`` it used: ``{"source", "says"}``
+objects naming the file (or table) and what it said.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +67,7 @@ from pyvfio.host.model import (
     PciDevice,
     normalize_bdf,
 )
+from pyvfio.host.nodes import NODE_OK, NODE_STALE, NODE_UNREGISTERED, cdev_node_check
 
 VFIO_KINDS = (KIND_VFIO, KIND_VARIANT)
 
@@ -54,6 +79,10 @@ P_IN_USE = "in-use"  # a process holds the group or a cdev open
 P_NO_NODE = "no-group-node"  # a vfio driver is bound, /dev/vfio/N is missing
 P_DISAGREE = "variant-disagreement"  # /dev/vfio/N exists, modules.alias names no vfio driver
 P_NO_GROUP = "no-iommu-group"
+P_STALE_NODE = "stale-node"  # /dev/vfio/N or /dev/vfio/devices/vfioX is not the kernel's node
+P_RESERVED_DIRECT = "reserved-direct"  # a firmware direct mapping: the kernel refuses DMA ownership
+# Kinds that make a device not ready even when it is viable and on vfio.
+BLOCKING_KINDS = (P_STALE_NODE, P_RESERVED_DIRECT)
 
 
 @dataclass
@@ -63,6 +92,7 @@ class Problem:
     reason: str
     fix: str
     kind: str
+    evidence: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +101,7 @@ class Problem:
             "reason": self.reason,
             "fix": self.fix,
             "kind": self.kind,
+            "evidence": list(self.evidence),
         }
 
 
@@ -106,6 +137,7 @@ class Diagnosis:
     members: list[Member] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     noiommu: bool = False
+    evidence: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
@@ -115,7 +147,12 @@ class Diagnosis:
             and not self.in_use
             and self.driver_kind in VFIO_KINDS
             and self.group_node is not None
+            and not any(p.kind in BLOCKING_KINDS for p in self.problems)
         )
+
+    def note(self, source: str, says: str) -> None:
+        """Record one piece of evidence: the file (or table) read and what it said."""
+        self.evidence.append({"source": source, "says": says})
 
     def as_dict(self) -> dict[str, Any]:
         """The ``pyvfio check --json`` object."""
@@ -135,6 +172,7 @@ class Diagnosis:
             "vfio_cdev_path": f"/dev/vfio/devices/{self.vfio_cdev}" if self.vfio_cdev else None,
             "noiommu": self.noiommu,
             "members": [m.as_dict() for m in self.members],
+            "evidence": self.evidence,  # built once, never changed afterwards
         }
 
     def summary(self) -> str:
@@ -214,6 +252,60 @@ def diagnose(host: Host, address: str) -> Diagnosis:
     return diagnose_many(host, [address])[0]
 
 
+def _usage_problems(host: Host, member: PciDevice, target: PciDevice) -> list[Problem]:
+    """The host's uses of ``member`` as problems; for a member other than
+    the target the reason says that ``--group`` would take it."""
+    found = []
+    for use in host.usage.uses(member.address, member.class_code):
+        reason = use.reason
+        if member.address != target.address:
+            reason += f" (binding with --group would take it from the host along with {target.address})"
+        found.append(Problem(member.address, member.driver, reason, use.fix, use.kind,
+                             list(use.evidence)))
+    return found
+
+
+def _driver_evidence(host: Host, diag: Diagnosis, dev: PciDevice) -> None:
+    base = f"/sys/bus/pci/devices/{dev.address}"
+    diag.note(f"{base}/uevent", f"DRIVER={dev.driver}" if dev.driver else "no driver bound")
+    if dev.vfio_cdev:
+        diag.note(f"{base}/vfio-dev/{dev.vfio_cdev}",
+                  f"{dev.driver or 'its driver'} registered the device with vfio")
+    if dev.driver and dev.driver not in ("vfio-pci", "pci-stub"):
+        aliases = host.aliases
+        module = host.driver_module(dev.driver)
+        if not aliases.patterns() and (aliases.path is None or not os.path.exists(aliases.path)):
+            diag.note("modules.alias", "absent (no /lib/modules/<release>/modules.alias); not consulted")
+        else:
+            shown = _shown_path(aliases.path, host.root)
+            if aliases.is_vfio_module(module):
+                diag.note(shown, f"module {module} has vfio_pci: aliases (a vfio variant driver)")
+            else:
+                diag.note(shown, f"no vfio_pci: alias for module {module}")
+
+
+@functools.lru_cache(maxsize=8)
+def _shown_path(path: str | None, root: str) -> str:
+    """A file under the root as a process on that host sees it, like the
+    other evidence sources (computed once, not per device)."""
+    return "/" + os.path.relpath(path, root) if path else "modules.alias"
+
+
+@functools.lru_cache(maxsize=4096)
+def _regions_text(regions: tuple[tuple[int, int, str], ...]) -> str:
+    return ", ".join(f"{start:#x}-{end:#x} {kind}" for start, end, kind in regions) or "none"
+
+
+def _registered_by_group(host: Host, members: list[PciDevice], kinds: dict[str, str]) -> PciDevice | None:
+    """On a kernel without device cdevs: the one member whose driver must have
+    registered the group with vfio, when vfio registered it and no member is
+    on a driver known to be vfio's."""
+    if any(k in VFIO_KINDS for k in kinds.values()):
+        return None
+    candidates = [m for m in members if m.driver and kinds[m.address] not in (KIND_STUB, KIND_BRIDGE)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
     """Everything but the /proc scan; returns the device paths whose holders
     make the device in use."""
@@ -229,8 +321,22 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
         group_node=None,
         vfio_cdev=dev.vfio_cdev,
     )
+    _driver_evidence(host, diag, dev)
     wanted: set[str] = set()
+    if dev.vfio_cdev:
+        check = cdev_node_check(host.path(""), dev.vfio_cdev)
+        for source, says in check.evidence:
+            diag.note(source, says)
+        if check.state == NODE_STALE:
+            diag.problems.append(Problem(
+                dev.address, dev.driver,
+                f"stale vfio device node: {check.detail}",
+                f"remove {check.path} and let udev recreate it (udevadm trigger), or mknod it "
+                f"as c {(check.kernel_devnum or '?').replace(':', ' ')}",
+                P_STALE_NODE, check.lines(),
+            ))
     if dev.iommu_group is None:
+        diag.note(f"/sys/bus/pci/devices/{dev.address}/iommu_group", "absent")
         if host.noiommu_enabled():
             diag.noiommu = True
             diag.problems.append(Problem(
@@ -248,10 +354,13 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
         else:
             diag.problems.append(Problem(
                 dev.address, dev.driver,
-                f"{dev.address} has no IOMMU group although an IOMMU is present",
-                "check dmesg for why the IOMMU driver did not take the device",
+                f"{dev.address} has no IOMMU group although an IOMMU is present, so vfio-pci "
+                "cannot take it (its probe fails with EINVAL)",
+                "check dmesg for why the IOMMU driver did not take the device (an IOMMU that "
+                "does not cover its segment, a firmware table that leaves it out)",
                 P_NO_GROUP,
             ))
+        diag.problems.extend(_usage_problems(host, dev, dev))
         if dev.vfio_cdev:
             wanted.add(f"/dev/vfio/devices/{dev.vfio_cdev}")
         return diag, wanted
@@ -259,23 +368,49 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
     number = dev.iommu_group
     group = host.group(number)
     diag.noiommu = group.noiommu
-    diag.group_node = host.group_node(number)
+    node_check = host.group_node_check(number)
+    diag.group_node = node_check.path if node_check is not None and node_check.state == NODE_OK else None
+    if node_check is None:
+        diag.note(f"/sys/class/vfio/{number}", "absent: vfio has not registered the group")
+    else:
+        for source, says in node_check.evidence:
+            diag.note(source, says)
+    registered = node_check is not None and node_check.state != NODE_UNREGISTERED \
+        and node_check.kernel_devnum is not None
     wanted.add(diag.group_node or f"/dev/vfio/{number}")
-    member_problems: list[Problem] = []
-    vfio_members: list[PciDevice] = []
-    host_members: list[PciDevice] = []
+    members: list[PciDevice] = []
+    kinds: dict[str, str] = {}
     for address in group.devices:
         try:
             member = dev if address == dev.address else host.device(address)
         except DeviceNotFound:  # a member vanished between listing and reading
             continue
-        mkind = host.driver_kind(member)
+        members.append(member)
+        kinds[member.address] = host.driver_kind(member)
+    if registered:
+        sole = _registered_by_group(host, members, kinds)
+        if sole is not None:
+            kinds[sole.address] = KIND_VARIANT
+            diag.note(f"/sys/class/vfio/{number}",
+                      f"vfio registered the group, and {sole.address} ({sole.driver}) is its only "
+                      "member on a driver: that driver registered it")
+            if sole.address == dev.address:
+                kind = diag.driver_kind = KIND_VARIANT
+                diag.best_driver = dev.driver or diag.best_driver
+    member_problems: list[Problem] = []
+    usage_problems: list[Problem] = []
+    vfio_members: list[PciDevice] = []
+    host_members: list[PciDevice] = []
+    for member in members:
+        mkind = kinds[member.address]
         diag.members.append(Member(member.address, member.driver, mkind, member.is_bridge))
         if member.vfio_cdev:
             wanted.add(f"/dev/vfio/devices/{member.vfio_cdev}")
         if mkind in VFIO_KINDS:
             wanted.add(DEVICE_FD_PREFIX + member.address)
             vfio_members.append(member)
+        else:
+            usage_problems.extend(_usage_problems(host, member, dev))
         if mkind not in VIABLE_KINDS:
             host_members.append(member)
             member_problems.append(_member_problem(host, dev, member, number))
@@ -297,12 +432,40 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
             f"bind it to {diag.best_driver}: pyvfio bind {dev.address}",
             P_NOT_VFIO,
         ))
+    usage_problems.sort(key=lambda p: p.device != dev.address)
+    diag.problems.extend(usage_problems)
 
-    # Cross-check modules.alias against the kernel's own word, /dev/vfio/N.
-    node = f"/dev/vfio/{number}"
-    if vfio_members and diag.group_node is None:
+    direct = [r for r in group.reserved_regions if r.type == "direct"]
+    diag.note(f"/sys/kernel/iommu_groups/{number}/reserved_regions",
+              _regions_text(tuple((r.start, r.end, r.type) for r in group.reserved_regions)))
+    for region in direct:
+        diag.problems.append(Problem(
+            dev.address, dev.driver,
+            f"IOMMU group {number} has a firmware direct mapping {region.start:#018x}-{region.end:#018x} "
+            "(type direct: an RMRR that is not relaxable); the kernel refuses DMA ownership of "
+            "such a group (EINVAL, \"iommu: Prevent RESV_DIRECT devices from blocking domains\"), "
+            "so neither the legacy VFIO API nor iommufd can use it",
+            "the firmware reserves this memory for the device (ACPI DMAR RMRR): a firmware setting "
+            "or update that drops the RMRR (legacy USB, a shared iGPU buffer, a BMC) is the only fix; "
+            "the kernel allows no override",
+            P_RESERVED_DIRECT,
+            [f"/sys/kernel/iommu_groups/{number}/reserved_regions"],
+        ))
+
+    # Cross-check modules.alias against the kernel's own word, /sys/class/vfio/N.
+    node = f"/dev/vfio/{'noiommu-' if group.noiommu else ''}{number}"
+    if node_check is not None and node_check.state == NODE_STALE:
+        diag.problems.append(Problem(
+            dev.address, dev.driver,
+            f"stale vfio group node: {node_check.detail}",
+            f"remove {node_check.path} and let udev recreate it (udevadm trigger)"
+            + (f", or mknod it as c {node_check.kernel_devnum.replace(':', ' ')}"
+               if node_check.kernel_devnum else ""),
+            P_STALE_NODE, node_check.lines(),
+        ))
+    elif vfio_members and diag.group_node is None:
         for member in vfio_members:
-            how = "vfio-pci" if member.driver == "vfio-pci" else "a vfio variant driver per modules.alias"
+            how = "vfio-pci" if member.driver == "vfio-pci" else "a vfio variant driver"
             diag.problems.append(Problem(
                 member.address, member.driver,
                 f"{member.address} is on {member.driver} ({how}) but {node} does not exist",
@@ -310,15 +473,15 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
                 f"with pyvfio bind {member.address}",
                 P_NO_NODE,
             ))
-    elif not vfio_members and diag.group_node is not None:
+    elif not vfio_members and registered:
         suspects = host_members or [dev]
         for member in suspects:
             module = host.driver_module(member.driver) if member.driver else "?"
             diag.problems.append(Problem(
                 member.address, member.driver,
-                f"{diag.group_node} exists, so a driver in group {number} registered with vfio, "
-                f"but modules.alias lists no vfio_pci alias for {_drv(member.driver)} "
-                f"(module {module})",
+                f"{node} exists, so a driver in group {number} registered with vfio, "
+                f"but nothing says which: modules.alias lists no vfio_pci alias for "
+                f"{_drv(member.driver)} (module {module}) and the kernel has no device cdev for it",
                 f"if {_drv(member.driver)} is a vfio variant driver, its vfio_pci: aliases are "
                 f"missing (run depmod; check modinfo {module}); otherwise the node is stale",
                 P_DISAGREE,

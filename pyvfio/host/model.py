@@ -26,6 +26,7 @@ from typing import Any
 
 from pyvfio.errors import DeviceNotFound
 from pyvfio.host.modules import VFIO_PCI_MODULE, VfioAliases
+from pyvfio.host.nodes import NODE_OK, NodeCheck, group_node_check
 from pyvfio.host.sysfs import (
     SysfsWriter,
     list_dir,
@@ -33,6 +34,7 @@ from pyvfio.host.sysfs import (
     read_str,
     writer_for,
 )
+from pyvfio.host.usage import HostUsage
 from pyvfio.pci.address import PciAddress
 from pyvfio.pci.ids import PciIds
 
@@ -180,7 +182,7 @@ def _link_name_at(dir_fd: int, name: str) -> str | None:
 
 
 def load_device(
-    sys_dir: str, address: str, cdevs_by_device: dict[str, str] | None = None
+    sys_dir: str, address: str, cdevs_by_device: dict[str, str] | None = None, *, lean: bool = False
 ) -> PciDevice | None:
     """Read one device; ``None`` if ``sys/bus/pci/devices/<address>`` is absent.
 
@@ -192,13 +194,13 @@ def load_device(
     except OSError:
         return None
     try:
-        return _load_device_at(dfd, address, cdevs_by_device)
+        return _load_device_at(dfd, address, cdevs_by_device, lean)
     finally:
         os.close(dfd)
 
 
 def _load_device_at(
-    dfd: int, address: str, cdevs_by_device: dict[str, str] | None
+    dfd: int, address: str, cdevs_by_device: dict[str, str] | None, lean: bool = False
 ) -> PciDevice | None:
     uevent = _read_at(dfd, "uevent")
     if uevent is None:
@@ -230,27 +232,17 @@ def _load_device_at(
     modalias = info.get("MODALIAS")
     if modalias is None:
         modalias = _read_at(dfd, "modalias")
+    if lean:
+        # What a diagnosis needs is all read; the rest stays None (see Host(lean=True)).
+        return PciDevice(address, vendor_id, device_id, sub_vendor, sub_device, class_code, None,
+                         driver, None, modalias, None, _group_at(dfd), _cdev_at(dfd, address, cdevs_by_device),
+                         None)
     override = _read_at(dfd, "driver_override")
     if override == "(null)" or override == "":
         override = None
     numa = _read_at(dfd, "numa_node")
     numa_node = int(numa) if numa and numa.lstrip("-").isdigit() and numa != "-1" else None
-    group_name = _link_name_at(dfd, "iommu_group")
     reset = _read_at(dfd, "reset_method")
-    if cdevs_by_device is not None:
-        cdev = cdevs_by_device.get(address)
-    else:
-        cdevs: list[str] = []
-        try:
-            cdev_fd = os.open("vfio-dev", _O_DIR, dir_fd=dfd)
-        except OSError:
-            pass
-        else:
-            try:
-                cdevs = os.listdir(cdev_fd)
-            finally:
-                os.close(cdev_fd)
-        cdev = cdevs[0] if cdevs else None
     return PciDevice(
         address=address,
         vendor_id=vendor_id,
@@ -263,10 +255,30 @@ def _load_device_at(
         driver_override=override,
         modalias=modalias,
         numa_node=numa_node,
-        iommu_group=int(group_name) if group_name and group_name.isdigit() else None,
-        vfio_cdev=cdev,
+        iommu_group=_group_at(dfd),
+        vfio_cdev=_cdev_at(dfd, address, cdevs_by_device),
         reset_methods=reset.split() if reset is not None else None,
     )
+
+
+def _group_at(dfd: int) -> int | None:
+    group_name = _link_name_at(dfd, "iommu_group")
+    return int(group_name) if group_name and group_name.isdigit() else None
+
+
+def _cdev_at(dfd: int, address: str, cdevs_by_device: dict[str, str] | None) -> str | None:
+    if cdevs_by_device is not None:
+        return cdevs_by_device.get(address)
+    cdevs: list[str] = []
+    try:
+        cdev_fd = os.open("vfio-dev", _O_DIR, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        cdevs = os.listdir(cdev_fd)
+    finally:
+        os.close(cdev_fd)
+    return cdevs[0] if cdevs else None
 
 
 def _parse_reserved(text: str | None) -> list[ReservedRegion]:
@@ -288,8 +300,15 @@ class Host:
     ``writer`` is how sysfs writes happen (see :mod:`pyvfio.host.sysfs`);
     by default the one installed for ``root``, else real file writes."""
 
-    def __init__(self, root: str = "/", *, writer: SysfsWriter | None = None) -> None:
+    def __init__(self, root: str = "/", *, writer: SysfsWriter | None = None,
+                 lean: bool = False) -> None:
+        """``lean``: :meth:`devices` reads only what a diagnosis needs (IDs,
+        class, driver, modalias, group, cdev) and leaves ``revision``,
+        ``driver_override``, ``numa_node`` and ``reset_methods`` None: the
+        whole-host diagnosis (``check --all``) of a 10,000-device host then
+        costs no more than ``lspci -vmmnnk``."""
         self.root = os.fspath(root)
+        self.lean = lean
         self._prefix = self.root.rstrip("/") + "/"
         self.sys = self._prefix + "sys"
         self.writer: SysfsWriter = writer if writer is not None else writer_for(self.root)
@@ -306,6 +325,16 @@ class Host:
         self._all_groups: list[IommuGroup] | None = None
         self._driver_modules: dict[str, str] = {}
         self._vfio_nodes: set[str] | None = None
+        self._vfio_groups: set[str] | None = None
+        self._usage: HostUsage | None = None
+
+    @property
+    def usage(self) -> HostUsage:
+        """What the host uses (netdevs, mounts, swap, holders, console), read
+        once per snapshot: see :mod:`pyvfio.host.usage`."""
+        if self._usage is None:
+            self._usage = HostUsage(self._prefix)
+        return self._usage
 
     def path(self, relative: str) -> str:
         """``relative`` (``"sys/bus/pci"`` or ``"/dev/vfio/3"``) under the root."""
@@ -353,7 +382,7 @@ class Host:
             found = []
             cdevs = self._cdevs_by_device()
             for name in sorted(list_dir(self.path("sys/bus/pci/devices"))):
-                dev = self._devices.get(name) or load_device(self.sys, name, cdevs)
+                dev = self._devices.get(name) or load_device(self.sys, name, cdevs, lean=self.lean)
                 if dev is not None:
                     self._devices[name] = dev
                     found.append(dev)
@@ -396,20 +425,25 @@ class Host:
 
     def _load_group(self, number: int, members: list[str] | None = None) -> IommuGroup | None:
         base = self.path(f"sys/kernel/iommu_groups/{number}")
-        if members is None:
-            try:
-                members = sorted(os.listdir(base + "/devices"))
-            except FileNotFoundError:
-                if not os.path.isdir(base):
-                    return None
-                members = []
-            except OSError:
-                members = []
+        try:
+            gfd = os.open(base, _O_DIR)
+        except OSError:
+            return None
+        try:
+            if members is None:
+                try:
+                    members = sorted(os.listdir(f"{base}/devices"))
+                except OSError:
+                    members = []
+            group_type = _read_at(gfd, "type")
+            reserved = _read_at(gfd, "reserved_regions")
+        finally:
+            os.close(gfd)
         return IommuGroup(
             number=number,
             devices=members,
-            type=read_str(base + "/type"),
-            reserved_regions=_parse_reserved(read_str(base + "/reserved_regions")),
+            type=group_type,
+            reserved_regions=_parse_reserved(reserved),
             # vfio's no-IOMMU groups exist only while a device is bound, and
             # their node is named noiommu-N.
             noiommu=f"noiommu-{number}" in self._nodes(),
@@ -457,13 +491,28 @@ class Host:
 
     def group_node(self, number: int) -> str | None:
         """The group's character device as a process sees it (``/dev/vfio/N``
-        or ``/dev/vfio/noiommu-N``) if it exists.  vfio creates it when the
-        first member binds to a vfio driver."""
+        or ``/dev/vfio/noiommu-N``) if it exists and carries the kernel's
+        device number (see :mod:`pyvfio.host.nodes`).  vfio creates it when
+        the first member registers with vfio."""
+        check = self.group_node_check(number)
+        return check.path if check is not None and check.state == NODE_OK else None
+
+    def group_node_check(self, number: int) -> NodeCheck | None:
+        """The verdict on the group's node, ``None`` when neither the kernel
+        (``/sys/class/vfio/N``) nor ``/dev/vfio`` has one."""
         nodes = self._nodes()
-        for name in (str(number), f"noiommu-{number}"):
-            if name in nodes:
-                return f"/dev/vfio/{name}"
+        registered = self._vfio_class()
+        for noiommu in (False, True):
+            name = f"noiommu-{number}" if noiommu else str(number)
+            if name in nodes or name in registered:
+                return group_node_check(self._prefix, number, noiommu)
         return None
+
+    def _vfio_class(self) -> set[str]:
+        """The groups vfio registered (``/sys/class/vfio``), listed once."""
+        if self._vfio_groups is None:
+            self._vfio_groups = set(list_dir(self.path("sys/class/vfio")))
+        return self._vfio_groups
 
     # ---- drivers ----
 
@@ -506,13 +555,18 @@ class Host:
         module = self.driver_module(driver)
         if module == VFIO_PCI_MODULE:
             return KIND_VFIO
-        if self.aliases.is_vfio_module(module):
+        if dev.vfio_cdev is not None or self.aliases.is_vfio_module(module):
+            # The kernel's own word (.../<bdf>/vfio-dev/vfioX: the driver
+            # registered the device with vfio) outranks modules.alias, which a
+            # vendor driver (nvidia's vGPU VFs) or a minimal image may lack.
             return KIND_VARIANT
         return KIND_HOST
 
     def best_driver(self, dev: PciDevice) -> str:
         """The vfio variant whose ``vfio_pci:`` alias matches the device with
         the fewest wildcards, else ``vfio-pci``."""
+        if dev.vfio_cdev is not None and dev.driver:
+            return dev.driver  # registered with vfio already: nothing to rebind
         found = self.aliases.best_module(dev.modalias)
         if found is None:
             return VFIO_PCI

@@ -175,6 +175,37 @@ class KernelDevice(Device):
                               f"short read: {len(data)} of {size} bytes at {offset:#x}")
         return data
 
+    def _region_read_block(self, index: int, offset: int, count: int, width: int) -> bytes:
+        """One ``preadv`` of ``count`` iovecs of ``width`` bytes: the device
+        file has no ``read_iter``, so the kernel reads each iovec with its own
+        ``vfio_device_fops_read`` (``do_loop_readv_writev``), one access of
+        exactly that width each."""
+        buf = bytearray(count * width)
+        view = memoryview(buf)
+        try:
+            done = os.preadv(self.fd, [view[i:i + width] for i in range(0, len(buf), width)],
+                             self._offset(index) + offset)
+        except OSError as exc:
+            raise KernelError.from_oserror(exc, "preadv", f"{self.target} region {index}",
+                                           f"{count} x {width} bytes at {offset:#x}") from None
+        if done != len(buf):
+            raise KernelError(errno.EIO, "preadv", f"{self.target} region {index}",
+                              f"short read: {done} of {len(buf)} bytes at {offset:#x}")
+        return bytes(buf)
+
+    def _region_write_block(self, index: int, offset: int, data: bytes, width: int) -> None:
+        """One ``pwritev`` of ``width``-byte iovecs (see :meth:`_region_read_block`)."""
+        view = memoryview(data)
+        try:
+            done = os.pwritev(self.fd, [view[i:i + width] for i in range(0, len(data), width)],
+                              self._offset(index) + offset)
+        except OSError as exc:
+            raise KernelError.from_oserror(exc, "pwritev", f"{self.target} region {index}",
+                                           f"{len(data)} bytes at {offset:#x}") from None
+        if done != len(data):
+            raise KernelError(errno.EIO, "pwritev", f"{self.target} region {index}",
+                              f"short write: {done} of {len(data)} bytes at {offset:#x}")
+
     def _region_write(self, index: int, offset: int, data: bytes) -> None:
         try:
             done = os.pwrite(self.fd, data, self._offset(index) + offset)

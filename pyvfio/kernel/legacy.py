@@ -241,6 +241,26 @@ class Container(DmaSpace):
             err = KernelError(exc.errno or errno.EIO, "VFIO_IOMMU_MAP_DMA", self.target)
             raise self._map_error(err, iova, int(arg.size)) from None
 
+    def _map_batch(self, batch: list[tuple[int, SharedMemory]], readable: bool,
+                   writable: bool) -> None:
+        """Every entry's checks and struct first, then one VFIO_IOMMU_MAP_DMA
+        each (type1 takes one range per call); rolled back on a kernel error."""
+        args = [self._map_arg(iova, memory, 0, None, readable, writable)
+                for iova, memory in batch]
+        fd = self.fd
+        done = 0
+        try:
+            for arg in args:
+                _fcntl_ioctl(fd, _VFIO_IOMMU_MAP_DMA, arg)
+                done += 1
+        except OSError as exc:
+            self._unmap_quietly([(int(a.iova), int(a.size)) for a in args[:done]])
+            err = KernelError(exc.errno or errno.EIO, "VFIO_IOMMU_MAP_DMA", self.target)
+            raise self._map_error(err, int(args[done].iova), int(args[done].size)) from None
+        except BaseException:
+            self._unmap_quietly([(int(a.iova), int(a.size)) for a in args[:done]])
+            raise
+
     def _map_arg(self, iova: int, memory: SharedMemory, offset: int, size: int | None,
                  readable: bool, writable: bool) -> V.vfio_iommu_type1_dma_map:
         """The checked struct for this map, built or found, and remembered as

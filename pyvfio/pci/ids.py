@@ -182,5 +182,13 @@ class PciIds:
         base, sub = class_code >> 16, (class_code >> 8) & 0xFF
         return table.get((base, sub)) or table.get((base,))
 
+    def base_class_name(self, class_code: int) -> str | None:
+        """The base class's name (``C xx`` line), ``None`` if pci.ids lacks it."""
+        return self._class_table().get((class_code >> 16,))
+
+    def subclass_name(self, class_code: int) -> str | None:
+        """The subclass's own name, ``None`` if pci.ids lacks it (no fallback)."""
+        return self._class_table().get((class_code >> 16, (class_code >> 8) & 0xFF))
+
     def prog_if_name(self, class_code: int) -> str | None:
         return self._class_table().get((class_code >> 16, (class_code >> 8) & 0xFF, class_code & 0xFF))

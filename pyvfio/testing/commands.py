@@ -78,11 +78,32 @@ def register(sub: Any) -> None:
     )
     build.set_defaults(func=run_guest_kernel)
 
+    qemu = sub.add_parser(
+        "guest-qemu",
+        help="provision QEMU >= 10.1 (vfio-user-pci) if needed; print the command that runs it",
+        description=textwrap.fill("Use the system's qemu-system-x86_64 if it is >= 10.1; otherwise unpack "
+        "Debian's qemu-system-x86 (the next release's backports on Debian 12) with its "
+        "libraries into ~/.cache/pyvfio/qemu and print its wrapper script. Nothing on the "
+        "system is installed or changed.", 78),
+        epilog="examples:\n  pyvfio guest-qemu\n  pyvfio guest-qemu --json\n"
+               "  $(pyvfio guest-qemu) -device vfio-user-pci,help\n\n"
+               "exit status: 0 ready, 2 could not provision (the reason is printed)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    qemu.add_argument("--refresh", action="store_true",
+                      help="ask the archive for a newer package even when one is cached")
+    qemu.add_argument("--json", action="store_true", help="print a JSON object")
+    qemu.set_defaults(func=run_guest_qemu)
+
     demo = sub.add_parser(
         "demo", epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="the whole story in a real guest: list, check, bind edu, DMA and interrupts",
     )
     demo.add_argument("--kernel", default="debian", metavar="K", help=KERNEL_HELP)
+    demo.add_argument("--act", choices=("all", "kernel", "vfio-user"), default="all",
+                      help="kernel: host devices through kernel VFIO; vfio-user: a Python "
+                      "device in a VM on QEMU >= 10.1 (pyvfio serve + vfio-user-pci); "
+                      "default: both")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     demo.set_defaults(func=run_demo)
 
@@ -120,6 +141,18 @@ def run_guest_kernel(args: argparse.Namespace) -> int:
     from pyvfio.testing import kernel
 
     print(kernel.pyvfio_kernel().image)
+    return 0
+
+
+def run_guest_qemu(args: argparse.Namespace) -> int:
+    from pyvfio.cli import print_json
+    from pyvfio.testing import qemu
+
+    found = qemu.ensure_qemu(refresh=args.refresh)  # errors: the CLI's one line (or JSON)
+    if args.json:
+        print_json(found.as_json())
+    else:
+        print(found.command)
     return 0
 
 

@@ -13,6 +13,14 @@ a real ``pyvfio`` command whose output is shown as it happens:
 6. ``python -m pyvfio.drivers.edu``   -- the userspace driver: DMA and interrupts
 7. ``pyvfio restore EDU``             -- the original driver back
 
+Then the full stack (act 2): on the host ``pyvfio serve --control`` serves an
+edu device *written in Python* (:mod:`pyvfio.devices.edu`); ``pyvfio
+qemu-args`` prints how to attach it; a second guest boots on QEMU >= 10.1
+(:mod:`pyvfio.testing.qemu`) with a ``vfio-user-pci`` on that socket, and in
+it the guest's own kernel enumerates the Python device, binds it to vfio-pci,
+and pyvfio drives it over the guest's kernel VFIO (:func:`vfio_user_steps`).
+``pyvfio demo --act kernel`` or ``--act vfio-user`` runs one act.
+
 A step "passes" when its exit status is the expected one (``check`` is
 expected to say no) and its output says what it should; the run exits
 non-zero if any step did not.
@@ -60,6 +68,23 @@ def steps() -> list[DemoStep]:
     ]
 
 
+def vfio_user_steps(bdf: str) -> list[DemoStep]:
+    """Act 2, in the guest: the edu at ``bdf`` is the host's Python model over vfio-user."""
+    py = sys.executable
+    cli = (py, "-m", "pyvfio")
+    return [
+        DemoStep("The guest's kernel enumerated the Python device (1234:11e8, vfio-user-pci "
+                 "in QEMU)", (*cli, "ls"), 0, ("1234:11e8", bdf)),
+        DemoStep("Bind it to the guest's vfio-pci", (*cli, "bind", bdf), 0, (bdf,)),
+        DemoStep("Open it through the guest's kernel VFIO", (*cli, "info", bdf), 0,
+                 ("BAR0", "MSI")),
+        DemoStep("Drive it: registers, DMA through the guest's IOMMU and QEMU to the Python "
+                 "model, interrupts back", (py, "-m", "pyvfio.drivers.edu", bdf), 0,
+                 ("edu self-test: ok",)),
+        DemoStep("Give it back to no driver", (*cli, "restore", bdf), 0, (bdf,)),
+    ]
+
+
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
@@ -98,12 +123,75 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if isinstance(args, argparse.Namespace):
         kernel = getattr(args, "kernel", "debian")
         rest = list(getattr(args, "demo_args", []) or [])
+        if getattr(args, "act", None):
+            rest += ["--act", args.act]
     else:
         kernel, rest = "debian", list(args or [])
     inside = "--inside" in rest or os.environ.get("PYVFIO_GUEST") == "1"
     if inside:
+        if "--vfio-user" in rest:
+            return 1 if story(vfio_user_steps(rest[rest.index("--vfio-user") + 1])) else 0
         return 1 if story() else 0
+    act = "all"
+    if "--act" in rest and rest.index("--act") + 1 < len(rest):
+        act = rest[rest.index("--act") + 1]
+    if act not in ("all", "kernel", "vfio-user"):
+        print(f"demo: --act {act!r}: use kernel, vfio-user or all", file=sys.stderr)
+        return 2
+    rc = act_kernel(kernel) if act != "vfio-user" else 0
+    if act != "kernel":
+        rc = rc or act_vfio_user(kernel)
+    return rc
 
+
+def act_vfio_user(kernel: str) -> int:
+    """Act 2 on the host: serve the Python edu, boot a QEMU >= 10.1 guest with it."""
+    import json
+    import shlex
+    import tempfile
+    from pathlib import Path
+
+    from pyvfio.testing import qemu, vmm
+    from pyvfio.user.control import ControlClient
+
+    _banner("act 2: a device written in Python, in a real VM, driven by the guest's kernel")
+    provisioned = qemu.ensure_qemu()
+    print(f"demo: QEMU {provisioned.version} ({provisioned.suite or 'system'}): "
+          f"{provisioned.command}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pyvfio-demo-") as tmp:
+        control, sock = Path(tmp) / "ctl.sock", Path(tmp) / "edu.sock"
+        print(f"$ pyvfio serve edu --socket {sock} --control {control} &", flush=True)
+        server = vmm.start_server(control, model="edu", sockets=[sock],
+                                  stderr=Path(tmp) / "serve.log")
+        try:
+            args = vmm.attach_args([sock])
+            print(f"$ pyvfio qemu-args --socket {sock} --iommu --addr 0x6\n"
+                  f"{shlex.join(args)}", flush=True)
+            vm = vmm.vfio_user_guest(kernel, [sock])
+            with ControlClient(str(control)) as ctl:
+                result = vm.run([sys.executable, "-m", "pyvfio.testing.demo", "--inside",
+                                 "--vfio-user", vmm.slot_bdf(0)], timeout=900,
+                                echo=cast(IO[str], _ConsoleFilter(sys.stdout)))
+                gone = ctl.wait_event("CLIENT_DISCONNECTED", timeout=60)
+                _banner("the server's side: its control socket's events, and the device now")
+                print(f"$ pyvfio control {control} --monitor")
+                for event in [*ctl.events, gone]:
+                    print(json.dumps(event))
+                devices = ctl.execute("query-devices")
+            print(f"$ pyvfio control {control} query-devices\n{json.dumps(devices, indent=2)}")
+        finally:
+            vmm.stop_server(server)
+    try:
+        print(f"\ndemo: vfio-user guest ({result.accel}) booted in "
+              f"{result.boot_seconds or 0:.1f} s, whole run {result.wall_seconds:.1f} s, "
+              f"exit {result.returncode}")
+        return result.returncode
+    finally:
+        result.cleanup()
+
+
+def act_kernel(kernel: str) -> int:
+    """Act 1 on the host: the standard topology, kernel VFIO."""
     from pyvfio.testing import guest, topology
 
     print(f"demo: booting a {kernel} kernel under QEMU (q35, Intel vIOMMU) with edu, a "

@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,32 @@ from pyvfio.host.sysfs import install_writer, uninstall_writer
 
 ANY = None
 _RESERVED = "0x00000000fee00000 0x00000000feefffff msi\n"
+# Device numbers the fake kernel hands out.  A real kernel allocates vfio's
+# majors dynamically; the fake's nodes use major 0, which no character driver
+# can hold (register_chrdev(0, ...) asks for a dynamic major), so opening a
+# fake node can never reach a real device of the machine running the tests:
+# it fails with ENXIO.  Groups count minors from 0, device cdevs from 4096.
+VFIO_GROUP_MAJOR = 0
+VFIO_CDEV_MAJOR = 0
+VFIO_CDEV_MINOR_BASE = 4096
+BLOCK_EXT_MAJOR = 259  # blkext: NVMe namespaces and partitions (only sysfs text, no nodes)
+_ROUTE_HEADER = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU"
+                 "\tWindow\tIRTT\n")
+_SWAPS_HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+
+
+def make_char_node(path: str, major: int, minor: int) -> None:
+    """A character device node (as devtmpfs makes it).  Without CAP_MKNOD a
+    regular file stands in, which pyvfio reports as a stale node: tests that
+    need real nodes run as root (the guest harness and this machine do)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(major, minor))
+    except PermissionError:
+        _write(path, "")
 
 
 @dataclass
@@ -52,6 +79,9 @@ class FakeDriver:
     classes: list[int] = field(default_factory=list)  # (base << 8 | sub) matched
     vfio: bool = False
     fail_probe: bool = False
+    # A vendor driver (nvidia's vGPU VFs) that matches like a host driver but
+    # registers the devices it takes with vfio.
+    registers_vfio: bool = False
 
     def matches(self, dev: FakeDevice) -> bool:
         if dev.driver_override is not None:
@@ -99,6 +129,11 @@ def _write(path: str, text: str | bytes) -> None:
     data = text.encode() if isinstance(text, str) else text
     with open(path, "wb") as f:
         f.write(data)
+
+
+def read_ifindex(path: str) -> int:
+    with open(path) as f:
+        return int(f.read())
 
 
 def _symlink(target: str, link: str) -> None:
@@ -152,7 +187,20 @@ class FakeSysfs:
         _write(self.p("proc/sys/kernel/osrelease"), release + "\n")
         os.makedirs(self.p("proc/sys/kernel/random"), exist_ok=True)
         self.reboot()
+        # The container device stays a plain file: its ioctls fail (ENOTTY),
+        # which the broker's error-path tests rely on.
         _write(self.p("dev/vfio/vfio"), "")
+        self._next_group_minor = 0
+        self._next_netdev = 2  # ifindex 1 is lo
+        self._next_mount_id = 30
+        os.makedirs(self.p("proc/net"), exist_ok=True)
+        os.makedirs(self.p("proc/self"), exist_ok=True)
+        _write(self.p("proc/net/route"), _ROUTE_HEADER)
+        _write(self.p("proc/net/ipv6_route"), "")
+        _write(self.p("proc/net/if_inet6"), "")
+        _write(self.p("proc/self/mountinfo"),
+               "21 1 0:19 / / rw,relatime shared:1 - tmpfs rootfs rw\n")
+        _write(self.p("proc/swaps"), _SWAPS_HEADER)
         if iommu:
             os.makedirs(self.p("sys/class/iommu/dmar0"), exist_ok=True)
         if noiommu is not None:
@@ -184,12 +232,13 @@ class FakeSysfs:
         vfio_aliases: Sequence[str] = (),
         fail_probe: bool = False,
         loaded: bool = True,
+        registers_vfio: bool = False,
     ) -> FakeDriver:
         """Register a PCI driver.  ``vfio_aliases`` are the patterns after
         ``vfio_pci:`` that depmod would write into modules.alias for its
         module (written even when ``loaded`` is false: the module exists)."""
         module = module or name.replace("-", "_")
-        drv = FakeDriver(name, module, list(ids), list(classes), vfio, fail_probe)
+        drv = FakeDriver(name, module, list(ids), list(classes), vfio, fail_probe, registers_vfio)
         for pattern in vfio_aliases:
             self._aliases.append(f"alias vfio_pci:{pattern} {module}")
         if vfio_aliases:
@@ -321,6 +370,125 @@ class FakeSysfs:
             _write(f"{base}/fdinfo/{fd}", "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n"
                    f"vfio-device-syspath: /{self.devices[address].sysfs_dir}\n")
 
+    # ---- what the host uses (pyvfio.host.usage) ----
+
+    def _append(self, relative: str, line: str) -> None:
+        with open(self.p(relative), "a") as f:
+            f.write(line + "\n")
+
+    def add_netdev(self, address: str, name: str, *, operstate: str = "up") -> int:
+        """A network interface on the device (``.../<bdf>/net/<name>`` and its
+        ``/sys/class/net`` link); returns its ifindex."""
+        dev = self.devices[address]
+        ifindex = self._next_netdev
+        self._next_netdev += 1
+        d = self.p(f"{dev.sysfs_dir}/net/{name}")
+        os.makedirs(d, exist_ok=True)
+        _write(f"{d}/ifindex", f"{ifindex}\n")
+        _write(f"{d}/operstate", operstate + "\n")
+        os.makedirs(self.p("sys/class/net"), exist_ok=True)
+        _symlink(f"../../{dev.sysfs_dir[len('sys/'):]}/net/{name}", self.p(f"sys/class/net/{name}"))
+        return ifindex
+
+    def add_ipv4_route(self, iface: str, destination: str = "0.0.0.0", prefix: int = 0,
+                       gateway: str = "0.0.0.0") -> None:
+        """A line of ``/proc/net/route`` (addresses as the kernel prints them:
+        the network-order bytes read as a host-order hex word)."""
+        def word(address: str) -> str:
+            return f"{int.from_bytes(bytes(int(x) for x in address.split('.')), 'little'):08X}"
+
+        mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF if prefix else 0
+        mask_text = ".".join(str(b) for b in mask.to_bytes(4, "big"))
+        flags = 0x0003 if gateway != "0.0.0.0" else 0x0001  # RTF_UP | RTF_GATEWAY
+        self._append("proc/net/route", f"{iface}\t{word(destination)}\t{word(gateway)}\t{flags:04X}"
+                     f"\t0\t0\t100\t{word(mask_text)}\t0\t0\t0")
+
+    def add_ipv6_address(self, iface: str, address: str, prefix: int = 64, *, scope: int = 0) -> None:
+        """A line of ``/proc/net/if_inet6`` (scope 0 global, 0x20 link)."""
+        import ipaddress
+
+        packed = ipaddress.IPv6Address(address).packed.hex()
+        ifindex = read_ifindex(self.p(f"sys/class/net/{iface}/ifindex"))
+        self._append("proc/net/if_inet6", f"{packed} {ifindex:02x} {prefix:02x} {scope:02x} 80 {iface:>8}")
+
+    def add_ipv6_route(self, iface: str, destination: str, prefix: int) -> None:
+        """A line of ``/proc/net/ipv6_route``."""
+        import ipaddress
+
+        packed = ipaddress.IPv6Address(destination).packed.hex()
+        self._append("proc/net/ipv6_route", f"{packed} {prefix:02x} {'0' * 32} 00 {'0' * 32} "
+                     f"00000100 00000001 00000000 00000001 {iface:>8}")
+
+    def add_block(self, address: str, name: str, minor: int, *, parent: str | None = None,
+                  subdir: str | None = None) -> str:
+        """A block device on the device: an NVMe namespace (``subdir``
+        ``nvme/nvme0``), or a partition of ``parent``.  Returns its major:minor."""
+        dev = self.devices[address]
+        if parent is not None:
+            target = os.readlink(self.p(f"sys/class/block/{parent}"))
+            rel = f"{target[len('../../'):]}/{name}"
+        else:
+            rel = f"{dev.sysfs_dir[len('sys/'):]}/{subdir or 'block'}/{name}"
+        d = self.p(f"sys/{rel}")
+        os.makedirs(f"{d}/holders", exist_ok=True)
+        devnum = f"{BLOCK_EXT_MAJOR}:{minor}"
+        _write(f"{d}/dev", devnum + "\n")
+        os.makedirs(self.p("sys/class/block"), exist_ok=True)
+        _symlink(f"../../{rel}", self.p(f"sys/class/block/{name}"))
+        return devnum
+
+    def add_dm(self, name: str, dm_name: str, minor: int, *, on: Sequence[str]) -> str:
+        """A device-mapper device (LVM, dm-crypt) stacked on the block devices ``on``."""
+        rel = f"devices/virtual/block/{name}"
+        d = self.p(f"sys/{rel}")
+        os.makedirs(f"{d}/dm", exist_ok=True)
+        os.makedirs(f"{d}/holders", exist_ok=True)
+        devnum = f"253:{minor}"
+        _write(f"{d}/dev", devnum + "\n")
+        _write(f"{d}/dm/name", dm_name + "\n")
+        _symlink(f"../../{rel}", self.p(f"sys/class/block/{name}"))
+        for lower in on:
+            _symlink(f"../../{name}", self.p(f"sys/class/block/{lower}/holders/{name}"))
+        return devnum
+
+    def add_mount(self, devnum: str, mount_point: str, source: str, fstype: str = "ext4") -> None:
+        """A line of ``/proc/self/mountinfo``."""
+        self._next_mount_id += 1
+        self._append("proc/self/mountinfo", f"{self._next_mount_id} 1 {devnum} / "
+                     f"{mount_point} rw,relatime - {fstype} {source} rw")
+
+    def add_swap(self, path: str) -> None:
+        """A line of ``/proc/swaps``."""
+        self._append("proc/swaps", f"{path}\t\t\t\tpartition\t8388604\t\t0\t\t-2")
+
+    def set_boot_vga(self, address: str, value: bool = True) -> None:
+        _write(self.p(f"{self.devices[address].sysfs_dir}/boot_vga"), "1\n" if value else "0\n")
+
+    def add_framebuffer(self, number: int, address: str | None) -> None:
+        """``/sys/class/graphics/fbN``, on the PCI device ``address`` or (None)
+        on a platform device such as efifb's ``efi-framebuffer.0``."""
+        rel = f"devices/platform/efi-framebuffer.0/graphics/fb{number}"
+        owner = "efi-framebuffer.0"
+        if address is not None:
+            rel = f"{self.devices[address].sysfs_dir[len('sys/'):]}/graphics/fb{number}"
+            owner = address
+        d = self.p(f"sys/{rel}")
+        os.makedirs(d, exist_ok=True)
+        _symlink(f"../../../{owner}", f"{d}/device")
+        os.makedirs(self.p("sys/class/graphics"), exist_ok=True)
+        _symlink(f"../../{rel}", self.p(f"sys/class/graphics/fb{number}"))
+
+    def set_reserved_regions(self, group: int, text: str) -> None:
+        _write(self.p(f"sys/kernel/iommu_groups/{group}/reserved_regions"), text)
+
+    def remove_group_link(self, address: str) -> None:
+        """The device loses its ``iommu_group`` (an IOMMU that did not take it)."""
+        dev = self.devices[address]
+        if dev.group is not None:
+            os.unlink(self.p(f"sys/kernel/iommu_groups/{dev.group}/devices/{address}"))
+        os.unlink(self.p(f"{dev.sysfs_dir}/iommu_group"))
+        dev.group = None
+
     def populate(self, count: int, *, seed: int = 0, start_group: int = 100) -> list[str]:
         """Add ``count`` devices (a mix of NICs, GPUs with audio functions,
         NVMe, USB and root ports spread over domains and buses), each group
@@ -403,18 +571,50 @@ class FakeSysfs:
         _symlink("../" * depth + f"bus/pci/drivers/{drv.name}", self.p(f"{dev.sysfs_dir}/driver"))
         _symlink(f"../../../../{dev.sysfs_dir[4:]}", self.p(f"sys/bus/pci/drivers/{drv.name}/{dev.address}"))
         self._write_uevent(dev)
-        if drv.vfio and dev.group is not None:
-            _write(self.p(self.group_node(dev.group)), "")
+        if (drv.vfio or drv.registers_vfio) and dev.group is not None:
+            self._register_group(dev.group)
             if self.cdev:
                 name = f"vfio{self._next_cdev}"
+                minor = VFIO_CDEV_MINOR_BASE + self._next_cdev
                 self._next_cdev += 1
                 os.makedirs(self.p(f"{dev.sysfs_dir}/vfio-dev/{name}"), exist_ok=True)
+                _write(self.p(f"{dev.sysfs_dir}/vfio-dev/{name}/dev"), f"{VFIO_CDEV_MAJOR}:{minor}\n")
                 os.makedirs(self.p("dev/vfio/devices"), exist_ok=True)
-                _write(self.p(f"dev/vfio/devices/{name}"), "")
+                make_char_node(self.p(f"dev/vfio/devices/{name}"), VFIO_CDEV_MAJOR, minor)
                 os.makedirs(self.p("sys/class/vfio-dev"), exist_ok=True)
                 _symlink(f"../../{dev.sysfs_dir[len('sys/'):]}/vfio-dev/{name}",
                          self.p(f"sys/class/vfio-dev/{name}"))
                 dev.vfio_cdev = name
+
+    def _register_group(self, group: int) -> None:
+        """vfio_group_alloc(): ``/sys/class/vfio/N`` with ``dev`` and the
+        node ``/dev/vfio/N`` carrying that number (once per group)."""
+        node = self.group_node(group)
+        name = node.rpartition("/")[2]
+        klass = self.p(f"sys/devices/virtual/vfio/{name}")
+        if os.path.isdir(klass):
+            return
+        minor = self._next_group_minor
+        self._next_group_minor += 1
+        os.makedirs(klass)
+        _write(f"{klass}/dev", f"{VFIO_GROUP_MAJOR}:{minor}\n")
+        os.makedirs(self.p("sys/class/vfio"), exist_ok=True)
+        _symlink(f"../../devices/virtual/vfio/{name}", self.p(f"sys/class/vfio/{name}"))
+        make_char_node(self.p(node), VFIO_GROUP_MAJOR, minor)
+
+    def _unregister_group(self, group: int) -> None:
+        node = self.group_node(group)
+        name = node.rpartition("/")[2]
+        for path in (self.p(node), self.p(f"sys/class/vfio/{name}"),
+                     self.p(f"sys/devices/virtual/vfio/{name}/dev")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.p(f"sys/devices/virtual/vfio/{name}"))
+        except FileNotFoundError:
+            pass
 
     def _detach(self, dev: FakeDevice) -> None:
         drv = self.drivers[dev.driver] if dev.driver else None
@@ -423,19 +623,21 @@ class FakeSysfs:
         if drv is not None:
             os.unlink(self.p(f"sys/bus/pci/drivers/{drv.name}/{dev.address}"))
         self._write_uevent(dev)
-        if drv is not None and drv.vfio:
+        if drv is not None and (drv.vfio or drv.registers_vfio):
             if dev.vfio_cdev:
+                os.unlink(self.p(f"{dev.sysfs_dir}/vfio-dev/{dev.vfio_cdev}/dev"))
                 os.rmdir(self.p(f"{dev.sysfs_dir}/vfio-dev/{dev.vfio_cdev}"))
                 os.rmdir(self.p(f"{dev.sysfs_dir}/vfio-dev"))
                 os.unlink(self.p(f"dev/vfio/devices/{dev.vfio_cdev}"))
                 os.unlink(self.p(f"sys/class/vfio-dev/{dev.vfio_cdev}"))
                 dev.vfio_cdev = None
             if dev.group is not None and not any(
-                d.group == dev.group and d.driver and self.drivers[d.driver].vfio
+                d.group == dev.group and d.driver
+                and (self.drivers[d.driver].vfio or self.drivers[d.driver].registers_vfio)
                 for d in self.devices.values()
             ):
                 node = self.group_node(dev.group)
-                os.unlink(self.p(node))
+                self._unregister_group(dev.group)
                 if node.startswith("/dev/vfio/noiommu-"):  # vfio frees its fake group
                     g = self.p(f"sys/kernel/iommu_groups/{dev.group}")
                     os.unlink(f"{g}/devices/{dev.address}")

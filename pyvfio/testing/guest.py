@@ -215,21 +215,22 @@ def kernel_by_name(name: str) -> Kernel:
 _accel_verdict: str | None = None
 
 
-def _qemu_version(qemu: str) -> str:
+def _qemu_version(qemu: str | Sequence[str]) -> str:
+    argv = [qemu] if isinstance(qemu, str) else list(qemu)
     try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+        out = subprocess.run([*argv, "--version"], capture_output=True, text=True,
                              timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.splitlines()[0] if out else "unknown"
 
 
-def kvm_probe_key(qemu: str = QEMU) -> str:
+def kvm_probe_key(qemu: str | Sequence[str] = QEMU) -> str:
     """What the KVM verdict depends on: the host kernel and the QEMU build."""
     return f"{os.uname().release} | {_qemu_version(qemu)}"
 
 
-def choose_accel(qemu: str = QEMU, *, cache: Path | None = None,
+def choose_accel(qemu: str | Sequence[str] = QEMU, *, cache: Path | None = None,
                  probe_timeout: float = 30.0) -> str:
     """``kvm`` or ``tcg`` for this machine.
 
@@ -281,7 +282,7 @@ def kvm_is_pvm(sys_module: Path = Path("/sys/module")) -> bool:
         (sys_module / hw).is_dir() for hw in ("kvm_intel", "kvm_amd"))
 
 
-def probe_kvm(qemu: str = QEMU, *, timeout: float = 30.0) -> tuple[str, str]:
+def probe_kvm(qemu: str | Sequence[str] = QEMU, *, timeout: float = 30.0) -> tuple[str, str]:
     """Boot Debian's kernel under KVM running ``true``; ``("kvm", why)`` if it
     reported success before ``timeout``, else ``("tcg", why)``."""
     try:
@@ -375,10 +376,19 @@ class GuestResult:
 class Guest:
     """A QEMU guest description; :meth:`run` boots it once per command.
 
-    ``devices`` are extra QEMU arguments (see :mod:`pyvfio.testing.topology`);
+    ``devices`` are extra QEMU arguments, appended last: ``-device``,
+    ``-object``, ``-chardev``... (see :mod:`pyvfio.testing.topology`);
     ``iommu=False`` leaves out the Intel vIOMMU and ``intel_iommu=on`` (for
     vfio's no-IOMMU mode add ``vfio.enable_unsafe_noiommu_mode=1`` to
     ``cmdline_extra``).
+
+    ``qemu`` is the QEMU to run: a command name or path (the wrapper of
+    :mod:`pyvfio.testing.qemu` for QEMU >= 10.1), or an argv prefix.
+    ``iommu_caching_mode`` adds ``caching-mode=on`` to the vIOMMU, which QEMU
+    requires with a ``vfio-user-pci`` device.  ``memory_backend="memfd"``
+    puts guest RAM in ``memory-backend-memfd,share=on`` (a vfio-user server
+    then maps it from the fds QEMU sends); the default is plain RAM.  ``qmp``
+    is a UNIX socket path where QEMU listens for QMP while the guest runs.
     """
 
     def __init__(
@@ -391,7 +401,10 @@ class Guest:
         memory_mib: int = 1024,
         smp: int = 2,
         accel: str | None = None,
-        qemu: str = QEMU,
+        qemu: str | Sequence[str] = QEMU,
+        iommu_caching_mode: bool = False,
+        memory_backend: str | None = None,
+        qmp: Path | str | None = None,
     ) -> None:
         if memory_mib < 256:
             raise UsageError(f"guest memory {memory_mib} MiB: at least 256 MiB is needed")
@@ -399,6 +412,12 @@ class Guest:
             raise UsageError(f"guest smp {smp}: at least 1 CPU")
         if accel not in (None, "kvm", "tcg"):
             raise UsageError(f"accel {accel!r}: use kvm, tcg or None (probe)")
+        if memory_backend not in (None, "memfd"):
+            raise UsageError(f"memory_backend {memory_backend!r}: use None (plain RAM) or memfd")
+        if isinstance(qemu, str):
+            qemu = [qemu]
+        if not qemu:
+            raise UsageError("qemu: an empty command")
         self.kernel = kernel
         self.devices = list(devices)
         self.iommu = iommu
@@ -406,7 +425,11 @@ class Guest:
         self.memory_mib = memory_mib
         self.smp = smp
         self.accel = accel
-        self.qemu = qemu
+        self.qemu_command = list(qemu)
+        self.qemu = self.qemu_command[0] if len(self.qemu_command) == 1 else shlex.join(qemu)
+        self.iommu_caching_mode = iommu_caching_mode
+        self.memory_backend = memory_backend
+        self.qmp = Path(qmp) if qmp is not None else None
 
     def cmdline(self) -> str:
         # no_timer_check: under TCG the small 6.12 kernel panics in check_timer
@@ -424,7 +447,7 @@ class Guest:
         pycache = pycache or pycache_dir()
         machine = "q35,kernel-irqchip=split" if self.iommu else "q35"
         argv = [
-            self.qemu, "-nodefaults", "-no-user-config", "-display", "none",
+            *self.qemu_command, "-nodefaults", "-no-user-config", "-display", "none",
             "-machine", machine, "-accel", accel,
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.smp), "-m", str(self.memory_mib),
@@ -432,9 +455,26 @@ class Guest:
             "-kernel", str(self.kernel.image), "-initrd", str(initramfs),
             "-append", self.cmdline(),
         ]
+        devices = list(self.devices)
         if self.iommu:
-            # Must come before the PCI devices it translates for.
-            argv += ["-device", "intel-iommu,intremap=on"]
+            # Must come before the PCI devices it translates for.  An
+            # intel-iommu among ``devices`` (pyvfio qemu-args --iommu) takes
+            # the place of the harness's own.
+            iommu = "intel-iommu,intremap=on" + (
+                ",caching-mode=on" if self.iommu_caching_mode else "")
+            for n in range(len(devices) - 1):
+                if devices[n] == "-device" and devices[n + 1].startswith("intel-iommu,"):
+                    iommu = devices[n + 1]
+                    del devices[n:n + 2]
+                    break
+            argv += ["-device", iommu]
+        if self.memory_backend == "memfd":
+            # share=on: with share=off QEMU passes the fd of its private copy
+            # and a vfio-user server's DMA silently misses the guest's memory.
+            argv += ["-object", f"memory-backend-memfd,id=pyvfio-ram,size={self.memory_mib}M,"
+                                "share=on", "-machine", "memory-backend=pyvfio-ram"]
+        if self.qmp is not None:
+            argv += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
         argv += [
             "-fsdev", f"local,id=fs-{HOSTROOT_TAG},path=/,security_model=none,readonly=on,"
                       "multidevs=remap",
@@ -449,7 +489,7 @@ class Guest:
             "-device", f"virtio-9p-pci,fsdev=fs-{PYCACHE_TAG},mount_tag={PYCACHE_TAG},"
                        f"bus=pcie.0,addr={HARNESS_SLOTS[2]:#x}",
         ]
-        return argv + self.devices
+        return argv + devices
 
     def run_script(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
         """The shell script the guest runs in the host root (``/run/pyvfio/run.sh``)."""
@@ -487,7 +527,7 @@ class Guest:
         expose = [str(cwd) for tmpfs in _GUEST_TMPFS if Path(tmpfs) in cwd.parents]
         debian.ensure_packages(HOST_PACKAGES)
         initramfs = build_initramfs(self.kernel.modules_dir)
-        accel = self.accel or choose_accel(self.qemu)
+        accel = self.accel or choose_accel(self.qemu_command)
         warm_pycache()
         if run_dir is None:
             run_dir = Path(tempfile.mkdtemp(prefix="pyvfio-guest-"))

@@ -53,6 +53,9 @@ GUEST_MODULES = (
     "vfio_pci_core", "vfio_pci",                        # legacy VFIO
     "mdev",                                             # mediated devices (if modular)
     "e1000", "e1000e",                                  # the topology's NICs
+    "nvme",                                             # the storage topology's disk
+    "virtio_rng", "virtio_blk",                         # virtio devices pyvfio serves
+    "crc32c_generic", "ext4",                           # filesystems on those disks
 )
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")

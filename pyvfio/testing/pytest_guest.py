@@ -74,6 +74,10 @@ GUEST_CONFIGS = {
         "noiommu", iommu=False, cmdline_extra=("vfio.enable_unsafe_noiommu_mode=1",),
         description="no IOMMU, vfio.enable_unsafe_noiommu_mode=1, standard topology",
     ),
+    "storage": GuestConfig(
+        "storage", topology="storage",
+        description="Intel vIOMMU, standard topology plus an NVMe controller on a raw image",
+    ),
 }
 
 

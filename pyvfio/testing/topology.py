@@ -21,6 +21,8 @@ that carries no traffic anywhere (QEMU warns about a NIC without one).
 
 from __future__ import annotations
 
+import os
+
 EDU = "0000:00:03.0"
 ROOT_PORT = "0000:00:04.0"
 PCI_BRIDGE = "0000:01:00.0"
@@ -58,8 +60,40 @@ def standard() -> list[str]:
     ]
 
 
+# The "storage" topology: the standard one plus an NVMe controller on the
+# root bus (its own IOMMU group) backed by a small raw image, for the
+# host-safety tests (a mounted filesystem must keep the device from vfio).
+NVME = "0000:00:06.0"
+NVME_IMAGE_BYTES = 32 << 20
+
+
+def storage() -> list[str]:
+    """The standard topology plus ``-device nvme`` at :data:`NVME` on a fresh
+    sparse raw image (removed when this process exits)."""
+    import atexit
+    import tempfile
+
+    fd, image = tempfile.mkstemp(prefix="pyvfio-nvme-", suffix=".raw")
+    os.ftruncate(fd, NVME_IMAGE_BYTES)
+    os.close(fd)
+    atexit.register(_remove, image)
+    return [
+        *standard(),
+        "-drive", f"file={image},if=none,id=nvme-disk,format=raw",
+        "-device", "nvme,id=nvme0,serial=pyvfio0,drive=nvme-disk,bus=pcie.0,addr=0x6",
+    ]
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 TOPOLOGIES = {
     "standard": standard,
+    "storage": storage,
     "none": list,
 }
 

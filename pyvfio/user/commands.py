@@ -28,8 +28,30 @@ def _edu(args: argparse.Namespace) -> PciDeviceModel:
     return EduDevice(dma_delay=args.dma_delay)
 
 
+def _virtio_rng(args: argparse.Namespace) -> PciDeviceModel:
+    from pyvfio.devices.virtio.rng import SeededSource, VirtioRng
+
+    if args.seed is not None:
+        # Text, so the control socket can pass it too; "7" and 7 give one stream.
+        return VirtioRng(SeededSource(str(args.seed).encode()))
+    return VirtioRng()
+
+
+def _virtio_blk(args: argparse.Namespace) -> PciDeviceModel:
+    from pyvfio.devices.virtio.blk import VirtioBlk
+
+    if not args.file:
+        raise UsageError("virtio-blk needs a backing file: pyvfio serve virtio-blk --file "
+                         "disk.img --socket PATH (create one with truncate -s 64M disk.img)")
+    return VirtioBlk(args.file, read_only=args.read_only)
+
+
 MODELS: dict[str, tuple[Callable[[argparse.Namespace], PciDeviceModel], str]] = {
     "edu": (_edu, "QEMU's edu teaching device (1234:11e8): factorial, IRQs, 4 KiB DMA engine"),
+    "virtio-rng": (_virtio_rng, "virtio entropy device (1af4:1044) for the guest's virtio_rng "
+                   "driver; --seed N for a reproducible stream"),
+    "virtio-blk": (_virtio_blk, "virtio block device (1af4:1042) backed by --file F for the "
+                   "guest's virtio_blk driver"),
 }
 
 
@@ -37,6 +59,9 @@ SERVE_EPILOG = """\
 examples:
   pyvfio serve edu --socket /tmp/edu.sock                     one edu device
   pyvfio serve edu --socket /tmp/a.sock --socket /tmp/b.sock  two independent ones
+  pyvfio serve virtio-rng --socket /tmp/rng.sock             the guest's virtio_rng binds it
+  pyvfio serve virtio-blk --file disk.img --socket /tmp/blk.sock
+                                                              a disk for the guest's virtio_blk
   pyvfio serve --list                                         the models there are
   pyvfio serve --model mymodels:Checksum --socket /tmp/c.sock your own PciDeviceModel
   pyvfio serve edu --socket /run/vm1/edu.sock --socket-mode 0660 --socket-owner qemu:kvm
@@ -80,15 +105,35 @@ def register(sub: Any) -> None:
     parser.add_argument("--dma-delay", type=float, default=0.1, metavar="SECONDS",
                         help="edu: delay between the DMA start command and the transfer "
                         "(default: 0.1, as QEMU)")
+    parser.add_argument("--file", metavar="PATH",
+                        help="virtio-blk: the backing file or block device (its size in "
+                        "512-byte sectors is the disk's capacity)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="virtio-blk: open --file read-only and offer VIRTIO_BLK_F_RO")
+    parser.add_argument("--seed", metavar="TEXT",
+                        help="virtio-rng: serve a reproducible stream (BLAKE2b keyed with "
+                        "TEXT, over a counter) instead of os.urandom; for tests, never for "
+                        "real entropy")
     parser.add_argument("--list", action="store_true", help="list the device models and exit")
+    parser.add_argument("--control", metavar="PATH",
+                        help="also listen for JSON control commands on PATH (mode 0600; "
+                        "QMP-like: device-add, device-remove, query-devices, client "
+                        "events; see docs/vfio-user-qemu.md); MODEL and --socket are then "
+                        "optional")
     parser.add_argument("--json", action="store_true",
                         help="with --list: print the models as JSON (errors too)")
     parser.set_defaults(func=run)
 
+    from pyvfio.user import control, qemu_args
+
+    qemu_args.register(sub)
+    control.register(sub)
+
 
 def _raise_fd_limit() -> None:
-    """Each fd-backed DMA window holds one fd while mapped (CPython's mmap
-    keeps a dup), and each eventfd one more: take the hard limit."""
+    """Each client file behind DMA windows holds one fd (up to 256 per
+    client), each eventfd one more, each client its sockets: take the hard
+    limit.  Running out is survived (the accept loop turns clients away)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -172,6 +217,42 @@ def _model_factory(args: argparse.Namespace) -> tuple[str, Callable[[], PciDevic
     return getattr(cls, "name", None) or class_name, make
 
 
+# The serve options each model takes (argparse dests); the control socket's
+# device-add accepts these as "options", with the command line's values as defaults.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {"edu": ("dma_delay",), "virtio-rng": ("seed",),
+                                             "virtio-blk": ("file", "read_only")}
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Refuse model option values no model can use (before anything is served)."""
+    if getattr(args, "dma_delay", 0) < 0:
+        raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
+
+
+def control_models(args: argparse.Namespace) -> dict[str, Any]:
+    """The models as :class:`pyvfio.user.control.ModelType`, built from :data:`MODELS`."""
+    from pyvfio.user.control import ModelType
+
+    def creator(factory: Callable[[argparse.Namespace], PciDeviceModel]
+                ) -> Callable[[Any], PciDeviceModel]:
+        def create(options: Any) -> PciDeviceModel:
+            ns = argparse.Namespace(**{**vars(args), **options})
+            check_model_args(ns)
+            return factory(ns)
+        return create
+
+    return {name: ModelType(name, text, creator(factory),
+                            {k: getattr(args, k) for k in MODEL_OPTIONS.get(name, ())
+                             if hasattr(args, k)})
+            for name, (factory, text) in MODELS.items()}
+
+
+def _version() -> str:
+    from pyvfio import __version__
+
+    return __version__
+
+
 def run(args: argparse.Namespace) -> int:
     from pyvfio.user.lifecycle import serve_until_signalled
     from pyvfio.user.server import Server
@@ -183,33 +264,61 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.list:
         for name, (_f, text) in MODELS.items():
-            print(f"{name:8} {text}")
+            print(f"{name:11} {text}")
         return 0
     if args.json:
         raise UsageError("--json goes with --list (a running server logs to stderr)")
-    name, factory = _model_factory(args)
-    if not args.sockets:
-        shown = args.model or f"--model {args.model_class}"
-        raise UsageError(f"say where to listen: pyvfio serve {shown} --socket PATH")
-    if args.dma_delay < 0:
-        raise UsageError(f"--dma-delay must be 0 or more seconds, not {args.dma_delay}")
+    control_path = args.control
+    factory: Callable[[], PciDeviceModel] | None = None
+    if args.model or args.model_class or not control_path:
+        name, factory = _model_factory(args)
+        if not args.sockets:
+            shown = args.model or f"--model {args.model_class}"
+            raise UsageError(f"say where to listen: pyvfio serve {shown} --socket PATH")
+    elif args.sockets:
+        raise UsageError("name the device model to serve on --socket, e.g. "
+                         "pyvfio serve edu --socket /tmp/edu.sock --control PATH")
+    else:
+        name = "devices"
+    # (With only --control, --file is the default of a later device-add.)
+    if args.file and (args.model_class or args.model not in (None, "virtio-blk")):
+        raise UsageError(f"--file is for virtio-blk, not {args.model or args.model_class}")
+    if args.model == "virtio-blk" and len(args.sockets or ()) > 1:
+        raise UsageError("virtio-blk serves one --file on one --socket; run one server per "
+                         "disk (or add more with the control socket)")
+    check_model_args(args)
     mode = args.socket_mode
     if mode is None and args.socket_owner is not None:
         mode = 0o600
     _raise_fd_limit()
     server = Server()
     models: list[PciDeviceModel] = []
+    control = None
     try:
-        for path in args.sockets:
+        for path in args.sockets or ():
+            assert factory is not None
             model = factory()
             models.append(model)
             _add_with_permissions(server, model, path, mode, args.socket_owner)
             print(f"pyvfio: serving {name} on {path}", file=sys.stderr, flush=True)
-        if serve_until_signalled(server) is not None:
+        if control_path:
+            from pyvfio.user.control import ControlServer
+
+            control = ControlServer(server, control_path, control_models(args),
+                                    version=_version())
+            for ds, model in zip(server.devices, models, strict=True):
+                control.adopt(ds, name, model)
+            control.start()
+            print(f"pyvfio: control socket on {control_path}", file=sys.stderr, flush=True)
+        signalled = serve_until_signalled(server)
+        if signalled is not None or (control is not None and control.quit_requested.is_set()):
             served = sum(ds.clients_served for ds in server.devices)
             print(f"pyvfio: stopped serving {name} ({served} client(s) served)",
                   file=sys.stderr, flush=True)
     finally:
+        if control is not None:
+            control.close()
+            models += control.models_served()
         server.close()
         for model in models:
             close = getattr(model, "close", None)

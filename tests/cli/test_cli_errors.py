@@ -112,7 +112,7 @@ def test_info_rejects_a_bad_timeout(capsys, value: str) -> None:
 def test_serve_needs_a_model(capsys) -> None:
     code, _, err = run_cli(capsys, "serve")
     assert code == 2
-    assert one_line(err) == ("pyvfio serve: name a device model (edu), e.g. "
+    assert one_line(err) == ("pyvfio serve: name a device model (edu, virtio-blk, virtio-rng), e.g. "
                              "pyvfio serve edu --socket /tmp/edu.sock")
 
 
@@ -126,7 +126,7 @@ def test_serve_unknown_model_names_the_known_ones(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["serve", "nosuchmodel", "--socket", "/tmp/never.sock"])
     assert exc.value.code == 2
-    assert "invalid choice: 'nosuchmodel' (choose from 'edu')" in capsys.readouterr().err
+    assert "invalid choice: 'nosuchmodel' (choose from 'edu', 'virtio-blk', 'virtio-rng')" in capsys.readouterr().err
 
 
 def test_serve_missing_directory(capsys) -> None:

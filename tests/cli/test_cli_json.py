@@ -93,7 +93,8 @@ def test_ls_and_check_schemas(host: FakeSysfs, capsys, tmp_path: Path) -> None:
     (check_doc,) = docs["pyvfio check"]
     assert keys(check[0]) | {".in_use[].pid", ".in_use[].comm", ".in_use[].path",
                              ".problems[].device", ".problems[].driver", ".problems[].reason",
-                             ".problems[].fix", ".problems[].kind"} == keys(check_doc)
+                             ".problems[].fix", ".problems[].kind",
+                             ".problems[].evidence"} == keys(check_doc)
     # One form per field: the cdev's name in both, its node's path in both.
     assert ls[0]["vfio_cdev"] == check[0]["vfio_cdev"] == "vfio0"
     assert ls[0]["vfio_cdev_path"] == check[0]["vfio_cdev_path"] == "/dev/vfio/devices/vfio0"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyvfio.cli import main
-from pyvfio.errors import BindError, DeviceInUse, NotBoundToVfio, NotViable
+from pyvfio.errors import BindError, DeviceInUse, HostUsesDevice, NotBoundToVfio, NotViable
 from pyvfio.host import Host, bind, require_ready, restore
 from pyvfio.testing import kconfig, topology
 
@@ -198,3 +198,89 @@ def test_noiommu_mode_diagnosis(guest_kernel: str, state_dir: str) -> None:
     bind(topology.EDU, state_dir=state_dir)
     d = Host().diagnose(topology.EDU)
     assert d.ready and d.noiommu and d.group_node == f"/dev/vfio/noiommu-{d.group}"
+
+
+# ---- issue 10: never take what the host uses ------------------------------------------------
+
+BUSYBOX = "/bin/busybox"
+
+
+def _netdev_of(bdf: str) -> str:
+    names = os.listdir(SYSFS_PCI / bdf / "net")
+    assert len(names) == 1, names
+    return names[0]
+
+
+@pytest.fixture
+def configured_e1000(guest_kernel: str) -> Iterator[str]:
+    """The bridged e1000's interface, up with 10.0.2.15/24 and a route to
+    10.9.0.0/16 (busybox ip); flushed and down again afterwards."""
+    if guest_kernel != "debian":
+        pytest.skip("the pyvfio-6.12 guest kernel is built without IPv4 (no CONFIG_INET)")
+    iface = _netdev_of(topology.E1000_BRIDGED)
+    for args in (["link", "set", iface, "up"], ["addr", "add", "10.0.2.15/24", "dev", iface],
+                 ["route", "add", "10.9.0.0/16", "via", "10.0.2.2", "dev", iface]):
+        subprocess.run([BUSYBOX, "ip", *args], check=True, capture_output=True)
+    try:
+        yield iface
+    finally:
+        if driver_of(topology.E1000_BRIDGED) == "e1000":
+            iface = _netdev_of(topology.E1000_BRIDGED)
+            subprocess.run([BUSYBOX, "ip", "addr", "flush", "dev", iface], check=False)
+            subprocess.run([BUSYBOX, "ip", "link", "set", iface, "down"], check=False)
+
+
+def test_e1000_with_an_address_and_a_route_is_refused(
+    guest_kernel: str, configured_e1000: str, state_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    iface = configured_e1000
+    d = Host().diagnose(topology.EDU_BRIDGED)
+    (use,) = [p for p in d.problems if p.kind == "active-netdev"]
+    assert use.device == topology.E1000_BRIDGED and iface in use.reason
+    assert "10.9.0.0/16 via 10.0.2.2" in use.reason and "10.0.2.0/24" in use.reason
+    with pytest.raises(HostUsesDevice, match=iface):
+        bind(topology.EDU_BRIDGED, group=True, state_dir=state_dir)
+    assert driver_of(topology.E1000_BRIDGED) == "e1000" and driver_of(topology.EDU_BRIDGED) is None
+    assert not os.path.exists(state_dir)  # refused before the first write, records included
+    code, out, err = run(capsys, "bind", "--group", "--dry-run", topology.EDU_BRIDGED,
+                         "--state-dir", state_dir)
+    assert code == 1 and iface in err and driver_of(topology.E1000_BRIDGED) == "e1000"
+    # --force takes it, and says what it overrode
+    code, out, err = run(capsys, "bind", "--group", "--force", "--json", topology.EDU_BRIDGED,
+                         "--state-dir", state_dir)
+    assert code == 0, err
+    forced = {r["device"]: [p["kind"] for p in r["forced"]] for r in json.loads(out)["devices"]}
+    assert forced[topology.E1000_BRIDGED] == ["active-netdev"]
+    assert driver_of(topology.E1000_BRIDGED) == "vfio-pci" and require_ready(topology.EDU_BRIDGED).ready
+
+
+@pytest.mark.guest_config("storage")
+def test_nvme_with_a_mounted_filesystem_is_refused(
+    guest_kernel: str, state_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if guest_kernel != "debian":
+        pytest.skip("the pyvfio-6.12 guest kernel is built without NVMe and block filesystems")
+    assert driver_of(topology.NVME) == "nvme"
+    namespace = next(n for n in sorted(os.listdir("/sys/class/block"))
+                     if f"/{topology.NVME}/" in os.readlink(f"/sys/class/block/{n}"))
+    subprocess.run(["mke2fs", "-q", "-F", f"/dev/{namespace}"], check=True, capture_output=True)
+    mount_point = tmp_path / "data"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "ext2", f"/dev/{namespace}", str(mount_point)], check=True)
+    try:
+        d = Host().diagnose(topology.NVME)
+        (use,) = [p for p in d.problems if p.kind == "mounted"]
+        assert namespace in use.reason and str(mount_point) in use.reason
+        with pytest.raises(HostUsesDevice, match=f"{namespace} of {topology.NVME} holds a mounted"):
+            bind(topology.NVME, state_dir=state_dir)
+        assert driver_of(topology.NVME) == "nvme" and not os.path.exists(state_dir)
+        code, out, _ = run(capsys, "ls", "-v", "-s", "00:06.0")
+        assert code == 0 and f"\tBlock devices: {namespace}" in out
+        assert "In use by the host (mounted)" in out and "Kernel driver in use: nvme" in out
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    # Unmounted, it is free to take; and it goes back.
+    bind(topology.NVME, state_dir=state_dir)
+    assert driver_of(topology.NVME) == "vfio-pci"
+    restore(topology.NVME, state_dir=state_dir)
+    assert driver_of(topology.NVME) == "nvme"

@@ -118,9 +118,8 @@ def test_no_iommu_is_exit_2(tmp_path, capsys) -> None:
 
 
 def test_check_without_devices_is_usage_error(fake: FakeSysfs, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["--root", fake.root, "check"])
-    assert exc.value.code == 2
+    code, _, err = run(capsys, "--root", fake.root, "check")
+    assert code == 2 and "name the devices to check, or use --all" in err
 
 
 def test_bind_group_and_restore_json(fake: FakeSysfs, capsys) -> None:

@@ -146,14 +146,27 @@ def test_variant_alias_without_group_node_is_reported(bare: FakeSysfs) -> None:
 
 
 def test_group_node_without_known_vfio_driver_is_reported(bare: FakeSysfs) -> None:
-    """A variant whose module lacks vfio_pci aliases: /dev/vfio/N exists anyway."""
+    """A variant whose module lacks vfio_pci aliases, on a kernel without
+    device cdevs, in a group with another driven member: /sys/class/vfio/4
+    says a driver registered the group, nothing says which one."""
     bare.add_driver("oot_vfio", vfio=True)  # no aliases in modules.alias
     bare.add_device("0000:01:00.0", 0x1D0F, 0xEFA0, 0x020000, group=4, driver="oot_vfio")
+    bare.add_device("0000:01:00.1", 0x8086, 0x100E, 0x020000, group=4, driver="e1000")
     d = Host(bare.root).diagnose("0000:01:00.0")
     assert d.driver_kind == "host"
     disagreements = [p for p in d.problems if p.kind == "variant-disagreement"]
-    assert len(disagreements) == 1 and disagreements[0].driver == "oot_vfio"
+    assert [p.driver for p in disagreements] == ["oot_vfio", "e1000"]
     assert "/dev/vfio/4 exists" in disagreements[0].reason
+
+
+def test_sole_member_of_a_registered_group_is_a_vfio_device(bare: FakeSysfs) -> None:
+    """The same driver alone in its group (no cdev, no alias): the kernel's
+    registration of the group names it, so it is a vfio device and ready."""
+    bare.add_driver("oot_vfio", vfio=True)
+    bare.add_device("0000:01:00.0", 0x1D0F, 0xEFA0, 0x020000, group=4, driver="oot_vfio")
+    d = Host(bare.root).diagnose("0000:01:00.0")
+    assert d.driver_kind == "vfio-variant" and d.best_driver == "oot_vfio" and d.ready
+    assert any(e["source"] == "/sys/class/vfio/4" and "only member" in e["says"] for e in d.evidence)
 
 
 def test_in_use_group(fake: FakeSysfs) -> None:
@@ -190,7 +203,12 @@ def test_in_use_through_a_legacy_device_fd(fake: FakeSysfs) -> None:
 def test_ready_device(fake: FakeSysfs) -> None:
     _to_vfio(fake, EDU)
     d = require_ready(EDU, root=fake.root)
-    assert d.as_dict() == {
+    evidence = d.as_dict().pop("evidence")
+    assert {"source": "/sys/class/vfio/31/dev", "says": "0:1"} in evidence
+    assert {"source": "/dev/vfio/31", "says": "character device 0:1"} in evidence
+    assert {"source": "/sys/kernel/iommu_groups/31/reserved_regions",
+            "says": "0xfee00000-0xfeefffff msi"} in evidence
+    assert {k: v for k, v in d.as_dict().items() if k != "evidence"} == {
         "device": EDU, "group": 31, "driver": "vfio-pci", "driver_kind": "vfio",
         "best_driver": "vfio-pci", "viable": True, "in_use": [], "ready": True, "problems": [],
         "group_node": "/dev/vfio/31", "vfio_cdev": None, "vfio_cdev_path": None,

@@ -337,7 +337,7 @@ def test_model_errno_reaches_the_client(probe: tuple[Probe, VfioUserDevice]) -> 
     (Command.REGION_READ, P.REGION_ACCESS.pack(0, 0, 4) + b"x", errno.EINVAL),  # data on a read
     (Command.DEVICE_GET_IRQ_INFO, P.IrqInfoMsg(9).pack(), errno.EINVAL),
     (Command.DEVICE_GET_REGION_INFO, P.RegionInfoMsg(0).pack()[:20], errno.EINVAL),
-    (Command.DMA_UNMAP, P.DmaUnmap(0x1000, 0x1000).pack(), errno.ENOENT),
+    (Command.DMA_UNMAP, P.DmaUnmap(0x1000, 0x1000, 0x1).pack(), errno.EINVAL),  # bitmap, no logging
     (14, b"", errno.EINVAL),                           # the retired DIRTY_PAGES: unknown
 ])
 def test_server_errors_keep_their_errno(probe: tuple[Probe, VfioUserDevice], command: int,

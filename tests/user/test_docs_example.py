@@ -17,7 +17,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "vfio-user.md"
 
 @pytest.fixture(scope="module")
 def checksum_class():
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+              if "class Checksum" in b]
     assert len(blocks) == 1
     namespace: dict = {"__name__": "docs_example"}
     exec(compile(blocks[0], str(DOC), "exec"), namespace)

@@ -212,6 +212,27 @@ class Ioas(DmaSpace):
                               self.target)
             raise self._map_error(err, "IOMMU_IOAS_MAP", iova, int(arg.length)) from None
 
+    def _map_batch(self, batch: list[tuple[int, SharedMemory]], readable: bool,
+                   writable: bool) -> None:
+        """Every entry's checks and struct first, then one IOMMU_IOAS_MAP each
+        (it takes one range per call); rolled back on the kernel's error."""
+        args = [self._map_arg(iova, memory, 0, None, readable, writable)
+                for iova, memory in batch]
+        fd = self._fd()
+        done = 0
+        try:
+            for arg in args:
+                _fcntl_ioctl(fd, _IOMMU_IOAS_MAP, arg)
+                done += 1
+        except OSError as exc:
+            self._unmap_quietly([(int(a.iova), int(a.length)) for a in args[:done]])
+            err = KernelError(exc.errno or errno.EIO, "IOMMU_IOAS_MAP", self.target)
+            raise self._map_error(err, "IOMMU_IOAS_MAP", int(args[done].iova),
+                                  int(args[done].length)) from None
+        except BaseException:
+            self._unmap_quietly([(int(a.iova), int(a.length)) for a in args[:done]])
+            raise
+
     def _map_arg(self, iova: int, memory: SharedMemory, offset: int, size: int | None,
                  readable: bool, writable: bool) -> U.iommu_ioas_map:
         """The struct for this fixed-IOVA map, checked, built or found in the

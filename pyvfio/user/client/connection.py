@@ -158,9 +158,48 @@ class _Connection:
                 return msg.payload
             return self._finish(msg, msg_id, command, False).payload
 
-    def _finish(self, msg: Message, msg_id: int, command: int, keep_fds: bool) -> Message:
+    def call_many(self, command: int, payloads: Sequence[bytes]) -> list[bytes]:
+        """Several commands of one kind without fds, pipelined: all sent in one
+        ``sendall``, then their replies read in order, so the batch costs one
+        round trip.  Returns the reply payloads.  An error reply to one of
+        them is raised (the first one) only after every reply was read, so the
+        stream stays in step; a protocol error breaks the connection as in
+        :meth:`request`."""
+        with self.lock:
+            if self.broken is not None:
+                raise self._down(command)
+            ids: list[int] = []
+            parts: list[bytes] = []
+            for payload in payloads:
+                msg_id = self._next_id
+                self._next_id = (msg_id + 1) & 0xFFFF
+                ids.append(msg_id)
+                parts.append(_pack_header(msg_id, command, 16 + len(payload), 0, 0))
+                parts.append(payload)
+            try:
+                self.sock.sendall(b"".join(parts))
+            except OSError as exc:
+                raise self._send_failed(command, exc) from None
+            out: list[bytes] = []
+            first_error: PeerError | None = None
+            last = ids[-1] if ids else -1
+            for msg_id in ids:
+                try:
+                    out.append(self._finish(self._read(command), msg_id, command, False,
+                                            msg_id != last).payload)
+                except PeerError as exc:
+                    first_error = first_error or exc
+                    out.append(b"")
+            if first_error is not None:
+                raise first_error
+            return out
+
+    def _finish(self, msg: Message, msg_id: int, command: int, keep_fds: bool,
+                more_replies: bool = False) -> Message:
         """From the first message after our request to our checked reply:
-        serve server commands on the way, raise on errors.  Lock held."""
+        serve server commands on the way, raise on errors.  Lock held.
+        ``more_replies``: replies to later pipelined requests may follow in
+        the reader's queue (:meth:`call_many`)."""
         try:
             while True:
                 if not msg.is_reply:
@@ -184,7 +223,7 @@ class _Connection:
                 msg.close_fds()  # fds where none belong
             # Commands that came in the same read as the reply would wait in the
             # reader's queue with nobody to see them: serve them now.
-            while self.reader.queued:
+            while self.reader.queued and not more_replies:
                 extra = self._read(command)
                 if extra.is_reply:
                     extra.close_fds()

@@ -110,6 +110,37 @@ class RegionCalls(ClientBase):
                                   f"does not match (payload {len(payload)} bytes)")
         return payload[16:]
 
+    # A batch is pipelined in slices of this many requests, so that neither
+    # socket buffer fills while the other side waits for us to read.
+    _PIPELINE = 64
+
+    def _region_read_block(self, index: int, offset: int, count: int, width: int) -> bytes:
+        """``count`` REGION_READs of ``width`` bytes, pipelined: one round trip
+        per :attr:`_PIPELINE` registers, each read one access of its width."""
+        heads = [_pack_access(offset + i * width, index, width) for i in range(count)]
+        out: list[bytes] = []
+        for start in range(0, count, self._PIPELINE):
+            batch = heads[start:start + self._PIPELINE]
+            for head, payload in zip(batch, self._conn.call_many(Command.REGION_READ, batch),
+                                     strict=True):
+                if len(payload) != 16 + width or payload[:16] != head:
+                    raise self._malformed(f"REGION_READ of region {index}: a reply does not "
+                                          f"match its request (payload {len(payload)} bytes)")
+                out.append(payload[16:])
+        return b"".join(out)
+
+    def _region_write_block(self, index: int, offset: int, data: bytes, width: int) -> None:
+        """Pipelined REGION_WRITEs of ``width`` bytes (see :meth:`_region_read_block`)."""
+        requests = [_pack_access(offset + start, index, width) + data[start:start + width]
+                    for start in range(0, len(data), width)]
+        for start in range(0, len(requests), self._PIPELINE):
+            batch = requests[start:start + self._PIPELINE]
+            for request, reply in zip(batch, self._conn.call_many(Command.REGION_WRITE, batch),
+                                      strict=True):
+                if reply != request[:16]:
+                    raise self._malformed(f"REGION_WRITE of region {index}: a reply does not "
+                                          "match its request")
+
     def _region_write(self, index: int, offset: int, data: bytes) -> None:
         size = len(data)
         step = self.max_xfer

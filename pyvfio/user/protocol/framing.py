@@ -129,7 +129,7 @@ class MessageReader:
         self.max_msg_size = max_msg_size
         self.max_fds = max_fds
         self.bufsize = bufsize
-        self._cmsg_space = socket.CMSG_SPACE(max_fds * _INT_SIZE)
+        self._cmsg_space = self.cmsg_space = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         self._pending = b""  # bytes of an incomplete header / small message
         self._pending_fds: list[int] = []  # fds that came with those bytes
         self._pending_truncated = False
@@ -182,6 +182,21 @@ class MessageReader:
         except (ConnectionResetError, BrokenPipeError) as exc:
             self.close()
             raise ConnectionClosed(f"vfio-user peer broke the connection: {exc}") from None
+        return self.take(data, anc, msg_flags)
+
+    @property
+    def idle(self) -> bool:
+        """No message queued or half read: the next bytes on the socket start
+        a message.  A caller that does its own ``recvmsg`` (the server's
+        region-access fast path) may only do so then, and must hand whatever
+        it does not handle itself to :meth:`take`."""
+        return not (self._queue or self._pending or self._big is not None or self._discard)
+
+    def take(self, data: bytes, anc: list[tuple[int, int, bytes]], msg_flags: int
+             ) -> list[Message]:
+        """The messages that one ``recvmsg`` result (``data``, ancillary data
+        and flags, as :meth:`socket.socket.recvmsg` returns them, received with
+        ``MSG_CMSG_CLOEXEC`` into :attr:`cmsg_space`) completes."""
         if not anc and len(data) >= HEADER_SIZE and not self._pending and self._big is None \
                 and not self._discard:
             # Fast path: exactly one whole message and no fds (the common case).

@@ -34,6 +34,9 @@ SERVER_MAX_DMA_MAPS = 4096
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 LISTEN_BACKLOG = 64
 MAX_WAITING_CLIENTS = 4  # clients queued behind the connected one
+# Commands a client may send while the connection's own thread waits for its
+# reply to our DMA_READ/WRITE (they are kept and answered afterwards).
+MAX_BACKLOG = 256
 CLIENT_REPLY_TIMEOUT = 10.0  # seconds a model waits for a DMA_READ/WRITE reply
 _FD_COMMANDS = frozenset({P.Command.DMA_MAP, P.Command.DEVICE_SET_IRQS})
 
@@ -48,6 +51,7 @@ class ServedDevice(Protocol):
     max_msg_fds: int
     max_data_xfer_size: int
     max_dma_maps: int
+    reply_timeout: float
     migration: MigrationFsm
     io_fds: dict[int, list[tuple[IoEventFd, int]]]
 
@@ -75,11 +79,20 @@ class ConnectionBase:
     _twin: socket.socket | None
     _twin_reader: P.MessageReader | None
     _twin_lock: threading.Lock
+    _twin_thread: threading.Thread | None
+    _twin_eof: bool
+    _reply_timeout: float
     _closed: bool
     _close_after_reply: list[int]
     _regions: list[RegionSpec | None]
     _access_table: list[tuple[int, bool, bool, Any, memoryview | None] | None]
     _max_xfer: int
+    _max_read: int
+
+    @property
+    def _client_max_xfer(self) -> int:
+        """The largest data transfer we may send the client (its VERSION)."""
+        return min(self.owner.max_data_xfer_size, self.client_caps.max_data_xfer_size)
 
     def _send(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         with self._send_lock:

@@ -35,6 +35,8 @@ from pyvfio.user.server.feature import FeatureHandlers
 from pyvfio.user.server.irq import IrqHandlers
 from pyvfio.user.server.region import RegionHandlers
 
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+
 
 class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
     """One client of one device.  Runs in its own thread (:meth:`run`)."""
@@ -59,6 +61,9 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         self._twin: socket.socket | None = None
         self._twin_reader: P.MessageReader | None = None
         self._twin_lock = threading.Lock()
+        self._twin_thread: threading.Thread | None = None
+        self._twin_eof = False
+        self._reply_timeout = owner.reply_timeout
         self._closed = False
         self._close_after_reply: list[int] = []  # our copies of fds sent in a reply
         regions = self.device.regions
@@ -66,6 +71,7 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
                                                   range(self.device.num_regions)]
         self._access_table = self._build_access_table()
         self._max_xfer = owner.max_data_xfer_size
+        self._max_read = owner.max_data_xfer_size
         self._handlers: dict[int, Callable[[P.Message], tuple[bytes, list[int]]]] = {
             P.Command.VERSION: self._version,
             P.Command.DMA_MAP: self._dma_map,
@@ -89,7 +95,13 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
     def run(self) -> None:
         self.thread = threading.current_thread()
         try:
+            # A client holds the device from connect() on, and later clients
+            # wait: one that never sends VERSION must not hold it for good.
+            self.sock.settimeout(self._reply_timeout)
             self._loop()
+        except TimeoutError:
+            log.warning("%s: dropping a client that sent no VERSION within %gs",
+                        self.owner.path, self._reply_timeout)
         except (ConnectionClosed, ConnectionError, BrokenPipeError):
             pass
         except ProtocolError as exc:  # a framing error: the stream is lost
@@ -108,10 +120,47 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         lock = self.device.lock
         sock = self.sock
         backlog = self._backlog
+        recvmsg, bufsize, cmsg_space = sock.recvmsg, reader.bufsize, reader.cmsg_space
+        sendall, send_lock, access = sock.sendall, self._send_lock, self._access
         while True:
             if backlog:
                 msgs = list(backlog)
                 backlog.clear()
+            elif reader.idle:
+                try:
+                    data, anc, msg_flags, _addr = recvmsg(bufsize, cmsg_space, _MSG_CMSG_CLOEXEC)
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    reader.close()
+                    raise ConnectionClosed(f"vfio-user peer broke the connection: {exc}") from None
+                # The hot path, in this frame: one read that holds exactly one
+                # REGION_READ or REGION_WRITE wanting a reply, and no fds.  No
+                # Message object, no reader state; everything else (and any
+                # refusal) goes through the reader and the general loop below.
+                if not anc and len(data) >= 32 and self.negotiated:
+                    msg_id, cmd, msg_size, flags, _err = _HEADER.unpack_from(data)
+                    if cmd in (_CMD_REGION_READ, _CMD_REGION_WRITE) and not flags \
+                            and msg_size == len(data):
+                        try:
+                            with lock:
+                                reply = access(data[16:], cmd == _CMD_REGION_WRITE)
+                            with send_lock:
+                                sendall(_HEADER.pack(msg_id, cmd, 16 + len(reply), _REPLY, 0)
+                                        + reply)
+                            continue
+                        except ProtocolError as exc:
+                            err = exc.errno
+                        except OSError as exc:
+                            err = exc.errno or errno.EIO
+                        except Exception:
+                            log.exception("%s: region access callback failed", self.owner.path)
+                            err = errno.EIO
+                        self._send_error(P.Message(msg_id, cmd, flags, 0, b"", []), err)
+                        continue
+                msgs = reader.take(data, anc, msg_flags)
+                if not msgs:
+                    if reader.eof:
+                        return
+                    continue
             else:
                 msgs = reader.read_some()
                 if not msgs:
@@ -212,6 +261,10 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
             self.dma.remove_all()
             self.irqs.close()
             try:
+                self.owner.migration.client_gone()
+            except Exception:
+                log.exception("%s: leaving the migration state failed", self.owner.path)
+            try:
                 self.device.on_disconnect()
             except Exception:
                 log.exception("%s: on_disconnect failed", self.owner.path)
@@ -220,6 +273,10 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         self._backlog.clear()
         self.reader.close()
         if self._twin is not None:
+            with contextlib.suppress(OSError):
+                self._twin.shutdown(socket.SHUT_RDWR)
+            if self._twin_thread is not None:
+                self._twin_thread.join(5)
             self._twin.close()
         self.sock.close()
         self.owner._connection_ended(self)
@@ -234,6 +291,7 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
             raise ProtocolError(f"unsupported major version {v.major}", errno.ENOTSUP)
         caps = v.caps
         self.client_caps = caps
+        self._max_read = self._client_max_xfer
         proposed = v.capabilities.to_json() if v.capabilities else {}
         mine: dict[str, Any] = {
             "max_msg_fds": self.owner.max_msg_fds,
@@ -252,12 +310,16 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
             mine_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._twin = mine_end
             self._twin_reader = P.MessageReader(mine_end, max_fds=0)
+            self._twin_thread = threading.Thread(target=self._twin_loop, daemon=True,
+                                                 name=f"vfio-user twin {self.owner.path}")
+            self._twin_thread.start()
             out_fds.append(client_end.detach())
             self._close_after_reply = list(out_fds)
             mine["twin_socket"] = {"supported": True, "fd_index": 0}
         reply = P.Version(P.VERSION_MAJOR, min(v.minor, P.VERSION_MINOR),
                           P.Capabilities.from_json(mine))
         self.negotiated = True
+        self.sock.settimeout(None)
         self.device._attach(self)
         try:
             self.device.on_connect()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 from pyvfio.errors import ProtocolError
 from pyvfio.user import protocol as P
 from pyvfio.user.dma import DmaFault
-from pyvfio.user.server._base import CLIENT_REPLY_TIMEOUT, ConnectionBase
+from pyvfio.user.server._base import MAX_BACKLOG, ConnectionBase, log
 
 
 class DmaHandlers(ConnectionBase):
@@ -52,10 +53,23 @@ class DmaHandlers(ConnectionBase):
             # Check the window exists before reading (and clearing) its bits.
             if not any(w.iova == req.address and w.size == req.size for w in self.dma.mappings):
                 raise OSError(errno.ENOENT, "DMA_UNMAP: no such window")
+            if P.DmaUnmap.SIZE + need > self._client_max_xfer:
+                raise OSError(errno.E2BIG, f"DMA_UNMAP: a {need}-byte bitmap exceeds the "
+                              "client's max_data_xfer_size")
             bitmap = self.dma.dirty_bitmap(req.address, req.size, pgsize)
             self.dma.remove(req.address, req.size)
             return P.DmaUnmap(req.address, req.size, req.flags, req.argsz, pgsize, need,
                               bitmap).pack(), []
+        if not self.dma.overlaps(req.address, req.size):
+            # Never mapped: the kernel's type1 unmaps nothing and succeeds.
+            # QEMU's vfio-user container (hw/vfio-user/container.c,
+            # vfio_user_dma_unmap) returns the reply's errno to the shared
+            # vfio listener, which is written for type1 and reports every
+            # failure; it unmaps ranges it never mapped on each vIOMMU domain
+            # switch, so iommufd's ENOENT would only flood its log.  A range
+            # that cuts a window is still refused below (libvfio-user: exact
+            # match).
+            return P.DmaUnmap(req.address, req.size, req.flags, req.argsz).pack(), []
         self.dma.remove(req.address, req.size)
         return P.DmaUnmap(req.address, req.size, req.flags, req.argsz).pack(), []
 
@@ -70,21 +84,31 @@ class DmaHandlers(ConnectionBase):
         m.close_fds()  # a reply nobody waits for
 
     def _call(self, command: int, payload: bytes) -> P.Message:
-        """Send a command to the client and return its reply (any thread)."""
+        """Send a command to the client and return its reply (any thread).
+
+        Over the twin socket (and over the main socket from any thread but
+        the connection's own), the wait is a condition wait on the device
+        lock: the lock is released while the client takes its time, so the
+        connection keeps answering REGION_READ and the rest meanwhile.  Every
+        wait ends after the server's ``reply_timeout`` (``ETIMEDOUT``)."""
         if self._closed:
             raise DmaFault(errno.ENOTCONN, "client is gone")
-        if self._twin is not None:
-            return self._call_twin(command, payload)
+        twin = self._twin
         with self._cond:
             self._next_id = (self._next_id + 1) & 0xFFFF
             msg_id = self._next_id
             self._replies[msg_id] = None
         try:
-            self._send(P.pack_message(msg_id, command, payload))
-            if threading.current_thread() is self.thread:
+            data = P.pack_message(msg_id, command, payload)
+            if twin is not None:
+                with self._twin_lock:
+                    P.send_message(twin, data)
+                self._wait_reply(msg_id, twin=True)
+            elif threading.current_thread() is self.thread:
+                self._send(data)
                 # We are the reader: pump the socket, keeping commands for later.
                 while self._replies.get(msg_id) is None:
-                    self.sock.settimeout(CLIENT_REPLY_TIMEOUT)
+                    self.sock.settimeout(self._reply_timeout)
                     try:
                         batch = self.reader.read_some()
                     finally:
@@ -96,12 +120,14 @@ class DmaHandlers(ConnectionBase):
                             self._route_reply(r)
                         else:
                             self._backlog.append(r)
+                    if len(self._backlog) > MAX_BACKLOG:
+                        # Kept commands cost memory: stop reading, fail this
+                        # DMA, answer them afterwards.
+                        raise DmaFault(errno.ENOBUFS, f"client sent {len(self._backlog)} "
+                                       "commands while a DMA request was pending")
             else:
-                with self._cond:
-                    while self._replies.get(msg_id) is None and not self._closed:
-                        if not self._cond.wait(CLIENT_REPLY_TIMEOUT):
-                            raise DmaFault(errno.ETIMEDOUT, "client did not answer a DMA "
-                                           "request in time")
+                self._send(data)
+                self._wait_reply(msg_id, twin=False)
             reply = self._replies.get(msg_id)
             if reply is None:
                 raise DmaFault(errno.ENOTCONN, "client went away during DMA")
@@ -109,30 +135,45 @@ class DmaHandlers(ConnectionBase):
         except (TimeoutError, OSError) as exc:
             if isinstance(exc, DmaFault):
                 raise
-            raise DmaFault(exc.errno or errno.EIO, f"DMA message to the client failed: {exc}"
-                           ) from None
+            raise DmaFault(exc.errno or errno.ETIMEDOUT, f"DMA message to the client failed: "
+                           f"{exc}") from None
         finally:
             with self._cond:
                 self._replies.pop(msg_id, None)
 
-    def _call_twin(self, command: int, payload: bytes) -> P.Message:
-        assert self._twin is not None and self._twin_reader is not None
-        with self._twin_lock:
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            msg_id = self._next_id
-            try:
-                P.send_message(self._twin, P.pack_message(msg_id, command, payload))
-                while True:
-                    reply = self._twin_reader.read()
-                    if reply is None:
-                        raise DmaFault(errno.ENOTCONN, "client closed the twin socket")
-                    if reply.msg_id == msg_id and reply.flags & 0xF:
-                        return reply
-                    reply.close_fds()
-            except OSError as exc:
-                if isinstance(exc, DmaFault):
-                    raise
-                raise DmaFault(exc.errno or errno.EIO, f"DMA message failed: {exc}") from None
+    def _wait_reply(self, msg_id: int, *, twin: bool) -> None:
+        deadline = time.monotonic() + self._reply_timeout
+        with self._cond:
+            while self._replies.get(msg_id) is None and not self._closed \
+                    and not (twin and self._twin_eof):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DmaFault(errno.ETIMEDOUT, f"client did not answer a DMA request "
+                                   f"within {self._reply_timeout:g}s")
+                self._cond.wait(left)
+
+    def _twin_loop(self) -> None:
+        """Read the client's replies on the twin socket and hand them to the
+        waiting callers (their own thread, never holding the device lock)."""
+        reader = self._twin_reader
+        assert reader is not None
+        try:
+            while True:
+                m = reader.read()
+                if m is None:
+                    break
+                if m.flags & 0xF:
+                    self._route_reply(m)
+                else:  # the client sends commands on the main socket only
+                    m.close_fds()
+                    log.warning("%s: command %d on the twin socket ignored", self.owner.path,
+                                m.command)
+        except (OSError, ProtocolError):
+            pass
+        finally:
+            with self._cond:
+                self._twin_eof = True
+                self._cond.notify_all()
 
     def _dma_read_msg(self, iova: int, size: int) -> bytes:
         out = bytearray()

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import select
 import selectors
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from pyvfio.devices.model import IoEventFd, PciDeviceModel
 from pyvfio.errors import UsageError
 from pyvfio.sockets import listen_error, prepare_listen_path
 from pyvfio.user.server._base import (
+    CLIENT_REPLY_TIMEOUT,
     LISTEN_BACKLOG,
     MAX_WAITING_CLIENTS,
     SERVER_MAX_DATA_XFER_SIZE,
@@ -37,9 +41,11 @@ class DeviceServer:
     def __init__(self, device: PciDeviceModel, path: str, *,
                  max_msg_fds: int = SERVER_MAX_MSG_FDS,
                  max_data_xfer_size: int = SERVER_MAX_DATA_XFER_SIZE,
-                 max_dma_maps: int = SERVER_MAX_DMA_MAPS) -> None:
+                 max_dma_maps: int = SERVER_MAX_DMA_MAPS,
+                 reply_timeout: float = CLIENT_REPLY_TIMEOUT) -> None:
         self.device = device
         self.path = path
+        self.reply_timeout = reply_timeout
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
         self.max_dma_maps = max_dma_maps
@@ -47,9 +53,16 @@ class DeviceServer:
         self.connection: Connection | None = None
         self.listener: socket.socket | None = None
         self.clients_served = 0
+        # Called as on_client("connected"|"disconnected", self, connection) from
+        # the server's threads with its lock held: it must not block (the
+        # control socket only queues an event).
+        self.on_client: Callable[[str, DeviceServer, Connection], None] | None = None
         self._lock = threading.Lock()
         self._waiting: collections.deque[socket.socket] = collections.deque()
         self._closing = False
+        # One fd held back for the day the process runs out (_accept_failed).
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._last_accept_error = 0.0
         device.finalize()
         # ioeventfds are the device's, not a client's: they outlive clients.
         self.io_fds: dict[int, list[tuple[IoEventFd, int]]] = {}
@@ -109,11 +122,48 @@ class DeviceServer:
         self.listener = sock
 
     def accept(self) -> None:
-        assert self.listener is not None
+        """Take one waiting client.  Never raises: an error is this client's
+        (it is turned away and the error logged), never the server's."""
+        listener = self.listener
+        if listener is None:  # removed while the accept loop was looking at it
+            return
         try:
-            sock, _ = self.listener.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            self._accept_failed(exc)
+            return
+        try:
+            self._take(sock)
+        except Exception as exc:  # no thread, no memory: turn this client away
+            sock.close()
+            log.error("%s: cannot serve a new client: %s", self.path, exc)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """accept() failed.  Out of fds (EMFILE, ENFILE), the client would stay
+        queued and the listener readable, so the accept loop would spin:
+        give back the reserve fd, accept the client and close it at once
+        (it sees the connection end), then take the reserve again."""
+        now = time.monotonic()
+        if now - self._last_accept_error > 1.0:
+            self._last_accept_error = now
+            log.warning("%s: cannot accept a client: %s (%s); turning it away", self.path,
+                        exc.strerror or exc, errno.errorcode.get(exc.errno or 0, "?"))
+        if exc.errno not in (errno.EMFILE, errno.ENFILE) or self.listener is None:
+            return
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _take(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         with self._lock:
             if self.connection is not None:
@@ -130,11 +180,17 @@ class DeviceServer:
     def _start(self, sock: socket.socket) -> None:
         """Run a connection for ``sock`` (with ``_lock`` held)."""
         conn = Connection(self, sock)
-        self.connection = conn
-        self.clients_served += 1
         thread = threading.Thread(target=conn.run, name=f"vfio-user {self.path}", daemon=True)
         conn.thread = thread
-        thread.start()
+        self.connection = conn
+        try:
+            thread.start()
+        except BaseException:  # no thread: the device must not look taken
+            self.connection = None
+            raise
+        self.clients_served += 1
+        # The thread's end (_connection_ended) waits for _lock: this comes first.
+        self._notify("connected", conn)
 
     @property
     def busy(self) -> bool:
@@ -145,14 +201,25 @@ class DeviceServer:
         with self._lock:
             if self.connection is conn:
                 self.connection = None
+                self._notify("disconnected", conn)
                 if self._waiting and not self._closing:
                     self._start(self._waiting.popleft())
+
+    def _notify(self, what: str, conn: Connection) -> None:
+        if self.on_client is not None:
+            try:
+                self.on_client(what, self, conn)
+            except Exception:
+                log.exception("%s: on_client(%s) failed", self.path, what)
 
     def close(self) -> None:
         with self._lock:
             self._closing = True
             while self._waiting:
                 self._waiting.popleft().close()
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
         if self._io_wake is not None:
             os.write(self._io_wake[1], b"x")
             if self._io_thread is not None:
@@ -211,13 +278,23 @@ class Server:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def add(self, device: PciDeviceModel, path: str, **limits: int) -> DeviceServer:
+    def add(self, device: PciDeviceModel, path: str, **limits: Any) -> DeviceServer:
         ds = DeviceServer(device, path, **limits)
         ds.listen()
         assert ds.listener is not None
         self._selector.register(ds.listener, selectors.EVENT_READ, ds)
         self.devices.append(ds)
         return ds
+
+    def remove(self, ds: DeviceServer) -> None:
+        """Stop serving ``ds``: end its client (if any), close its socket and
+        remove the socket file.  The model is left to the caller."""
+        if ds.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(ds.listener)
+        with contextlib.suppress(ValueError):
+            self.devices.remove(ds)
+        ds.close()
 
     def serve_forever(self) -> None:
         while not self._stop:
@@ -226,7 +303,10 @@ class Server:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 64)
                     continue
-                key.data.accept()
+                try:
+                    key.data.accept()
+                except Exception:  # never let one client end the loop of all devices
+                    log.exception("%s: accepting a client failed", key.data.path)
 
     def start(self) -> Server:
         self._thread = threading.Thread(target=self.serve_forever, name="vfio-user accept",

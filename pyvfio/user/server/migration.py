@@ -119,3 +119,12 @@ class MigrationFsm:
     def reset(self) -> None:
         self.state = "RUNNING"
         self._out, self._out_pos, self._in = b"", 0, bytearray()
+
+    def client_gone(self) -> None:
+        """The client left: the next one starts in RUNNING, as a kernel vfio
+        driver starts each open (a half-written stream is dropped; device
+        registers are kept).  A model that was stopped is told it runs."""
+        old = self.state
+        self.reset()
+        if old != "RUNNING":
+            self.device.migration_state_changed(old, "RUNNING")

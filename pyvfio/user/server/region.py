@@ -110,7 +110,9 @@ class RegionHandlers(ConnectionBase):
                 raise ProtocolError("REGION_WRITE count does not match the data", errno.EINVAL)
         elif n != 16:
             raise ProtocolError("REGION_READ carries data", errno.EINVAL)
-        if count > self._max_xfer:
+        if count > self._max_xfer or (not is_write and count > self._max_read):
+            # A read's reply carries `count` bytes: the client's own
+            # max_data_xfer_size (VERSION) bounds it as well as ours.
             raise ProtocolError(f"count {count} over max_data_xfer_size", errno.E2BIG)
         table = self._access_table
         entry = table[index] if index < len(table) else None

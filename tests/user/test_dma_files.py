@@ -1,0 +1,124 @@
+"""DmaTable's files: windows of one file share one mapping or fd, unsealed
+files are never mmapped, and every count is bounded."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+import pytest
+
+from pyvfio.user.dma import DmaFault, DmaTable
+from pyvfio.user.protocol import DmaMapFlag
+
+RW = int(DmaMapFlag.READ | DmaMapFlag.WRITE)
+RO = int(DmaMapFlag.READ)
+
+
+def memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK) -> int:
+    fd = os.memfd_create("t", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_windows_of_one_file_share_one_mapping():
+    fd = memfd(64 * 4096)
+    table = DmaTable()
+    before = open_fds()
+    for i in range(64):
+        table.add(0x100000 + i * 0x10000, 4096, RW, fd, i * 4096)
+    assert table.files == 1 and open_fds() == before + 1  # CPython's mmap: one dup
+    table.write(0x100000 + 5 * 0x10000 + 8, b"five")
+    assert os.pread(fd, 4, 5 * 4096 + 8) == b"five"
+    table.remove_all()
+    assert table.files == 0 and open_fds() == before
+    os.close(fd)
+
+
+def test_access_and_growth_make_separate_files():
+    fd = memfd(2 * 4096)                     # shrink sealed, may grow
+    table = DmaTable()
+    table.add(0x1000, 4096, RW, fd, 0)
+    table.add(0x2000, 4096, RO, fd, 0)        # read-only: its own mapping
+    assert table.files == 2
+    os.ftruncate(fd, 4 * 4096)
+    table.add(0x3000, 4096, RW, fd, 3 * 4096)  # past the first mapping's end
+    assert table.files == 3
+    table.write(0x3000, b"grown")
+    assert os.pread(fd, 5, 3 * 4096) == b"grown"
+    with pytest.raises(DmaFault) as exc:
+        table.write(0x2000, b"x")              # the window's protection
+    assert exc.value.errno == errno.EACCES
+    table.remove(0x1000, 4096)
+    assert table.files == 2
+    table.remove_all()
+    os.close(fd)
+
+
+def test_unsealed_file_uses_pread_and_never_grows_the_file():
+    fd = memfd(4096, seals=0)
+    table = DmaTable()
+    m = table.add(0x1000, 4096, RW, fd, 0)
+    assert m.view is None and m.file is not None
+    table.write(0x1000, b"abc")
+    assert table.read(0x1000, 3) == b"abc"
+    buf = bytearray(3)
+    table.readinto(0x1000, buf)
+    assert buf == b"abc"
+    os.ftruncate(fd, 2)
+    for op in (lambda: table.read(0x1000, 3), lambda: table.write(0x1000 + 100, b"x")):
+        with pytest.raises(DmaFault) as exc:
+            op()
+        assert exc.value.errno == errno.EFAULT
+    assert os.fstat(fd).st_size == 2           # a write did not extend the client's file
+    with pytest.raises(DmaFault):
+        table.view(0x1000, 1)                  # no zero-copy view of such a window
+    table.remove_all()
+    os.close(fd)
+
+
+def test_files_per_client_are_bounded():
+    table = DmaTable(max_files=3)
+    fds = [memfd(4096) for _ in range(4)]
+    for i, fd in enumerate(fds[:3]):
+        table.add(0x1000 * (i + 1), 4096, RW, fd)
+    with pytest.raises(OSError) as exc:
+        table.add(0x10000, 4096, RW, fds[3])
+    assert exc.value.errno == errno.ENOSPC
+    table.add(0x20000, 4096, RW, fds[0])       # another window of a held file is fine
+    table.remove_all()
+    for fd in fds:
+        os.close(fd)
+
+
+def test_non_regular_fds_are_refused():
+    r, w = os.pipe()
+    table = DmaTable()
+    with pytest.raises(OSError) as exc:
+        table.add(0x1000, 4096, RW, r)
+    assert exc.value.errno == errno.EINVAL and len(table) == 0
+    os.close(r)
+    os.close(w)
+
+
+def test_a_held_view_keeps_the_mapping_until_released():
+    fd = memfd(4096)
+    table = DmaTable()
+    before = open_fds()
+    table.add(0x1000, 4096, RW, fd)
+    view = table.view(0x1000, 16, write=True)
+    table.remove(0x1000, 4096)                 # the model still holds a view
+    view[0:2] = b"ok"                          # still mapped: no SIGBUS, no error
+    view.release()
+    table.add(0x2000, 4096, RW, fd)
+    table.remove(0x2000, 4096)                 # the next unmap reaps the lingering one
+    assert open_fds() == before
+    assert os.pread(fd, 2, 0) == b"ok"
+    os.close(fd)
