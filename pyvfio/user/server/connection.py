@@ -114,6 +114,16 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         finally:
             self._teardown()
 
+    def _access_errno(self, exc: Exception) -> int:
+        """The errno a failed region access is answered with; called from the
+        ``except`` block, so an unexpected exception is logged with its traceback."""
+        if isinstance(exc, ProtocolError):
+            return exc.errno
+        if isinstance(exc, OSError):
+            return exc.errno or errno.EIO
+        log.exception("%s: region access callback failed", self.owner.path)
+        return errno.EIO
+
     def _loop(self) -> None:
         reader = self.reader
         handlers = self._handlers
@@ -147,13 +157,8 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
                                 sendall(_HEADER.pack(msg_id, cmd, 16 + len(reply), _REPLY, 0)
                                         + reply)
                             continue
-                        except ProtocolError as exc:
-                            err = exc.errno
-                        except OSError as exc:
-                            err = exc.errno or errno.EIO
-                        except Exception:
-                            log.exception("%s: region access callback failed", self.owner.path)
-                            err = errno.EIO
+                        except Exception as exc:
+                            err = self._access_errno(exc)
                         self._send_error(P.Message(msg_id, cmd, flags, 0, b"", []), err)
                         continue
                 msgs = reader.take(data, anc, msg_flags)
@@ -185,13 +190,8 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
                                     sock.sendall(_HEADER.pack(m.msg_id, cmd, 16 + len(reply),
                                                               _REPLY, 0) + reply)
                             continue
-                        except ProtocolError as exc:
-                            err = exc.errno
-                        except OSError as exc:
-                            err = exc.errno or errno.EIO
-                        except Exception:
-                            log.exception("%s: region access callback failed", self.owner.path)
-                            err = errno.EIO
+                        except Exception as exc:
+                            err = self._access_errno(exc)
                         if not flags & _NO_REPLY:
                             self._send_error(m, err)
                         continue
