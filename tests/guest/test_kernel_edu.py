@@ -162,4 +162,4 @@ def test_edu_module_cli_not_bound_fails_cleanly() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     data = json.loads(proc.stdout)
-    assert data["ok"] is False and "pyvfio bind" in data["error"]
+    assert data["ok"] is False and "pyvfio bind" in data["error"]["message"]
