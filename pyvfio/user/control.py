@@ -160,7 +160,6 @@ class _Client:
 
     def run(self) -> None:
         try:
-            self.send({"pyvfio": {"version": self.owner.version, "capabilities": ["events"]}})
             buf = b""
             while not self.closed:
                 chunk = self.sock.recv(65536)  # recv, not recvmsg: fds sent to us are dropped
@@ -290,6 +289,9 @@ class ControlServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                 struct.pack("ll", int(SEND_TIMEOUT), 0))
                 client = _Client(self, sock)
+                # The greeting goes out before the client can receive any event:
+                # an event emitted meanwhile must not arrive first.
+                client.send({"pyvfio": {"version": self.version, "capabilities": ["events"]}})
                 self._clients.append(client)
             threading.Thread(target=client.run, daemon=True,
                              name=f"pyvfio control client {self.path}").start()
