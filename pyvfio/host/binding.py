@@ -36,6 +36,7 @@ from pyvfio.errors import (
     NotViable,
     UsageError,
 )
+from pyvfio.host._paths import unwritable_directory
 from pyvfio.host.diagnosis import (
     P_NO_GROUP,
     P_RESERVED_DIRECT,
@@ -294,13 +295,8 @@ def _check_rights(host: Host, plan: list[tuple[PciDevice, str]], state: BindStat
         if os.path.exists(path) and not os.access(path, os.W_OK, effective_ids=True):
             raise NotPermitted(f"cannot write {path}: binding needs root (or write access to "
                                "sysfs); nothing was changed")
-    directory = state.directory
-    while not os.path.isdir(directory):
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+    directory = unwritable_directory(state.directory)
+    if directory is not None:
         raise NotPermitted(f"cannot write the bind records in {state.directory} ({directory} is not "
                            "writable; use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
 

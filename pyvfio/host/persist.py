@@ -37,10 +37,12 @@ from pyvfio.errors import (
     NotPermitted,
     UsageError,
 )
+from pyvfio.host._paths import unwritable_directory
 from pyvfio.host.model import Host, PciDevice, normalize_bdf
 
 CONFIG_DIR = "etc/pyvfio"
 CONFIG_FILE = "bindings.json"
+
 FORMAT_VERSION = 1
 UNIT_NAME = "pyvfio-apply.service"
 
@@ -88,13 +90,8 @@ class PersistedBindings:
     def check_writable(self) -> None:
         """Raise :class:`NotPermitted` unless the file could be written (the
         nearest existing directory is writable)."""
-        directory = self.directory
-        while not os.path.isdir(directory):
-            parent = os.path.dirname(directory)
-            if parent == directory:
-                break
-            directory = parent
-        if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        directory = unwritable_directory(self.directory)
+        if directory is not None:
             raise NotPermitted(f"cannot write the binding configuration in {self.directory} "
                                f"({directory} is not writable; use --config-dir or "
                                "$PYVFIO_CONFIG_DIR); nothing was changed")
