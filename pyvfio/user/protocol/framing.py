@@ -142,6 +142,10 @@ class MessageReader:
         self._discard = 0  # bytes left to drop of an oversized message
         self._queue: list[Message] = []
         self.eof = False
+        # recvmsg calls made by read_some(): a caller that does its own
+        # recvmsg while the reader is idle (the server's fast path) sees from
+        # a change that the reader was used meanwhile and may not be idle.
+        self.reads = 0
 
     @property
     def queued(self) -> int:
@@ -176,6 +180,7 @@ class MessageReader:
         if self._queue:
             out, self._queue = self._queue, []
             return out
+        self.reads += 1
         try:
             data, anc, msg_flags, _addr = self.sock.recvmsg(
                 self.bufsize, self._cmsg_space, _MSG_CMSG_CLOEXEC)
