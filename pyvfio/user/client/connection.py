@@ -40,6 +40,8 @@ MAX_REGION_INFO_SIZE = 64 << 10
 """Largest region-info reply (with capabilities) we ask for."""
 
 _pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _pack_access = REGION_ACCESS.pack
 _REPLY_FLAGS = 1  # MsgFlag.REPLY, as a plain int for the fast path
 
@@ -71,6 +73,11 @@ class _Connection:
         self.closed = False  # closed by us (ClosedError) rather than broken
         self._next_id = 0
         self.serve_command: Any = None  # set by the device: (Message) -> bytes
+        # The fast path of call(): prebound methods, and the reader's read
+        # count when call() last saw it idle (-1: not known to be idle).
+        self._lock_acquire, self._lock_release = self.lock.acquire, self.lock.release
+        self._sendall, self._recvmsg = sock.sendall, sock.recvmsg
+        self._idle_at = -1
 
     # ---- request/reply ----
 
@@ -134,29 +141,53 @@ class _Connection:
 
     def call(self, command: int, payload: bytes) -> bytes:
         """The register-access fast path: a command without fds whose reply
-        payload is all the caller needs.  Same checks as :meth:`request`;
-        the common case (the very next message is our clean reply) runs in
-        this one frame."""
-        with self.lock:
+        payload is all the caller needs.  Same checks as :meth:`request`.
+        While the reader holds nothing (it was idle after our last call and
+        nobody read since), this frame reads the socket itself, and a read
+        that holds exactly our clean reply is answered here; anything else
+        goes to the reader and the general path."""
+        self._lock_acquire()
+        try:
             if self.broken is not None:
                 raise self._down(command)
             msg_id = self._next_id
             self._next_id = (msg_id + 1) & 0xFFFF
             try:
-                self.sock.sendall(_pack_header(msg_id, command, 16 + len(payload), 0, 0)
-                                  + payload)
+                self._sendall(_pack_header(msg_id, command, 16 + len(payload), 0, 0) + payload)
             except OSError as exc:
                 raise self._send_failed(command, exc) from None
+            reader = self.reader
+            if reader.reads == self._idle_at:
+                try:
+                    data, anc, msg_flags, _addr = self._recvmsg(
+                        reader.bufsize, reader.cmsg_space, _MSG_CMSG_CLOEXEC)
+                except OSError as exc:
+                    raise self._read_failed(command, exc) from None
+                if not anc and len(data) >= 16:
+                    reply_id, reply_command, size, flags, _err = _unpack_header(data)
+                    if flags == _REPLY_FLAGS and reply_id == msg_id \
+                            and reply_command == command and size == len(data):
+                        return data[16:]
+                self._idle_at = -1
+                try:
+                    reader.push(data, anc, msg_flags)
+                except OSError as exc:
+                    raise self._read_failed(command, exc) from None
             try:
-                msg = self.reader.read()
+                msg = reader.read()
             except OSError as exc:
                 raise self._read_failed(command, exc) from None
             if msg is None:
                 raise self._read_failed(command, None)
-            if msg.flags == _REPLY_FLAGS and msg.msg_id == msg_id and msg.command == command \
-                    and not msg.fds and msg.problem is None and not self.reader.queued:
-                return msg.payload
-            return self._finish(msg, msg_id, command, False).payload
+            if not (msg.flags == _REPLY_FLAGS and msg.msg_id == msg_id
+                    and msg.command == command and not msg.fds and msg.problem is None
+                    and not reader.queued):
+                msg = self._finish(msg, msg_id, command, False)
+            if reader.idle:
+                self._idle_at = reader.reads
+            return msg.payload
+        finally:
+            self._lock_release()
 
     def call_many(self, command: int, payloads: Sequence[bytes]) -> list[bytes]:
         """Several commands of one kind without fds, pipelined: all sent in one

@@ -197,6 +197,13 @@ class MessageReader:
         it does not handle itself to :meth:`take`."""
         return not (self._queue or self._pending or self._big is not None or self._discard)
 
+    def push(self, data: bytes, anc: list[tuple[int, int, bytes]], msg_flags: int) -> None:
+        """Queue for :meth:`read` the messages that one ``recvmsg`` result
+        completes: a caller that did its own ``recvmsg`` while the reader was
+        idle (the client's register fast path) hands back a result it does not
+        handle itself.  Raises as :meth:`take`."""
+        self._queue.extend(self.take(data, anc, msg_flags))
+
     def take(self, data: bytes, anc: list[tuple[int, int, bytes]], msg_flags: int
              ) -> list[Message]:
         """The messages that one ``recvmsg`` result (``data``, ancillary data
