@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from collections.abc import Callable, Iterable
 
 from pyvfio.device import RegionFlag, RegionInfo, SparseArea, outside_region_error
@@ -161,7 +162,6 @@ class RegionCalls(ClientBase):
         index, size = info.index, info.size
         call = self._conn.call
         malformed = self._malformed
-        from_bytes = int.from_bytes
 
         name = self.name
 
@@ -172,19 +172,23 @@ class RegionCalls(ClientBase):
             limit = size - width
             mask = (1 << (8 * width)) - 1
             reply_size = 16 + width
+            # the reply: our access head echoed, then the value (PCI registers
+            # are little-endian; the head is too on every host this runs on)
+            unpack_reply = struct.Struct("<QII" + {1: "B", 2: "H", 4: "I", 8: "Q"}[width]).unpack
 
             def read_n(offset: int) -> int:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise bad(offset, width)
-                head = _pack_access(offset, index, width)
-                payload = call(9, head)  # REGION_READ
-                if len(payload) != reply_size or payload[:16] != head:
-                    raise malformed(f"REGION_READ of region {index} {offset:#x}+{width}: "
-                                    f"reply does not match (payload {len(payload)} bytes)")
-                return from_bytes(payload[16:], "little")
+                payload = call(9, _pack_access(offset, index, width))  # REGION_READ
+                if len(payload) == reply_size:
+                    r_offset, r_index, r_count, value = unpack_reply(payload)
+                    if r_offset == offset and r_index == index and r_count == width:
+                        return value
+                raise malformed(f"REGION_READ of region {index} {offset:#x}+{width}: "
+                                f"reply does not match (payload {len(payload)} bytes)")
 
             def write_n(offset: int, value: int) -> None:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise bad(offset, width)
                 head = _pack_access(offset, index, width)
                 if call(10, head + (value & mask).to_bytes(width, "little")) != head:
