@@ -854,8 +854,12 @@ def test_fast_path_hands_odd_reads_to_the_reader(serve: Any, odd: Any) -> None:
     (lambda m, c: reply_to(m, m.payload[:16] + b"abcd", command=Command.REGION_WRITE),
      ProtocolError),
     (lambda m, c: reply_to(m, m.payload[:16] + b"ab"), ProtocolError),
+    (lambda m, c: reply_to(m, P.REGION_ACCESS.pack(8, 0, 4) + b"abcd"), ProtocolError),
+    (lambda m, c: reply_to(m, P.REGION_ACCESS.pack(0, 1, 4) + b"abcd"), ProtocolError),
+    (lambda m, c: reply_to(m, P.REGION_ACCESS.pack(0, 0, 2) + b"abcd"), ProtocolError),
     (lambda m, c: b"CLOSE", ConnectionClosed),
-], ids=["error-reply", "wrong-id", "wrong-command", "short-data", "server-gone"])
+], ids=["error-reply", "wrong-id", "wrong-command", "short-data", "other-offset",
+        "other-region", "other-count", "server-gone"])
 def test_fast_path_odd_reply_errors(serve: Any, odd: Any, error: type[Exception]) -> None:
     s = _start(serve, _after_clean_reads(odd))
     dev = connect(s.path, timeout=2)

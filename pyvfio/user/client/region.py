@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 from collections.abc import Callable, Iterable
 
 from pyvfio.device import RegionFlag, RegionInfo, SparseArea, outside_region_error
@@ -155,9 +154,10 @@ class RegionCalls(ClientBase):
     def _region_int_accessors(self, info: RegionInfo
                               ) -> dict[int, tuple[Callable[[int], int],
                                                    Callable[[int, int], None]]]:
-        """Register accessors of one region that build the message and check
-        the reply in one frame around :meth:`_Connection.call` (the request
-        path costs about as much Python as the socket round trip itself).
+        """Register accessors of one region, one Python frame per access (the
+        request path costs about as much Python as the socket round trip
+        itself): reads are :meth:`_Connection.register_reader` closures, writes
+        build the message and check the reply around :meth:`_Connection.call`.
         The reply must echo our 16-byte access head exactly."""
         index, size = info.index, info.size
         call = self._conn.call
@@ -171,21 +171,7 @@ class RegionCalls(ClientBase):
         def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
             limit = size - width
             mask = (1 << (8 * width)) - 1
-            reply_size = 16 + width
-            # the reply: our access head echoed, then the value (PCI registers
-            # are little-endian; the head is too on every host this runs on)
-            unpack_reply = struct.Struct("<QII" + {1: "B", 2: "H", 4: "I", 8: "Q"}[width]).unpack
-
-            def read_n(offset: int) -> int:
-                if offset > limit or offset < 0:
-                    raise bad(offset, width)
-                payload = call(9, _pack_access(offset, index, width))  # REGION_READ
-                if len(payload) == reply_size:
-                    r_offset, r_index, r_count, value = unpack_reply(payload)
-                    if r_offset == offset and r_index == index and r_count == width:
-                        return value
-                raise malformed(f"REGION_READ of region {index} {offset:#x}+{width}: "
-                                f"reply does not match (payload {len(payload)} bytes)")
+            read_n = self._conn.register_reader(index, width, limit, bad, malformed)
 
             def write_n(offset: int, value: int) -> None:
                 if offset > limit or offset < 0:
