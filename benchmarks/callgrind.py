@@ -44,7 +44,6 @@ import mmap
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -262,45 +261,16 @@ def _client_loop(path: str, n: int) -> None:
             read32(0)
 
 
-def _version(sock: socket.socket) -> None:
-    """Negotiate as a client (the floors skip pyvfio's codec)."""
-    body = struct.pack("=HH", 0, 2) + b'{"capabilities":{}}\0'
-    sock.sendall(struct.pack("=HHIII", 0, 1, 16 + len(body), 0, 0) + body)
-    sock.recv(4096)
-
-
 def _floor_server(path: str) -> None:
-    """The least a Python vfio-user server does per REGION_READ: one recvmsg
-    (fds may come with any message), one header unpack, one sendall."""
-    header = struct.Struct("=HHIII")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    conn, _ = listener.accept()
-    data = conn.recv(4096)  # VERSION
-    body = struct.pack("=HH", 0, 2) + b'{"capabilities":{}}\0'
-    conn.sendall(header.pack(header.unpack_from(data)[0], 1, 16 + len(body), 1, 0) + body)
-    recvmsg, sendall, unpack_from, pack = conn.recvmsg, conn.sendall, header.unpack_from, \
-        header.pack
-    space = socket.CMSG_SPACE(16 * 4)
-    while True:
-        data, _anc, _flags, _addr = recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
-        if not data:
-            return
-        msg_id, command, _size, _flags, _err = unpack_from(data)
-        sendall(pack(msg_id, command, 36, 1, 0) + data[16:] + b"\0\0\0\0")
+    from vfu_floor import serve  # benchmarks/vfu_floor.py
+
+    serve(path, connections=1)
 
 
 def _floor_client(path: str, n: int) -> None:
-    """The least a Python client does per REGION_READ: sendall + recvmsg."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    _version(sock)
-    request = struct.pack("=HHIIIQII", 1, 9, 32, 0, 0, 0, 0, 4)
-    sendall, recvmsg, space = sock.sendall, sock.recvmsg, socket.CMSG_SPACE(16 * 4)
-    for _ in range(n):
-        sendall(request)
-        recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
+    from vfu_floor import client  # benchmarks/vfu_floor.py
+
+    client(path, n)
 
 
 PAIRS = ("server_region_read", "c_echo_region_read", "py_floor_server", "client_read32",
