@@ -155,6 +155,8 @@ class RegionHandlers(ConnectionBase):
         ``offset``, through the region's callback or into its memory (called
         with the device lock).  Raises :class:`ProtocolError` (E2BIG, EINVAL)
         for a refused access; a callback's own exception propagates."""
+        # The same checks as _read_region, written out rather than shared: a
+        # helper would add a Python call to every access on the hot path.
         if count > self._max_xfer:
             raise ProtocolError(f"count {count} over max_data_xfer_size", errno.E2BIG)
         table = self._access_table
