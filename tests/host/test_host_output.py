@@ -263,3 +263,13 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match=r"^module 'pyvfio.host' has no attribute 'nothing_here'$"):
         pyvfio.host.nothing_here  # noqa: B018
     assert not hasattr(pyvfio.host, "commands_x")
+
+
+def test_check_table_lists_every_user_of_a_device(fake: FakeSysfs, capsys) -> None:
+    fake.add_process(5151, "vfio-test", ["/dev/vfio/30"])
+    users = Host(fake.root).diagnose(BUSY_NIC).in_use
+    assert sorted(h["pid"] for h in users) == [4242, 5151]
+    code, out, _ = run(capsys, "--root", fake.root, "check", BUSY_NIC)
+    assert code == 1
+    listed = ", ".join(f"{h['pid']} ({h['comm']})" for h in users)
+    assert out.splitlines()[1].endswith(f"  {listed}  no")
