@@ -166,12 +166,16 @@ def test_groups_table_without_an_iommu_names_the_mode(tmp_path, capsys) -> None:
 def test_group_members_of_an_unplugged_device_are_left_out(fake: FakeSysfs) -> None:
     from pyvfio.host.commands import group_dict
 
-    group = Host(fake.root).group(12)
-    os.unlink(fake.p(f"sys/bus/pci/devices/{AUDIO}"))  # gone from the bus, still in the group
+    group = Host(fake.root).group(7)
+    # Gone from the bus while the group listing still names it (unplugged while we read).
+    os.unlink(fake.p(f"sys/bus/pci/devices/{EDU_BRIDGED}"))
     g = group_dict(Host(fake.root), group)
-    assert g["devices"] == [GPU, AUDIO]
-    assert [m["device"] for m in g["members"]] == [GPU]
-    assert g["viable"] is False  # the GPU on nouveau still breaks it
+    assert g["devices"] == [PCI_BRIDGE, EDU_BRIDGED, E1000_BRIDGED]
+    assert [m["device"] for m in g["members"]] == [PCI_BRIDGE, E1000_BRIDGED]
+    assert g["viable"] is False  # e1000 still breaks it
+    os.unlink(fake.p(f"sys/bus/pci/devices/{E1000_BRIDGED}"))
+    g = group_dict(Host(fake.root), group)
+    assert [m["device"] for m in g["members"]] == [PCI_BRIDGE] and g["viable"] is True
 
 
 # ---- check ----
@@ -211,6 +215,14 @@ def test_check_warns_of_noiommu_mode_on_stderr(tmp_path, capsys) -> None:
     assert err == ("WARNING: 0000:00:04.0 is in vfio's UNSAFE no-IOMMU mode: no IOMMU isolates its DMA, "
                    "so the device (and whoever drives it) can reach all of memory\n")
     assert "UNSAFE" not in out
+
+
+def test_diagnose_many_is_diagnose_of_each(fake: FakeSysfs) -> None:
+    host = Host(fake.root)
+    many = host.diagnose_many([GPU, EDU, BUSY_NIC])
+    assert [d.as_dict() for d in many] == [Host(fake.root).diagnose(a).as_dict()
+                                            for a in (GPU, EDU, BUSY_NIC)]
+    assert host.diagnose_many([]) == []
 
 
 # ---- restore ----

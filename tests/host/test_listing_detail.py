@@ -10,11 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyvfio.errors import UsageError
 from pyvfio.host.listing import (
     ModuleMatcher,
     _size,
     capabilities,
+    class_filter,
+    class_label,
     detail,
+    device_name,
     format_detail,
     regions,
 )
@@ -76,6 +80,34 @@ def _ext(cap: int, nxt: int, version: int = 1) -> int:
 def _caps(tree: FakeSysfs, cfg: bytes) -> list[str] | None:
     _write(tree, BARE, "config", cfg)
     return capabilities(Host(tree.root), BARE)
+
+
+# ---- names and the class filter ----
+
+def test_device_names_as_lspci_prints_them(tree: FakeSysfs) -> None:
+    ids = Host(tree.root).ids
+    assert ids is not None
+    assert device_name(ids, 0x8086, 0x100E) == "Intel Corporation 82540EM Gigabit Ethernet Controller"
+    assert device_name(ids, 0x8086, 0xABCD) == "Intel Corporation Device abcd"
+    assert device_name(ids, 0xABCE, 0x1234) == "Device abce:1234"
+    assert device_name(None, 0x8086, 0x100E) == "Device 8086:100e"
+    assert class_label(None, 0x020000) == "Class [0200]"
+    assert class_label(ids, 0x020000) == "Ethernet controller"
+    assert class_label(ids, 0x028000) == "Network controller [0280]"
+    assert class_label(ids, 0x123456) == "Class [1234]"
+
+
+@pytest.mark.parametrize(("spec", "prefix"), [
+    ("02", "02"), ("0x02", "02"), ("0X0200", "0200"), ("0C0330", "0c0330"), ("0x0c03", "0c03"),
+])
+def test_class_filter_takes_hex_in_any_case(spec: str, prefix: str) -> None:
+    assert class_filter(spec) == prefix
+
+
+@pytest.mark.parametrize("spec", ["2", "020", "0200000", "0x", "zz", "020x"])
+def test_class_filter_refuses_other_lengths(spec: str) -> None:
+    with pytest.raises(UsageError, match="bad class filter"):
+        class_filter(spec)
 
 
 # ---- sizes and regions ----
