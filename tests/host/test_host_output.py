@@ -158,9 +158,14 @@ def test_groups_table_without_an_iommu_names_the_mode(tmp_path, capsys) -> None:
         fake.add_standard_drivers()
         fake.add_device("0000:00:04.0", 0x1234, 0x11E8, 0x00FF00)
         with fake:
-            code, _, err = run(capsys, "--root", fake.root, "groups")
-        assert code == 0
-        assert err == f"note: no IOMMU present; vfio no-IOMMU mode is {mode}\n"
+            code, out, err = run(capsys, "--root", fake.root, "groups")
+            assert code == 0
+            assert err == f"note: no IOMMU present; vfio no-IOMMU mode is {mode}\n"
+            if noiommu:  # a no-IOMMU group has a name, no type
+                _to_vfio(fake, "0000:00:04.0")
+                code, out, err = run(capsys, "--root", fake.root, "groups")
+                assert Host(fake.root).group(0).type is None
+                assert out.splitlines()[1].split()[:4] == ["0", "yes", "-", "/dev/vfio/noiommu-0"]
 
 
 def test_group_members_of_an_unplugged_device_are_left_out(fake: FakeSysfs) -> None:

@@ -20,7 +20,9 @@ from pyvfio.host.listing import (
     detail,
     device_name,
     format_detail,
+    id_filter,
     regions,
+    slot_filter,
 )
 from pyvfio.host.model import Host
 from pyvfio.testing.fakesysfs import FakeSysfs
@@ -108,6 +110,60 @@ def test_class_filter_takes_hex_in_any_case(spec: str, prefix: str) -> None:
 def test_class_filter_refuses_other_lengths(spec: str) -> None:
     with pytest.raises(UsageError, match="bad class filter"):
         class_filter(spec)
+
+
+@pytest.mark.parametrize(("spec", "fields"), [
+    ("ffff:ffff:ffff:ff", (0xFFFF, 0xFFFF, 0xFFFF, 0xFF)),
+    (":", (None, None, None, None)),
+    ("*:*:*:*", (None, None, None, None)),
+    ("::0c03:30", (None, None, 0x0C03, 0x30)),
+])
+def test_id_filter_fields(spec: str, fields: tuple[int | None, ...]) -> None:
+    assert id_filter(spec) == fields
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("10000:", "bad vendor '10000' in the filter (at most ffff)"),
+    (":10000", "bad device '10000' in the filter (at most ffff)"),
+    ("::10000", "bad class '10000' in the filter (at most ffff)"),
+    ("::0200:100", "bad prog-if '100' in the filter (at most ff)"),
+    ("g:", "bad vendor 'g' in the filter (hex expected)"),
+    (":g", "bad device 'g' in the filter (hex expected)"),
+    ("::g", "bad class 'g' in the filter (hex expected)"),
+    ("::0200:g", "bad prog-if 'g' in the filter (hex expected)"),
+    ("1:2:3:4:5", "bad ID filter '1:2:3:4:5' (expected [vendor]:[device][:class[:prog-if]])"),
+])
+def test_id_filter_names_the_bad_field(spec: str, message: str) -> None:
+    with pytest.raises(UsageError) as exc:
+        id_filter(spec)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("100000000::", "bad domain '100000000' in the filter (at most ffffffff)"),
+    ("100:", "bad bus '100' in the filter (at most ff)"),
+    ("20", "bad device '20' in the filter (at most 1f)"),
+    (".8", "bad function '8' in the filter (at most 7)"),
+    ("x::", "bad domain 'x' in the filter (hex expected)"),
+    ("x:", "bad bus 'x' in the filter (hex expected)"),
+    ("x", "bad device 'x' in the filter (hex expected)"),
+    (".x", "bad function 'x' in the filter (hex expected)"),
+])
+def test_slot_filter_names_the_bad_field(spec: str, message: str) -> None:
+    with pytest.raises(UsageError) as exc:
+        slot_filter(spec)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize(("spec", "fields"), [
+    ("ffffffff:ff:1f.7", (0xFFFFFFFF, 0xFF, 0x1F, 7)),
+    ("", (None, None, None, None)),
+    ("*:*:*.*", (None, None, None, None)),
+    ("3.", (None, None, 3, None)),
+    ("1::", (1, None, None, None)),
+])
+def test_slot_filter_fields(spec: str, fields: tuple[int | None, ...]) -> None:
+    assert slot_filter(spec) == fields
 
 
 # ---- sizes and regions ----

@@ -110,6 +110,18 @@ def test_persist_list_text(fake: FakeSysfs, capsys) -> None:
     assert lines[3] == f"(2 in {fake.p('etc/pyvfio/bindings.json')})"
 
 
+def test_persist_list_and_forget_take_the_config_dir(fake: FakeSysfs, capsys, tmp_path: Path) -> None:
+    elsewhere = str(tmp_path / "elsewhere")
+    PersistedBindings(elsewhere).save([{"device": EDU, "vendor_id": "1234", "device_id": "11e8",
+                                        "driver": None, "group": False}])
+    code, out, _ = run(capsys, "--root", fake.root, "persist", "list", "--json", "--config-dir", elsewhere)
+    assert code == 0 and [e["device"] for e in json.loads(out)] == [EDU]
+    code, out, _ = run(capsys, "--root", fake.root, "persist", "list", "--json")
+    assert code == 0 and json.loads(out) == []
+    code, out, _ = run(capsys, "--root", fake.root, "persist", "forget", EDU, "--config-dir", elsewhere)
+    assert code == 0 and PersistedBindings(elsewhere).load() == []
+
+
 def test_persist_forget_all_and_its_output(fake: FakeSysfs, capsys) -> None:
     code, _, err = run(capsys, "--root", fake.root, "persist", "forget")
     assert code == 2 and "name the devices to forget, or use --all" in err

@@ -92,3 +92,38 @@ def test_fdinfo_names_the_device_of_a_legacy_fd(tmp_path: Path) -> None:
     assert _fdinfo_device(str(fdinfo)) == "0000:00:03.0"
     fdinfo.write_text("vfio-device-syspath: /sys/devices/pci0000:00/0000:00:03.0/\n")
     assert _fdinfo_device(str(fdinfo)) == "0000:00:03.0"
+
+
+@pytest.mark.parametrize(("value", "enabled"), [
+    ("Y", True), ("y", True), ("1", True), ("N", False), ("0", False), ("", False), (None, False),
+])
+def test_noiommu_mode_parameter(tmp_path: Path, value: str | None, enabled: bool) -> None:
+    fake = FakeSysfs(tmp_path / "r", iommu=False, noiommu=False)
+    param = fake.p("sys/module/vfio/parameters/enable_unsafe_noiommu_mode")
+    if value is None:
+        os.unlink(param)
+    else:
+        Path(param).write_text(value + "\n")
+    assert Host(fake.root).noiommu_enabled() is enabled
+
+
+def test_iommu_present_from_units_and_groups(tmp_path: Path) -> None:
+    from .test_diagnosis import _to_vfio
+
+    noiommu = FakeSysfs(tmp_path / "noiommu", iommu=False, noiommu=True)
+    noiommu.add_standard_drivers()
+    noiommu.add_device("0000:00:04.0", 0x1234, 0x11E8, 0x00FF00)
+    with noiommu:
+        _to_vfio(noiommu, "0000:00:04.0")
+    host = Host(noiommu.root)
+    assert [g.noiommu for g in host.groups()] == [True]
+    assert not host.iommu_present()  # a no-IOMMU group is not an IOMMU
+    os.makedirs(noiommu.p("sys/class/iommu/iommufd_selftest_iommu.0"))
+    assert not Host(noiommu.root).iommu_present()  # nor is iommufd's selftest unit
+    os.makedirs(noiommu.p("sys/class/iommu/dmar0"))
+    assert Host(noiommu.root).iommu_present()
+
+    grouped = FakeSysfs(tmp_path / "grouped", iommu=False, noiommu=False)
+    grouped.add_standard_drivers()
+    grouped.add_device("0000:00:04.0", 0x1234, 0x11E8, 0x00FF00, group=3)  # a unit sysfs lacks
+    assert Host(grouped.root).iommu_present()
