@@ -16,7 +16,7 @@ import pyvfio.host
 from pyvfio.cli import main
 from pyvfio.errors import DeviceInUse, HostStateError, NotBoundToVfio, NotViable
 from pyvfio.host import Host, require_ready
-from pyvfio.testing.fakesysfs import FakeSysfs
+from pyvfio.testing.fakesysfs import VFIO_GROUP_MAJOR, FakeSysfs, make_char_node
 
 from .conftest import (
     AUDIO,
@@ -100,18 +100,31 @@ def test_require_ready_counts_every_other_problem(bare: FakeSysfs) -> None:
         require_ready("0000:01:00.0", root=bare.root)
 
 
-def test_require_ready_without_a_matching_kind_gives_the_summary(bare: FakeSysfs) -> None:
-    """A vfio device whose group has no node and that a process holds through
-    its cdev: in use, so DeviceInUse; one with only a missing node is the
-    generic HostStateError with the node's problem."""
+def test_require_ready_with_a_missing_node_is_a_host_state_error(bare: FakeSysfs) -> None:
     bare.add_device("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, group=4, driver="vfio-pci")
     os.unlink(bare.p("dev/vfio/4"))
     d = Host(bare.root).diagnose("0000:01:00.0")
     (node,) = d.problems
+    assert node.kind == "no-group-node"
     with pytest.raises(HostStateError) as exc:
         require_ready("0000:01:00.0", root=bare.root)
     assert type(exc.value) is HostStateError
     assert str(exc.value) == f"cannot use 0000:01:00.0: {node.reason}; fix: {node.fix}"
+    assert exc.value.problems == [node.as_dict()]
+
+
+def test_require_ready_without_a_problem_of_the_error_s_kinds_gives_the_summary(bare: FakeSysfs) -> None:
+    """A stale /dev/vfio/N (not the kernel's node): on vfio, viable, not in
+    use, no node-missing problem; the message is the diagnosis summary."""
+    bare.add_device("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, group=4, driver="vfio-pci")
+    make_char_node(bare.p("dev/vfio/4"), VFIO_GROUP_MAJOR, 99)
+    d = Host(bare.root).diagnose("0000:01:00.0")
+    assert [p.kind for p in d.problems] == ["stale-node"] and d.viable and not d.ready
+    with pytest.raises(HostStateError) as exc:
+        require_ready("0000:01:00.0", root=bare.root)
+    assert type(exc.value) is HostStateError
+    assert str(exc.value) == d.summary()
+    assert exc.value.problems == [p.as_dict() for p in d.problems]
 
 
 def test_require_ready_takes_a_host_and_normalizes(fake: FakeSysfs) -> None:
