@@ -303,3 +303,28 @@ def test_check_table_lists_every_user_of_a_device(fake: FakeSysfs, capsys) -> No
     assert code == 1
     listed = ", ".join(f"{h['pid']} ({h['comm']})" for h in users)
     assert out.splitlines()[1].endswith(f"  {listed}  no")
+
+
+def test_a_group_member_that_vanished_is_left_out_of_the_diagnosis(fake: FakeSysfs) -> None:
+    os.unlink(fake.p(f"sys/bus/pci/devices/{E1000_BRIDGED}"))  # listed in the group, gone from the bus
+    d = Host(fake.root).diagnose(EDU_BRIDGED)
+    assert [m.device for m in d.members] == [PCI_BRIDGE, EDU_BRIDGED]
+    assert d.viable and [p.kind for p in d.problems] == ["not-vfio"]
+
+
+# ---- bind ----
+
+def test_bind_text_names_what_force_overrode(fake: FakeSysfs, capsys) -> None:
+    fake.add_netdev(E1000_BRIDGED, "ens2")
+    fake.add_ipv4_route("ens2", "10.1.0.0", 16)
+    (use,) = Host(fake.root).usage.uses(E1000_BRIDGED)
+    code, out, _ = run(capsys, "--root", fake.root, "bind", "--group", "--force", EDU_BRIDGED)
+    assert code == 0
+    assert f"{E1000_BRIDGED}: forced past active-netdev: {use.reason}" in out.splitlines()
+
+
+def test_bind_persist_dry_run_says_it_would_record(fake: FakeSysfs, capsys) -> None:
+    path = fake.p("etc/pyvfio/bindings.json")
+    code, out, _ = run(capsys, "--root", fake.root, "bind", "--persist", "--dry-run", EDU, "06:00.0")
+    assert code == 0 and not os.path.exists(path)
+    assert f"would record in {path}: {EDU}, {EDU}" in out.splitlines()

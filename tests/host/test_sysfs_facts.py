@@ -13,7 +13,7 @@ import pytest
 
 from pyvfio.host.model import Host, _fdinfo_device
 from pyvfio.host.sysfs import device_header_type, device_iommu_group, is_vfio_driver
-from pyvfio.testing.fakesysfs import FakeSysfs
+from pyvfio.testing.fakesysfs import FakeSysfs, make_char_node
 
 
 def test_iommu_group_from_the_link(tmp_path: Path) -> None:
@@ -127,3 +127,97 @@ def test_iommu_present_from_units_and_groups(tmp_path: Path) -> None:
     grouped.add_standard_drivers()
     grouped.add_device("0000:00:04.0", 0x1234, 0x11E8, 0x00FF00, group=3)  # a unit sysfs lacks
     assert Host(grouped.root).iommu_present()
+
+
+def test_reserved_regions_skip_malformed_lines(bare: FakeSysfs) -> None:
+    bare.add_device("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, group=4)
+    bare.set_reserved_regions(4, "0x00000000fee00000 0x00000000feefffff msi\n"
+                                 "not hex at-all direct\n"
+                                 "0x1000\n"
+                                 "0x00000000bddde000 0x00000000bdddefff direct\n")
+    regions = Host(bare.root).group(4).reserved_regions
+    assert [(r.start, r.end, r.type) for r in regions] == [
+        (0xFEE00000, 0xFEEFFFFF, "msi"), (0xBDDDE000, 0xBDDDEFFF, "direct")]
+
+
+def test_an_unreadable_revision_reads_as_unknown(bare: FakeSysfs) -> None:
+    bare.add_device("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, group=4, revision=0x10,
+                    subsystem=(0x1AF4, 0x1100))
+    d = bare.p(bare.devices["0000:01:00.0"].sysfs_dir)
+    Path(f"{d}/revision").write_text("garbage\n")
+    info = Host(bare.root).device("0000:01:00.0").as_dict(None)
+    assert info["revision"] is None and info["vendor_id"] == "1234"
+    Path(f"{d}/revision").write_text("0x1f\n")
+    assert Host(bare.root).device("0000:01:00.0").as_dict(None)["revision"] == "1f"
+
+
+def test_driver_module_of_a_built_in_driver_is_its_name_as_a_module(bare: FakeSysfs) -> None:
+    bare.add_driver("acme-builtin")
+    os.unlink(bare.p("sys/bus/pci/drivers/acme-builtin/module"))
+    host = Host(bare.root)
+    assert host.driver_module("acme-builtin") == "acme_builtin"
+    assert host.driver_module("vfio-pci") == "vfio_pci"
+
+
+def test_holders_skip_what_is_not_a_process_or_cannot_be_read(bare: FakeSysfs) -> None:
+    bare.add_device("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, group=4, driver="vfio-pci")
+    bare.add_process(42, "qemu", ["/dev/vfio/4", "/dev/vfio/4"])  # the same node twice: one entry
+    os.makedirs(bare.p("proc/self/fd"))
+    os.symlink("/dev/vfio/4", bare.p("proc/self/fd/3"))  # not a pid: skipped
+    os.makedirs(bare.p("proc/43/fd/9"))  # a directory where a link should be: unreadable, skipped
+    host = Host(bare.root)
+    assert host.holders(set()) == {}
+    assert host.holders({"/dev/vfio/4", "/dev/vfio/5"}) == {
+        "/dev/vfio/4": [{"pid": 42, "comm": "qemu"}], "/dev/vfio/5": []}
+
+
+def test_node_checks_say_what_they_read(tmp_path: Path) -> None:
+    from pyvfio.host.nodes import cdev_node_check, group_node_check
+
+    prefix = str(tmp_path) + "/"
+    c = group_node_check(prefix, 7, noiommu=False)
+    assert (c.path, c.state, c.kernel_devnum) == ("/dev/vfio/7", "unregistered", None)
+    assert c.detail == "/sys/class/vfio/7 and /dev/vfio/7 do not exist"
+    assert c.evidence == [("/sys/class/vfio/7/dev", "absent"), ("/dev/vfio/7", "absent")]
+
+    os.makedirs(tmp_path / "sys/class/vfio/noiommu-7")
+    (tmp_path / "sys/class/vfio/noiommu-7/dev").write_text("511:3\n")
+    c = group_node_check(prefix, 7, noiommu=True)
+    assert (c.path, c.state, c.kernel_devnum) == ("/dev/vfio/noiommu-7", "missing", "511:3")
+    assert c.detail == "the kernel registered /sys/class/vfio/noiommu-7 (511:3) but /dev/vfio/noiommu-7 does not exist"
+
+    os.makedirs(tmp_path / "dev/vfio")
+    (tmp_path / "dev/vfio/noiommu-7").write_text("")
+    c = group_node_check(prefix, 7, noiommu=True)
+    assert (c.state, c.detail) == ("stale", "/dev/vfio/noiommu-7 is not a character device")
+    assert c.evidence[-1] == ("/dev/vfio/noiommu-7", "not a character device") and c.kernel_devnum == "511:3"
+
+    os.makedirs(tmp_path / "dev/vfio/devices")
+    make_char_node(str(tmp_path / "dev/vfio/devices/vfio2"), 240, 2)
+    c = cdev_node_check(prefix, "vfio2")
+    assert (c.path, c.state, c.kernel_devnum) == ("/dev/vfio/devices/vfio2", "stale", None)
+    assert c.detail == "/dev/vfio/devices/vfio2 (240:2) is left over: the kernel has no /sys/class/vfio-dev/vfio2"
+    assert c.evidence == [("/sys/class/vfio-dev/vfio2/dev", "absent"),
+                          ("/dev/vfio/devices/vfio2", "character device 240:2")]
+    os.makedirs(tmp_path / "sys/class/vfio-dev/vfio2")
+    (tmp_path / "sys/class/vfio-dev/vfio2/dev").write_text("240:2\n")
+    c = cdev_node_check(prefix, "vfio2")
+    assert (c.state, c.detail, c.kernel_devnum) == ("ok", "/dev/vfio/devices/vfio2 is the kernel's 240:2", "240:2")
+
+
+def test_vfio_aliases_need_a_release_and_a_pci_modalias(tmp_path: Path) -> None:
+    from pyvfio.host.modules import VfioAliases
+
+    assert VfioAliases.for_root(str(tmp_path), None).path is None
+    assert VfioAliases.for_root(str(tmp_path), "").patterns() == {}
+    aliases = VfioAliases.for_root(str(tmp_path), "6.1.0")
+    assert aliases.path == str(tmp_path / "lib/modules/6.1.0/modules.alias")
+    os.makedirs(tmp_path / "lib/modules/6.1.0")
+    Path(aliases.path).write_text("alias vfio_pci:v00001234d*sv*sd*bc*sc*i* acme_vfio_pci\n"
+                                  "alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n")
+    modalias = "pci:v00001234d000011E8sv00001AF4sd00001100bc00scFFi00"
+    assert aliases.best_module(modalias) == ("acme_vfio_pci", "v00001234d*sv*sd*bc*sc*i*")
+    assert aliases.best_module(None) is None and aliases.best_module("") is None
+    assert aliases.best_module("acpi:" + modalias[4:]) is None
+    assert aliases.best_module("pci:v00008086d00001111sv0sd0bc02sc00i00") is None  # vfio_pci itself
+    assert aliases.is_vfio_module("acme-vfio-pci") and not aliases.is_vfio_module("e1000")
