@@ -8,6 +8,7 @@ problems (tests/host/test_diagnosis.py covers those)."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import pytest
@@ -328,3 +329,26 @@ def test_bind_persist_dry_run_says_it_would_record(fake: FakeSysfs, capsys) -> N
     code, out, _ = run(capsys, "--root", fake.root, "bind", "--persist", "--dry-run", EDU, "06:00.0")
     assert code == 0 and not os.path.exists(path)
     assert f"would record in {path}: {EDU}, {EDU}" in out.splitlines()
+
+
+def test_restore_usage_and_json(fake: FakeSysfs, capsys) -> None:
+    code, _, err = run(capsys, "--root", fake.root, "restore")
+    assert code == 2 and err == "pyvfio restore: name the devices to restore, or use --all\n"
+    assert run(capsys, "--root", fake.root, "bind", EDU)[0] == 0
+    code, out, _ = run(capsys, "--root", fake.root, "restore", "--all", "--dry-run", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["dry_run"] is True and [d["device"] for d in data["devices"]] == [EDU]
+    code, out, _ = run(capsys, "--root", fake.root, "restore", EDU, "--json")
+    assert code == 0 and json.loads(out)["dry_run"] is False
+
+
+def test_a_table_line_ends_with_its_last_cell(fake: FakeSysfs, capsys) -> None:
+    """A group whose every member vanished has an empty DEVICES cell: the line
+    ends after the NODE column, with no padding."""
+    os.unlink(fake.p(f"sys/bus/pci/devices/{EDU}"))
+    code, out, _ = run(capsys, "--root", fake.root, "groups")
+    assert code == 0
+    lines = out.splitlines()
+    assert all(line == line.rstrip() for line in lines)
+    (row,) = [line for line in lines if line.startswith("31 ")]
+    assert row.split() == ["31", "yes", "DMA", "-"]

@@ -238,6 +238,9 @@ def test_extended_capabilities(tree: FakeSysfs) -> None:
 @pytest.mark.parametrize("header", [0, 0xFFFFFFFF])
 def test_an_empty_or_all_ones_extended_header_ends_the_list(tree: FakeSysfs, header: int) -> None:
     assert _caps(tree, _config(status=0, ext={0x100: header})) == []
+    cfg = bytearray(_config(status=0, ext={0x100: header}))
+    cfg[0x104] = 0xAB  # the next dword is not part of the header
+    assert _caps(tree, bytes(cfg)) == []
     cfg = _config(status=0, ext={0x100: _ext(0x03, 0x180), 0x180: header})
     assert _caps(tree, cfg) == ["[100] Device Serial Number"]
 
@@ -297,7 +300,8 @@ def test_detail_of_a_rich_device(tree: FakeSysfs) -> None:
     _write(tree, RICH, "config", _config(pointer=0x40, chain={0x40: (0x01, 0x00)}, ext={
         0x100: _ext(0x01, 0x000)}))
     with open(tree.p(f"lib/modules/{tree.release}/modules.alias"), "a") as f:
-        f.write("alias pci:v00008086d0000100Esv*sd*bc*sc*i* e1000\n")
+        f.write("alias pci:v00008086d0000100Esv*sd*bc*sc*i* e1000\n"
+                "alias pci:v*d*sv*sd*bc02sc00i* netgeneric\n")
     tree.add_netdev(RICH, "eth1")
     tree.add_netdev(RICH, "eth0")
     tree.add_ipv4_route("eth0", "10.0.0.0", 8)
@@ -331,7 +335,7 @@ def test_detail_of_a_rich_device(tree: FakeSysfs) -> None:
         "\tCapabilities: [40] Power Management, [100] Advanced Error Reporting",
         "\tReset methods: flr bus",
         "\tKernel driver in use: vfio-pci",
-        "\tKernel modules: e1000",
+        "\tKernel modules: e1000, netgeneric",
         "\tVFIO driver for bind: vfio-pci",
         f"\tVFIO device: /dev/vfio/devices/{info['vfio_cdev']}",
         "\tNetwork interfaces: eth0, eth1",
@@ -365,9 +369,28 @@ def test_detail_names_a_known_subsystem_and_block_devices(tree: FakeSysfs) -> No
     edu = "0000:00:06.0"
     tree.add_device(edu, 0x1234, 0x11E8, 0x00FF00, group=6, subsystem=(0x1AF4, 0x1100), revision=0x10)
     tree.add_block(edu, "vdb", 16)
+    tree.add_block(edu, "vdc", 32)
     host = Host(tree.root)
     info = detail(host, host.device(edu), ModuleMatcher(host))
     text = format_detail(info).split("\n")
     assert text[0] == f"{edu} Unclassified device [00ff]: Example Vendor Edu Device [1234:11e8] (rev 10)"
     assert text[1] == "\tSubsystem: QEMU Virtual Machine [1af4:1100]"
-    assert "\tBlock devices: vdb" in text and info["block_devices"] == ["vdb"]
+    assert "\tBlock devices: vdb, vdc" in text and info["block_devices"] == ["vdb", "vdc"]
+
+
+def test_detail_names_the_boot_vga_use(tree: FakeSysfs) -> None:
+    gpu = "0000:00:07.0"
+    tree.add_device(gpu, 0x1234, 0x1111, 0x030000, group=7)
+    tree.set_boot_vga(gpu)
+    tree.add_framebuffer(0, None)
+    host = Host(tree.root)
+    info = detail(host, host.device(gpu), ModuleMatcher(host))
+    assert [(u["kind"], u["name"]) for u in info["host_uses"]] == [("boot-vga", "boot_vga")]
+
+
+def test_module_matcher_without_a_kernel_release(tree: FakeSysfs) -> None:
+    """No proc/sys/kernel/osrelease: no modules.alias to read, no modules."""
+    os.unlink(tree.p("proc/sys/kernel/osrelease"))
+    host = Host(tree.root)
+    assert host.aliases.path is None
+    assert ModuleMatcher(host).modules(host.device(RICH)) == []

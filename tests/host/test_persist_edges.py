@@ -124,7 +124,7 @@ def test_persist_list_and_forget_take_the_config_dir(fake: FakeSysfs, capsys, tm
 
 def test_persist_forget_all_and_its_output(fake: FakeSysfs, capsys) -> None:
     code, _, err = run(capsys, "--root", fake.root, "persist", "forget")
-    assert code == 2 and "name the devices to forget, or use --all" in err
+    assert code == 2 and err == "pyvfio persist: name the devices to forget, or use --all\n"
     code, out, _ = run(capsys, "--root", fake.root, "persist", "forget", "--all")
     assert code == 0 and out == "nothing to forget\n"
     assert not os.path.exists(fake.p("etc/pyvfio/bindings.json"))  # nothing removed: not written
@@ -179,3 +179,12 @@ def test_apply_result_ok_only_when_in_place() -> None:
     for status, ok in (("bound", True), ("already", True), ("refused", False), ("changed", False),
                        ("absent", False), ("failed", False)):
         assert ApplyResult("0000:01:00.0", status, "m").ok is ok
+
+
+def test_forgetting_bindings_that_are_not_there_names_them_all(tmp_path: Path) -> None:
+    config = PersistedBindings(str(tmp_path))
+    config.save([{"device": EDU, "group": False}])
+    with pytest.raises(UsageError) as exc:
+        config.forget([GPU, EDU, "1:0.1"])
+    assert str(exc.value) == f"no persisted binding of {GPU}, {AUDIO} in {config.path}"
+    assert config.load() == [{"device": EDU, "group": False}]  # nothing removed

@@ -80,7 +80,14 @@ def test_module_driver_names_the_driver_a_module_registers(bare: FakeSysfs) -> N
     assert host.module_driver("vfio_pci") == "vfio-pci"  # loaded: found by its link
     assert host.module_driver("other_vfio_pci") == "other_vfio_pci"  # not loaded: its own name
     os.unlink(bare.p("sys/bus/pci/drivers/vfio-pci/module"))
-    assert Host(bare.root).module_driver("vfio_pci") == "vfio-pci"  # not found: the known name
+    assert Host(bare.root).module_driver("vfio_pci") == "vfio-pci"  # a built-in: by its name
+
+
+def test_module_driver_of_modules_not_loaded(tmp_path: Path) -> None:
+    fake = FakeSysfs(tmp_path / "r", noiommu=False)  # no driver registered at all
+    host = Host(fake.root)
+    assert host.module_driver("vfio_pci") == "vfio-pci"  # vfio_pci registers vfio-pci
+    assert host.module_driver("mlx5_vfio_pci") == "mlx5_vfio_pci"
 
 
 def test_fdinfo_names_the_device_of_a_legacy_fd(tmp_path: Path) -> None:
