@@ -16,7 +16,7 @@ import pytest
 import pyvfio.host
 from pyvfio.cli import main
 from pyvfio.errors import DeviceInUse, HostStateError, NotBoundToVfio, NotViable
-from pyvfio.host import Host, require_ready
+from pyvfio.host import Host, bind, require_ready
 from pyvfio.testing.fakesysfs import VFIO_GROUP_MAJOR, FakeSysfs, make_char_node
 
 from .conftest import (
@@ -352,3 +352,25 @@ def test_a_table_line_ends_with_its_last_cell(fake: FakeSysfs, capsys) -> None:
     assert all(line == line.rstrip() for line in lines)
     (row,) = [line for line in lines if line.startswith("31 ")]
     assert row.split() == ["31", "yes", "DMA", "-"]
+
+
+def test_a_refused_dry_run_lists_every_reason(bare: FakeSysfs, capsys) -> None:
+    for fn in range(3):
+        bare.add_device(f"0000:01:00.{fn}", 0x8086, 0x100E, 0x020000, group=4, driver="e1000")
+    code, out, err = run(capsys, "--root", bare.root, "bind", "--dry-run", "01:00.0")
+    assert code == 1
+    with pytest.raises(HostStateError) as exc:
+        bind("01:00.0", root=bare.root, dry_run=True)
+    problems = exc.value.problems  # the other two members
+    assert [p["device"] for p in problems] == ["0000:01:00.1", "0000:01:00.2"]
+    assert out == "".join(f"{p['device']}: {p['kind']}: {p['reason']}\n    fix: {p['fix']}\n"
+                          for p in problems)
+    assert err.count("\n") == 1
+    code, out, _ = run(capsys, "--root", bare.root, "bind", "--dry-run", "--json", "01:00.0")
+    assert code == 1 and set(json.loads(out)) == {"error"}  # JSON: the problems are in the object
+    code, out, _ = run(capsys, "--root", bare.root, "bind", "01:00.0")
+    assert code == 1 and out == ""  # not a dry run: the one-line error only
+    bare.add_device("0000:02:00.0", 0x8086, 0x100E, 0x020000, group=5, driver="vfio-pci")
+    bare.add_device("0000:02:00.1", 0x8086, 0x100E, 0x020000, group=5, driver="e1000")
+    code, out, _ = run(capsys, "--root", bare.root, "bind", "--dry-run", "02:00.0")
+    assert code == 1 and out == ""  # one reason: the error line says it all

@@ -22,6 +22,7 @@ from pyvfio.host.listing import (
     format_detail,
     id_filter,
     regions,
+    select,
     slot_filter,
 )
 from pyvfio.host.model import Host
@@ -394,3 +395,20 @@ def test_module_matcher_without_a_kernel_release(tree: FakeSysfs) -> None:
     host = Host(tree.root)
     assert host.aliases.path is None
     assert ModuleMatcher(host).modules(host.device(RICH)) == []
+
+
+def test_slot_filter_reads_the_address_fields_as_hex(tmp_path) -> None:
+    fake = FakeSysfs(tmp_path / "r", noiommu=False)
+    fake.add_standard_drivers()
+    for address in ("0000:10:00.0", "0000:0a:00.0", "0010:10:1f.7", "000a:00:00.0"):
+        fake.add_device(address, 0x1234, 0x11E8, 0x00FF00, group=len(fake.devices) + 1)
+    devices = Host(fake.root).devices()
+
+    def chosen(spec: str) -> list[str]:
+        return [d.address for d in select(devices, slot=spec)]
+
+    assert chosen("10:") == ["0000:10:00.0", "0010:10:1f.7"]
+    assert chosen("0a:") == ["0000:0a:00.0"]
+    assert chosen("10::") == ["0010:10:1f.7"]
+    assert chosen("a::") == ["000a:00:00.0"]
+    assert chosen("1f.7") == ["0010:10:1f.7"]

@@ -228,3 +228,33 @@ def test_vfio_aliases_need_a_release_and_a_pci_modalias(tmp_path: Path) -> None:
     assert aliases.best_module("acpi:" + modalias[4:]) is None
     assert aliases.best_module("pci:v00008086d00001111sv0sd0bc02sc00i00") is None  # vfio_pci itself
     assert aliases.is_vfio_module("acme-vfio-pci") and not aliases.is_vfio_module("e1000")
+
+
+def test_groups_after_a_device_pass_take_members_from_the_device_links(fake: FakeSysfs) -> None:
+    from .conftest import AUDIO, GPU
+
+    os.unlink(fake.p(f"sys/kernel/iommu_groups/12/devices/{AUDIO}"))
+    assert list(Host(fake.root).group(12).devices) == [GPU]  # alone: the group's own listing
+    host = Host(fake.root)
+    host.devices()  # every device's iommu_group link read: membership from those
+    groups = {g.number: g for g in host.groups()}
+    assert list(groups[12].devices) == [GPU, AUDIO]
+    assert host.group(12) is groups[12] and host.groups()[0] is host.groups()[0]  # loaded once
+
+
+def test_groups_skip_what_cannot_be_loaded(bare: FakeSysfs) -> None:
+    import shutil
+
+    bare.add_device("0000:01:00.0", 0x1234, 0x11E8, 0x00FF00, group=4)
+    bare.add_device("0000:02:00.0", 0x1234, 0x11E8, 0x00FF00, group=99)
+    shutil.rmtree(bare.p("sys/kernel/iommu_groups/99"))  # the link still names 99
+    Path(bare.p("sys/kernel/iommu_groups/2")).write_text("")  # not a group directory
+    for lean_first in (False, True):
+        host = Host(bare.root)
+        if lean_first:
+            assert host.device("0000:02:00.0").iommu_group == 99
+            host.devices()
+        assert [g.number for g in host.groups()] == [4]
+    host = Host(bare.root)
+    first = host.group(4)
+    assert host.groups() == [first] and host.groups()[0] is first
