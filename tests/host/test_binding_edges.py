@@ -16,7 +16,7 @@ from pyvfio.host import BindState, bind, restore, state_dir_for
 from pyvfio.host.binding import BindResult
 from pyvfio.testing.fakesysfs import FakeSysfs
 
-from .conftest import EDU, EDU_BRIDGED, PCI_BRIDGE, ROOT_PORT
+from .conftest import E1000_BRIDGED, EDU, EDU_BRIDGED, PCI_BRIDGE, ROOT_PORT
 
 
 def test_state_dir_is_the_flag_then_the_environment_then_under_the_root(monkeypatch) -> None:
@@ -140,3 +140,80 @@ def test_restore_reports_every_device_it_could_not_restore(fake: FakeSysfs) -> N
         restore(["0000:09:00.0", EDU], root=fake.root)
     assert "no binding of 0000:09:00.0 is recorded" in str(exc.value)
     assert fake.devices[EDU].driver is None  # the one it could restore was restored
+
+
+def test_restore_usage_and_every_error_in_one_message(fake: FakeSysfs) -> None:
+    with pytest.raises(UsageError) as usage:
+        restore([], root=fake.root)
+    assert str(usage.value) == "name the devices to restore, or use --all"
+    state_dir = fake.p("run/pyvfio/bind")
+    with pytest.raises(BindError) as exc:
+        restore(["0000:09:00.0", "0000:0a:00.0"], root=fake.root)
+    assert str(exc.value) == (f"no binding of 0000:09:00.0 is recorded in {state_dir}; "
+                              f"no binding of 0000:0a:00.0 is recorded in {state_dir}")
+
+
+def test_a_stale_record_does_not_stop_the_others(fake: FakeSysfs) -> None:
+    bind([EDU_BRIDGED], root=fake.root, group=True)  # EDU_BRIDGED and E1000_BRIDGED
+    bind(EDU, root=fake.root)
+    state = BindState(fake.p("run/pyvfio/bind"))
+    record = state.load(EDU_BRIDGED)
+    assert record is not None
+    record["boot_id"] = "an-earlier-boot"
+    Path(state.path(EDU_BRIDGED)).write_text(json.dumps(record))
+    with pytest.raises(BindError) as exc:
+        restore(all_devices=True, root=fake.root)
+    assert str(exc.value) == (f"the record of {EDU_BRIDGED} is from an earlier boot (bindings do not "
+                              "survive a reboot); removed it, nothing to restore")
+    assert fake.devices[E1000_BRIDGED].driver == "e1000" and fake.devices[EDU].driver is None
+
+
+def test_a_restore_that_fails_names_the_device(fake: FakeSysfs) -> None:
+    bind(EDU, root=fake.root)
+    state = BindState(fake.p("run/pyvfio/bind"))
+    record = state.load(EDU)
+    assert record is not None
+    record["original_driver"] = "gone_driver"  # unloaded since the bind
+    Path(state.path(EDU)).write_text(json.dumps(record))
+    with pytest.raises(BindError) as exc:
+        restore([EDU], root=fake.root)
+    assert str(exc.value).startswith(f"{EDU}: ") and "gone_driver" in str(exc.value)
+
+
+def test_restore_write_sequence_and_result(fake: FakeSysfs) -> None:
+    from .conftest import GPU
+
+    bind(GPU, root=fake.root, group=True)
+    fake.writes.clear()
+    (gpu, _) = restore([GPU, "0000:01:00.1"], root=fake.root)
+    # Back through its own driver's bind file: no probe of the whole bus.
+    assert fake.writes[:4] == [
+        (f"sys/bus/pci/devices/{GPU}/driver_override", "nouveau"),
+        ("sys/bus/pci/drivers/vfio-pci/unbind", GPU),
+        ("sys/bus/pci/drivers/nouveau/bind", GPU),
+        (f"sys/bus/pci/devices/{GPU}/driver_override", "\n"),
+    ]
+    assert ("sys/bus/pci/drivers_probe", GPU) not in fake.writes
+    assert gpu.as_dict() == {"device": GPU, "original_driver": "vfio-pci", "driver": "nouveau",
+                             "changed": True, "steps": gpu.steps, "forced": []}
+
+
+def test_restore_of_a_device_already_back_is_unchanged(fake: FakeSysfs) -> None:
+    bind(EDU, root=fake.root)
+    fake.write(fake.p(f"sys/bus/pci/devices/{EDU}/driver_override"), "\n")
+    fake.write(fake.p("sys/bus/pci/drivers/vfio-pci/unbind"), EDU)
+    (r,) = restore([EDU], root=fake.root)
+    assert r.as_dict()["changed"] is False and r.original_driver is None and r.driver is None
+
+
+def test_a_failed_driver_bind_falls_back_to_a_probe(fake: FakeSysfs) -> None:
+    bind(EDU, root=fake.root)
+    state = BindState(fake.p("run/pyvfio/bind"))
+    record = state.load(EDU)
+    assert record is not None
+    record["original_driver"] = "gone_driver"
+    Path(state.path(EDU)).write_text(json.dumps(record))
+    fake.writes.clear()
+    with pytest.raises(BindError):
+        restore([EDU], root=fake.root)
+    assert ("sys/bus/pci/drivers_probe", EDU) in fake.writes  # the bus picks, then it is checked
