@@ -408,6 +408,8 @@ def test_irq_set_pack_sizes() -> None:
         le("IIIII", 23, 0x22, 1, 0, 3) + b"\1\0\1"
     assert IrqSet(1, 0x24, 0, 3).pack() == le("IIIII", 20, 0x24, 1, 0, 3)
     assert IrqSet(1, 0x24, 0, 3, argsz=99).pack()[:4] == le("I", 99)
+    # booleans go on the wire only with DATA_BOOL
+    assert IrqSet(1, 0x24, 0, 2, (True, False)).pack() == le("IIIII", 20, 0x24, 1, 0, 2)
     s = IrqSet.unpack(le("IIIII", 22, 0x22, 1, 0, 2) + b"\0\7")
     assert s.bools == (False, True)
 
@@ -529,6 +531,12 @@ def test_big_messages_keep_every_header_field_and_their_fds() -> None:
     (lambda: MigData.unpack(le("II", 11, 4), with_data=False), "MIG_DATA_READ: argsz 11 < 12"),
     (lambda: DeviceFeature.unpack(le("II", 8, 0x30001)),
      "DEVICE_FEATURE: GET and SET together need PROBE"),
+    (lambda: IrqSet.unpack(le("IIIII", 20, 0x23, 0, 0, 0)),
+     "DEVICE_SET_IRQS: flags 0x23 need exactly one DATA and one ACTION flag"),
+    (lambda: DmaUnmap.unpack(le("IIQQQ", 40, 1, 0, 4096, 4096)),
+     "DMA_UNMAP with bitmap: payload is 32 bytes, need at least 40"),
+    (lambda: DmaUnmap.unpack(le("IIQQQQ", 48, 1, 0, 4096, 4096, 8) + b"\0" * 8),
+     "DMA_UNMAP: request carries bitmap data"),
 ])
 def test_error_texts(call: Callable[[], Any], text: str) -> None:
     """The whole text of errors whose wording the edge table above checks
