@@ -85,6 +85,25 @@ def test_too_many_fds_are_closed_and_flagged(pair):
         os.close(f)
     m = r.read()
     assert m is not None and m.problem is not None and len(m.fds) <= 2
+    assert (m.problem.errno, str(m.problem)) == (22, "message carried more than 2 fds")  # EINVAL
+    m.close_fds()
+    assert open_fds() == before
+
+
+def test_too_many_fds_on_a_message_over_several_reads(pair):
+    """The fds come with the first read of a message that is assembled over
+    several: the truncation still flags that message, whose payload is whole."""
+    a, b = pair
+    before = open_fds()
+    r = P.MessageReader(b, max_fds=2, bufsize=4096)
+    fds = [os.eventfd(0) for _ in range(6)]
+    P.send_message(a, msg(1, payload=b"x" * 50000), fds)
+    for f in fds:
+        os.close(f)
+    m = r.read()
+    assert m is not None and m.problem is not None and len(m.fds) <= 2
+    assert (m.problem.errno, str(m.problem)) == (22, "message carried more fds than allowed")
+    assert (m.msg_id, m.payload) == (1, b"x" * 50000)
     m.close_fds()
     assert open_fds() == before
 
