@@ -117,6 +117,7 @@ def test_oversized_message_is_skipped_without_allocating(pair):
     m = r.read()
     t.join()
     assert m is not None and m.problem is not None and m.problem.errno == 7  # E2BIG
+    assert str(m.problem) == "message of 100016 bytes is over the 4096-byte limit"
     assert m.payload == b""
     a.sendall(msg(2))
     m2 = r.read()
@@ -126,8 +127,47 @@ def test_oversized_message_is_skipped_without_allocating(pair):
 def test_header_claiming_less_than_a_header_is_fatal(pair):
     a, b = pair
     a.sendall(P.HEADER.pack(1, 9, 8, 0, 0))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError) as exc:
         P.MessageReader(b).read()
+    assert str(exc.value) == ("message header claims msg_size 8 < 16; "
+                              "the stream cannot be resynchronised")
+
+
+def test_a_message_of_exactly_max_msg_size_is_taken(pair):
+    """The size bound is inclusive: a message of max_msg_size bytes, over
+    several reads, is assembled; one byte more is refused."""
+    a, b = pair
+    r = P.MessageReader(b, max_msg_size=8192, bufsize=1024)
+    for size, problem in ((8192, None), (8193, 7)):  # E2BIG
+        data = P.pack_message(1, P.Command.REGION_WRITE, b"z" * (size - P.HEADER_SIZE))
+        t = threading.Thread(target=a.sendall, args=(data,))
+        t.start()
+        m = r.read()
+        t.join()
+        assert m is not None
+        assert (m.problem.errno if m.problem else None) == problem
+        assert len(m.payload) == (size - P.HEADER_SIZE if problem is None else 0)
+
+
+def test_fds_sent_with_the_rest_of_a_message_go_to_that_message(pair):
+    """A peer may send a message in two pieces with the fds on the second;
+    they belong to the message that piece completes (in one read)."""
+    a, b = pair
+    before = open_fds()
+    r = P.MessageReader(b, bufsize=4096)
+    data = P.pack_message(5, P.Command.DMA_MAP, b"m" * 3000)
+    a.sendall(data[:100])
+    assert r.read_some() == []
+    fd = os.eventfd(0)
+    P.send_message(a, data[100:], [fd])
+    os.close(fd)
+    got = []
+    while not got:
+        got = r.read_some()
+    [m] = got
+    assert (m.msg_id, m.payload, len(m.fds), m.problem) == (5, b"m" * 3000, 1, None)
+    m.close_fds()
+    assert open_fds() == before
 
 
 def test_eof_inside_a_message(pair):
@@ -147,3 +187,20 @@ def test_clean_eof(pair):
     a, b = pair
     a.shutdown(socket.SHUT_WR)
     assert P.MessageReader(b).read() is None
+
+
+def test_payload_that_looks_like_a_header_is_payload(pair):
+    """The rest of a message assembled over several reads is payload, even
+    when one read of it holds exactly what parses as a whole message."""
+    a, b = pair
+    r = P.MessageReader(b)
+    tail = P.HEADER.pack(9, P.Command.VERSION, 32, 0, 0) + b"b" * 16
+    data = P.pack_message(4, P.Command.REGION_WRITE, b"a" * 5000 + tail)
+    a.sendall(data[:-len(tail)])
+    assert r.read_some() == []
+    a.sendall(tail)
+    got = []
+    while not got:
+        got = r.read_some()
+    [m] = got
+    assert (m.msg_id, m.command, m.payload) == (4, P.Command.REGION_WRITE, b"a" * 5000 + tail)

@@ -244,6 +244,8 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
      lambda: RegionAccess.unpack(le("QII", 0, 0, 9), with_data=False, max_count=8), E2BIG),
     ("region access: data short",
      lambda: RegionAccess.unpack(le("QII", 0, 0, 4) + b"abc", with_data=True), EINVAL),
+    ("region access: data long",
+     lambda: RegionAccess.unpack(le("QII", 0, 0, 4) + b"abcde", with_data=True), EINVAL),
     ("region access: head with data",
      lambda: RegionAccess.unpack(le("QII", 0, 0, 4) + b"abcd", with_data=False), EINVAL),
     # --- REGION_WRITE_MULTI ---
