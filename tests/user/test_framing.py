@@ -204,3 +204,25 @@ def test_payload_that_looks_like_a_header_is_payload(pair):
         got = r.read_some()
     [m] = got
     assert (m.msg_id, m.command, m.payload) == (4, P.Command.REGION_WRITE, b"a" * 5000 + tail)
+
+
+def test_a_short_write_sends_the_rest_without_the_fds():
+    """sendmsg may send less than asked (a signal, a full buffer): the rest
+    follows as plain bytes, from where it stopped, the fds only once."""
+    calls: list[tuple[str, bytes, int]] = []
+
+    class ShortSocket:
+        def sendmsg(self, buffers, anc):
+            data = b"".join(bytes(x) for x in buffers)
+            calls.append(("sendmsg", data[:10], sum(len(c[2]) for c in anc)))  # fds
+            return 10
+
+        def send(self, data):
+            calls.append(("send", bytes(data[:7]), 0))
+            return min(len(data), 7)
+
+    data = P.pack_message(1, P.Command.REGION_WRITE, bytes(range(20)))
+    P.send_message(ShortSocket(), [data[:5], data[5:]], [0])  # type: ignore[arg-type]
+    assert calls[0] == ("sendmsg", data[:10], 1)
+    assert [c[0] for c in calls[1:]] == ["send"] * 4  # 26 bytes left, 7 at a time
+    assert b"".join(c[1] for c in calls) == data
