@@ -16,13 +16,22 @@ Cases (the host-side hot paths; the kernel's own cost is not in them):
 - ``mmio_read32`` / ``mmio_u32`` / ``mmio_floor``: a 4-byte register read
   through ``MappedRegion.read32``, through the typed view ``u32[i]``, and
   through a bare ``memoryview`` cast (the floor), over an anonymous mapping;
-- ``pread_read32`` / ``pread_floor``: the kernel backend's ``read32`` closure
-  (``KernelDevice._region_int_accessors``) over a memfd, and bare ``os.pread``;
+- ``pread_read32`` / ``pread_fn`` / ``pread_floor``: the kernel backend's
+  ``read32`` closure (``KernelDevice._region_int_accessors``) over a memfd, a
+  plain function that returns ``struct`` unpack of the ``os.pread`` (the least
+  an int-returning function costs: the *function floor*), and bare ``os.pread``;
+- ``dma_map_unmap`` / ``dma_fn`` / ``dma_floor``: ``Ioas.map`` + ``Ioas.unmap``
+  of a 4 KiB buffer with the ioctl replaced by a C call that does nothing
+  (``slice``), the same stand-in behind two plain functions, and called bare:
+  what pyvfio's map/unmap costs in Python, beside the function floor;
 - ``server_region_read``: ``pyvfio serve edu`` answering a 4-byte REGION_READ
   from the C client (``vfio_user_client.c``), against ``c_echo_region_read``,
   the C echo server (``vfio_user_echo.c``) answering the same client;
 - ``client_read32``: pyvfio's client ``bar(0).read32(0)`` against the C echo
   server (the client side only), against ``c_client_read32``;
+- ``py_floor_server`` / ``py_floor_client``: the Python floors of those two:
+  a bare loop of ``recvmsg`` + ``sendall`` of the reply (answering the C
+  client), and of ``sendall`` + ``recvmsg`` (against the C echo server);
 - ``host_diagnosis``: diagnosing every device of a generated sysfs tree, per
   device (``pyvfio.host.diagnosis.diagnose_many``).
 """
@@ -35,6 +44,7 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -100,10 +110,52 @@ def _pread(n: int, how: str) -> None:
         read32 = KernelDevice._region_int_accessors(fake, info)[4][0]
         for _ in range(n):
             read32(0)
+    elif how == "fn":
+        pread, unpack = os.pread, struct.Struct("<I").unpack
+
+        def read32_fn(offset: int) -> int:
+            return unpack(pread(fd, 4, offset))[0]
+
+        for _ in range(n):
+            read32_fn(0)
     else:
         pread = os.pread
         for _ in range(n):
             pread(fd, 4, 0)
+
+
+def _dma(n: int, how: str) -> None:
+    import pyvfio.kernel.iommufd.ioas as ioas_module
+    from pyvfio.device import SharedMemory
+    from pyvfio.kernel.iommufd import Ioas, Iommufd
+
+    ioctl: Any = slice  # a C call that takes (fd, request, arg) and does nothing
+    ioas_module._fcntl_ioctl = ioctl
+    r, _w = os.pipe()
+    ioas = Ioas(Iommufd(r), 9, owned=False)
+    memory = SharedMemory(4096)
+    if how == "pyvfio":
+        dmap, dunmap = ioas.map, ioas.unmap
+        for _ in range(n):
+            dmap(0x100000, memory)
+            dunmap(0x100000, 4096)
+        return
+    m, u = object(), object()
+
+    def map_fn(iova: int, memory: SharedMemory) -> None:
+        ioctl(r, 1, m)
+
+    def unmap_fn(iova: int, size: int) -> None:
+        ioctl(r, 2, u)
+
+    if how == "fn":
+        for _ in range(n):
+            map_fn(0x100000, memory)
+            unmap_fn(0x100000, 4096)
+    else:
+        for _ in range(n):
+            ioctl(r, 1, m)
+            ioctl(r, 2, u)
 
 
 def _diagnosis(n: int) -> None:
@@ -123,7 +175,11 @@ IN_PROCESS: dict[str, Callable[[int], None]] = {
     "mmio_u32": lambda n: _mmio(n, "u32"),
     "mmio_floor": lambda n: _mmio(n, "floor"),
     "pread_read32": lambda n: _pread(n, "read32"),
+    "pread_fn": lambda n: _pread(n, "fn"),
     "pread_floor": lambda n: _pread(n, "floor"),
+    "dma_map_unmap": lambda n: _dma(n, "pyvfio"),
+    "dma_fn": lambda n: _dma(n, "fn"),
+    "dma_floor": lambda n: _dma(n, "floor"),
     "host_diagnosis": _diagnosis,
 }
 # host_diagnosis builds a tree of N devices: its unit is a device, and N is scaled down.
@@ -167,9 +223,13 @@ def run_pair(case: str, n: int) -> int:
     echo, client = build("vfio_user_echo"), build("vfio_user_client")
     with tempfile.TemporaryDirectory(prefix="pyvfio-cg-") as tmp:
         sock = f"{tmp}/s.sock"
-        if case in ("server_region_read", "c_echo_region_read"):
-            server_argv = ([sys.executable, "-m", "pyvfio", "serve", "edu", "--socket", sock]
-                           if case == "server_region_read" else [str(echo), sock])
+        if case in ("server_region_read", "c_echo_region_read", "py_floor_server"):
+            server_argv = {
+                "server_region_read": [sys.executable, "-m", "pyvfio", "serve", "edu",
+                                       "--socket", sock],
+                "c_echo_region_read": [str(echo), sock],
+                "py_floor_server": [sys.executable, __file__, "--run-floor-server", sock],
+            }[case]
             proc = subprocess.Popen(_valgrind(server_argv), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
             _wait_socket(sock, proc)
@@ -180,8 +240,10 @@ def run_pair(case: str, n: int) -> int:
                                 stderr=subprocess.PIPE)
         try:
             _wait_socket(sock, proc)
-            argv = ([sys.executable, __file__, "--run-client", sock, str(n)]
-                    if case == "client_read32" else [str(client), sock, str(n)])
+            argv = {"client_read32": [sys.executable, __file__, "--run-client", sock, str(n)],
+                    "py_floor_client": [sys.executable, __file__, "--run-floor-client", sock,
+                                        str(n)],
+                    }.get(case, [str(client), sock, str(n)])
             res = subprocess.run(_valgrind(argv), capture_output=True, timeout=1800)
             if res.returncode:
                 raise RuntimeError(res.stderr.decode(errors="replace")[-2000:])
@@ -199,7 +261,20 @@ def _client_loop(path: str, n: int) -> None:
             read32(0)
 
 
-PAIRS = ("server_region_read", "c_echo_region_read", "client_read32", "c_client_read32")
+def _floor_server(path: str) -> None:
+    from vfu_floor import serve  # benchmarks/vfu_floor.py
+
+    serve(path, connections=1)
+
+
+def _floor_client(path: str, n: int) -> None:
+    from vfu_floor import client  # benchmarks/vfu_floor.py
+
+    client(path, n)
+
+
+PAIRS = ("server_region_read", "c_echo_region_read", "py_floor_server", "client_read32",
+         "c_client_read32", "py_floor_client")
 CASES = (*IN_PROCESS, *PAIRS)
 
 
@@ -216,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--run", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--run-client", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--run-floor-server", help=argparse.SUPPRESS)
+    ap.add_argument("--run-floor-client", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run:
         IN_PROCESS[args.run[0]](int(args.run[1]))
@@ -223,14 +300,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_client:
         _client_loop(args.run_client[0], int(args.run_client[1]))
         return 0
+    if args.run_floor_server:
+        _floor_server(args.run_floor_server)
+        return 0
+    if args.run_floor_client:
+        _floor_client(args.run_floor_client[0], int(args.run_floor_client[1]))
+        return 0
     if shutil.which("valgrind") is None:
         print("needs valgrind (Debian package valgrind)", file=sys.stderr)
         return 2
     results = {case: round(per_op(case, args.n)) for case in (args.case or CASES)}
     ratios = {}
     for a, b in (("mmio_u32", "mmio_floor"), ("mmio_read32", "mmio_floor"),
-                 ("pread_read32", "pread_floor"), ("server_region_read", "c_echo_region_read"),
-                 ("client_read32", "c_client_read32")):
+                 ("pread_read32", "pread_floor"), ("pread_fn", "pread_floor"),
+                 ("pread_read32", "pread_fn"), ("dma_map_unmap", "dma_floor"),
+                 ("dma_fn", "dma_floor"), ("dma_map_unmap", "dma_fn"),
+                 ("server_region_read", "c_echo_region_read"),
+                 ("py_floor_server", "c_echo_region_read"),
+                 ("server_region_read", "py_floor_server"),
+                 ("client_read32", "c_client_read32"), ("py_floor_client", "c_client_read32"),
+                 ("client_read32", "py_floor_client")):
         if a in results and b in results and results[b]:
             ratios[f"{a}/{b}"] = round(results[a] / results[b], 2)
     if args.json:

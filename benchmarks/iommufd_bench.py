@@ -14,10 +14,14 @@ memfd page at a fixed IOVA, with edu attached so every pair really programs
 - ``type1``: ``Container.map`` + ``Container.unmap`` (VFIO_IOMMU_MAP/UNMAP_DMA
   through the legacy container), and the same C program in type1 mode.
 
-Prints pyvfio/C for each path (goal for iommufd: >= 0.7) and iommufd/type1 for
-each language.  The *floor* is the same loop in Python calling bare
-``fcntl.ioctl`` on structs built outside the loop: ``floor/C`` is what CPython
-itself costs, ``pyvfio/floor`` what pyvfio's checks cost on top.  The sides
+Prints pyvfio/C for each path and iommufd/type1 for each language.  The
+*floor* is the same loop in Python calling bare ``fcntl.ioctl`` on structs
+built outside the loop: ``floor/C`` is what CPython itself costs,
+``pyvfio/floor`` what pyvfio costs on top (goal, issue 11: >= 0.9 on both
+paths).  The *function floor* (``fn``) puts each of those ioctls behind a
+plain Python function that checks nothing, as a ``map``/``unmap`` method
+must be called: where ``fn/floor`` is below the goal, no method API meets it,
+and ``py/fn`` is what pyvfio's own checks cost.  The sides
 alternate round by round and each keeps its best round, so all see the same
 load on a shared machine (TCG where there is no hardware KVM: absolute rates
 are small, ratios are the point).
@@ -37,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from inguest import bind_vfio, rate, type1_structs  # noqa: E402  (benchmarks/inguest.py)
 
-GOAL = 0.7
+GOAL = 0.9  # pyvfio/floor, both paths
 IOVA = 0x100000
 BATCH = 64
 
@@ -63,8 +67,9 @@ def measure_pyvfio(bdf: str, mode: str, seconds: float) -> float:
         memory.close()
 
 
-def measure_floor(bdf: str, mode: str, seconds: float) -> float:
-    """Bare ``fcntl.ioctl`` calls on prebuilt structs: the Python floor."""
+def measure_floor(bdf: str, mode: str, seconds: float, functions: bool = False) -> float:
+    """Bare ``fcntl.ioctl`` calls on prebuilt structs: the Python floor; with
+    ``functions``, each behind a plain Python function (the function floor)."""
     import ctypes
     import fcntl
 
@@ -98,9 +103,24 @@ def measure_floor(bdf: str, mode: str, seconds: float) -> float:
                     ioctl(fd, map_req, m)
                     ioctl(fd, unmap_req, u)
 
-            return rate(pairs, BATCH, seconds)
+            def map_fn(iova: int, memory: object) -> None:
+                ioctl(fd, map_req, m)
+
+            def unmap_fn(iova: int, size: int) -> None:
+                ioctl(fd, unmap_req, u)
+
+            def function_pairs() -> None:
+                for _ in range(BATCH):
+                    map_fn(IOVA, memory)
+                    unmap_fn(IOVA, 4096)
+
+            return rate(function_pairs if functions else pairs, BATCH, seconds)
     finally:
         memory.close()
+
+
+def measure_function_floor(bdf: str, mode: str, seconds: float) -> float:
+    return measure_floor(bdf, mode, seconds, functions=True)
 
 
 def measure_c(bdf: str, mode: str, seconds: float) -> float:
@@ -125,10 +145,9 @@ def inside(seconds: float, rounds: int, as_json: bool) -> int:
     for _round in range(rounds):
         for mode in ("iommufd", "type1"):
             for lang, measure in (("pyvfio", measure_pyvfio), ("floor", measure_floor),
-                                  ("c", measure_c)):
+                                  ("fn", measure_function_floor), ("c", measure_c)):
                 rate = measure(EDU, mode, seconds)
                 best[lang, mode] = max(best.get((lang, mode), 0.0), rate)
-    ratio = best["pyvfio", "iommufd"] / best["c", "iommufd"]
 
     by_lang = {lang: round(best[lang, "iommufd"] / best[lang, "type1"], 3)
                for lang in ("pyvfio", "c")}
@@ -142,8 +161,10 @@ def inside(seconds: float, rounds: int, as_json: bool) -> int:
         "pyvfio_over_c": over("pyvfio", "c"),
         "floor_over_c": over("floor", "c"),
         "pyvfio_over_floor": over("pyvfio", "floor"),
+        "function_floor_over_floor": over("fn", "floor"),
+        "pyvfio_over_function_floor": over("pyvfio", "fn"),
         "iommufd_over_type1": by_lang,
-        "goal": GOAL, "met": ratio >= GOAL,
+        "goal": GOAL, "met": all(v >= GOAL for v in over("pyvfio", "floor").values()),
     }
     out_dir = os.environ.get("PYVFIO_GUEST_OUT")
     if out_dir:
@@ -153,14 +174,17 @@ def inside(seconds: float, rounds: int, as_json: bool) -> int:
     else:
         print(f"kernel {report['kernel']}: 4 KiB map+unmap pairs per second, best of {rounds} "
               f"rounds of {seconds} s")
-        print(f"{'path':<9} {'pyvfio/s':>10} {'floor/s':>10} {'C/s':>10} {'pyvfio/C':>9} "
-              f"{'floor/C':>8} {'py/floor':>8}")
+        print(f"{'path':<9} {'pyvfio/s':>10} {'floor/s':>10} {'fn/s':>10} {'C/s':>10} "
+              f"{'pyvfio/C':>9} {'floor/C':>8} {'py/floor':>8} {'fn/floor':>8} {'py/fn':>6}")
         for mode in ("iommufd", "type1"):
             print(f"{mode:<9} {best['pyvfio', mode]:>10.1f} {best['floor', mode]:>10.1f} "
-                  f"{best['c', mode]:>10.1f} {over('pyvfio', 'c')[mode]:>9.3f} "
-                  f"{over('floor', 'c')[mode]:>8.3f} {over('pyvfio', 'floor')[mode]:>8.3f}")
+                  f"{best['fn', mode]:>10.1f} {best['c', mode]:>10.1f} "
+                  f"{over('pyvfio', 'c')[mode]:>9.3f} {over('floor', 'c')[mode]:>8.3f} "
+                  f"{over('pyvfio', 'floor')[mode]:>8.3f} {over('fn', 'floor')[mode]:>8.3f} "
+                  f"{over('pyvfio', 'fn')[mode]:>6.3f}")
         print(f"iommufd/type1: pyvfio {by_lang['pyvfio']:.3f}, C {by_lang['c']:.3f}")
-        print(f"goal pyvfio/C >= {GOAL} on iommufd: {'met' if report['met'] else 'NOT MET'}")
+        print(f"goal pyvfio/floor >= {GOAL} on both paths: "
+              f"{'met' if report['met'] else 'NOT MET'}")
     return 0 if report["met"] else 1
 
 

@@ -19,6 +19,12 @@ Measured in one run:
   mmapped as the server maps DMA_MAP fds) against ``memmove`` of the same
   sizes between two buffers through ctypes.  Goal: >= 0.8x.
 
+* the Python floors (``vfu_floor.py``): a bare Python server (``recvmsg``,
+  one unpack, ``sendall``) answering the C client, and a bare Python client
+  (``sendall`` + ``recvmsg``) against the C echo server.  Their ratios are
+  what Python itself reaches here: a goal above them is out of any Python
+  code's reach.
+
 Round trips are measured in interleaved rounds (every variant once per round)
 and the median is reported; each ratio is the median of the per-round ratios.
 
@@ -96,6 +102,12 @@ def server(cmd: list[str], path: str) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def floor_client(path: str, iterations: int) -> float:
+    from vfu_floor import client  # benchmarks/vfu_floor.py
+
+    return client(path, iterations)
 
 
 def c_client_rate(client: Path, path: str, iterations: int) -> float:
@@ -237,12 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"cpu": CPU, "iterations": n, "rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="pyvfio-bench-") as tmp:
         echo_sock, py_sock = f"{tmp}/echo.sock", f"{tmp}/pyvfio.sock"
+        floor_sock = f"{tmp}/floor.sock"
         py_server = [sys.executable, "-m", "pyvfio", "serve", "edu", "--socket", py_sock]
-        with server([str(echo), echo_sock], echo_sock), server(py_server, py_sock):
+        floor_server = [sys.executable, str(HERE / "vfu_floor.py"), "serve", floor_sock]
+        with server([str(echo), echo_sock], echo_sock), server(py_server, py_sock), \
+                server(floor_server, floor_sock):
             samples = interleaved(rounds, {
                 "c_client_to_c_echo": lambda: c_client_rate(client, echo_sock, n),
                 "c_client_to_pyvfio_server": lambda: c_client_rate(client, py_sock, n),
+                "c_client_to_python_floor_server": lambda: c_client_rate(client, floor_sock, n),
                 "pyvfio_client_to_c_echo": lambda: py_client_rate(echo_sock, n),
+                "python_floor_client_to_c_echo": lambda: floor_client(echo_sock, n),
                 "pyvfio_client_to_pyvfio_server": lambda: py_client_rate(py_sock, n // 2),
             })
     rates = {k: statistics.median(v) for k, v in samples.items()}
@@ -255,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                                          samples["c_client_to_c_echo"], strict=True)],
         "client": [a / b for a, b in zip(samples["pyvfio_client_to_c_echo"],
                                          samples["c_client_to_c_echo"], strict=True)],
+        "server_floor": [a / b for a, b in zip(samples["c_client_to_python_floor_server"],
+                                               samples["c_client_to_c_echo"], strict=True)],
+        "client_floor": [a / b for a, b in zip(samples["python_floor_client_to_c_echo"],
+                                               samples["c_client_to_c_echo"], strict=True)],
     }
     cost = min(py_client_cost_us(n) for _ in range(rounds))
     results["client_python_us_per_read32"] = round(cost, 2)
@@ -269,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         "client": round(statistics.median(round_ratios["client"]), 3),
         "dma": round(model / memcpy, 3),
     }
+    # What Python itself reaches on the same run (benchmarks/vfu_floor.py):
+    # a goal above these is out of reach of any Python server or client.
+    results["python_floors"] = {
+        "server": round(statistics.median(round_ratios["server_floor"]), 3),
+        "client": round(statistics.median(round_ratios["client_floor"]), 3),
+    }
     results["goals"] = {"server": 0.85, "client": 0.85, "dma": 0.8}
     results["met"] = {k: results["ratios"][k] >= results["goals"][k] for k in results["goals"]}
     if args.json:
@@ -282,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
           f"one C echo round trip: {1e6 / base:.2f} us")
     print(f"DMA: model reading an fd-mapped window {model / 1e9:6.2f} GB/s, memmove "
           f"{memcpy / 1e9:6.2f} GB/s")
+    floors = results["python_floors"]
     for k, ratio in results["ratios"].items():
         goal = results["goals"][k]
+        floor = f"; the Python floor {floors[k]:.2f}" if k in floors else ""
         print(f"  {k:8s} ratio {ratio:5.2f} (goal >= {goal}) "
-              f"{'met' if ratio >= goal else 'NOT met'}")
+              f"{'met' if ratio >= goal else 'NOT met'}{floor}")
     return 0
 
 

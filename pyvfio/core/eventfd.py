@@ -26,6 +26,10 @@ class EventFd:
         return self.fd
 
     def wait(self, timeout: float | None = None) -> int:
+        """Block until the device signals the eventfd or ``timeout`` seconds
+        pass (``None``: no limit; rounded up to whole milliseconds), and return
+        the counter read (which clears it), 0 on timeout.  Raises
+        :class:`ClosedError` when closed."""
         poller = self._poller
         if poller is None:  # made once: interrupt round trips are a hot path
             poller = select.poll()
@@ -33,7 +37,8 @@ class EventFd:
             self._poller = poller
         elif self.fd < 0:
             raise ClosedError("eventfd is closed")
-        if not poller.poll(None if timeout is None else int(timeout * 1000)):
+        # poll() takes float milliseconds (rounded up: never a shorter wait)
+        if not poller.poll(None if timeout is None else timeout * 1000):
             return 0
         try:  # read() inlined: interrupt round trips are a hot path
             return os.eventfd_read(self.fd)

@@ -86,12 +86,12 @@ class Region:
             mask = (1 << (8 * width)) - 1
 
             def read_n(offset: int) -> int:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise bad(offset, width)
                 return from_bytes(reader(offset, width), "little")
 
             def write_n(offset: int, value: int) -> None:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise bad(offset, width)
                 writer(offset, (value & mask).to_bytes(width, "little"))
 

@@ -275,7 +275,7 @@ class KernelDevice(Device):
             unpack, pack = codec.unpack, codec.pack
 
             def read_n(offset: int) -> int:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise fail("pread", offset, width, None)
                 try:
                     return unpack(pread(fd, width, base + offset))[0]
@@ -285,7 +285,7 @@ class KernelDevice(Device):
                     raise fail("pread", offset, width, None) from None
 
             def write_n(offset: int, value: int) -> None:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise fail("pwrite", offset, width, None)
                 try:
                     done = pwrite(fd, pack(value & mask), base + offset)

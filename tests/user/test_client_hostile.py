@@ -774,3 +774,155 @@ def test_dma_unmap_answered_for_another_range(serve: Any) -> None:
     assert dev.dma_space.mappings == []  # forgotten locally all the same
     assert not dev.connected
     dev.close()
+
+
+# --- the register fast path: odd replies after clean ones -------------------------------------
+#
+# After a clean register read the client reads the socket itself in call()
+# and answers a read that holds exactly its clean reply there; anything else
+# is handed to the reader.  The first read of a connection never takes that
+# path, so these tests send their odd reply after three clean ones.
+
+def _after_clean_reads(odd: Callable[[Message, socket.socket], Reply]) -> Callable[..., Handler]:
+    def make(s_ref: list[FakeServer]) -> Handler:
+        reads = [0]
+
+        def handler(msg: Message) -> Reply:
+            if msg.is_reply:               # the client's answer to our command
+                return None
+            if msg.command != Command.REGION_READ:
+                return basic(msg)
+            reads[0] += 1
+            if reads[0] != 4:
+                return basic(msg)
+            assert s_ref[0].conn is not None
+            return odd(msg, s_ref[0].conn)
+        return handler
+    return make
+
+
+def _start(serve: Any, make: Callable[..., Handler]) -> FakeServer:
+    ref: list[FakeServer] = []
+    s = serve(make(ref))
+    ref.append(s)
+    return s
+
+
+def _good(msg: Message) -> bytes:
+    return reply_to(msg, msg.payload[:16] + b"\x10\x20\x30\x40")
+
+
+def _split(msg: Message, conn: socket.socket) -> Reply:
+    data = _good(msg)
+    conn.sendall(data[:20])
+    threading.Event().wait(0.1)   # the client's read takes the first part alone
+    return data[20:]
+
+
+def _dma_first(msg: Message, conn: socket.socket) -> Reply:
+    # a server command before the reply, in the same send: the client serves
+    # it (here: a DMA_READ outside any mapping, answered with EFAULT)
+    return HEADER.pack(0x77, Command.DMA_READ, 32, 0, 0) + P.DMA_ACCESS.pack(0xdead000, 4) \
+        + _good(msg)
+
+
+def _command_after(msg: Message, conn: socket.socket) -> Reply:
+    # the reply and, behind it in the same send, a server command
+    return _good(msg) + HEADER.pack(0x78, Command.DMA_READ, 32, 0, 0) \
+        + P.DMA_ACCESS.pack(0xdead000, 4)
+
+
+@pytest.mark.parametrize("odd", [_split, _dma_first, _command_after],
+                         ids=["split-reply", "command-before", "command-after"])
+def test_fast_path_hands_odd_reads_to_the_reader(serve: Any, odd: Any) -> None:
+    s = _start(serve, _after_clean_reads(odd))
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        assert [bar.read32(0) for _ in range(3)] == [0x03020100] * 3
+        assert bar.read32(0) == 0x40302010
+        assert [bar.read32(0) for _ in range(2)] == [0x03020100] * 2
+        assert dev.connected
+    dma = [m for m in s.received if m.command == Command.DMA_READ]
+    if odd is not _split:                      # the server command was answered, once
+        assert [(m.msg_id, m.is_reply, m.error) for m in dma] == \
+            [(0x77 if odd is _dma_first else 0x78, True, errno.EFAULT)]
+
+
+@pytest.mark.parametrize(("odd", "error"), [
+    (lambda m, c: reply_to(m, flags=REPLY | ERROR, error=errno.EBUSY), PeerError),
+    (lambda m, c: reply_to(m, m.payload[:16] + b"abcd", msg_id=m.msg_id + 1), ProtocolError),
+    (lambda m, c: reply_to(m, m.payload[:16] + b"abcd", command=Command.REGION_WRITE),
+     ProtocolError),
+    (lambda m, c: reply_to(m, m.payload[:16] + b"ab"), ProtocolError),
+    (lambda m, c: reply_to(m, P.REGION_ACCESS.pack(8, 0, 4) + b"abcd"), ProtocolError),
+    (lambda m, c: reply_to(m, P.REGION_ACCESS.pack(0, 1, 4) + b"abcd"), ProtocolError),
+    (lambda m, c: reply_to(m, P.REGION_ACCESS.pack(0, 0, 2) + b"abcd"), ProtocolError),
+    (lambda m, c: b"CLOSE", ConnectionClosed),
+], ids=["error-reply", "wrong-id", "wrong-command", "short-data", "other-offset",
+        "other-region", "other-count", "server-gone"])
+def test_fast_path_odd_reply_errors(serve: Any, odd: Any, error: type[Exception]) -> None:
+    s = _start(serve, _after_clean_reads(odd))
+    dev = connect(s.path, timeout=2)
+    bar = dev.bar(0)
+    for _ in range(3):
+        bar.read32(0)
+    with pytest.raises(error):
+        bar.read32(0)
+    if error is PeerError:                     # an error reply keeps the connection
+        assert dev.connected and bar.read32(0) == 0x03020100
+    else:
+        assert not dev.connected
+    dev.close()
+
+
+def test_fast_path_closes_fds_of_a_good_reply(serve: Any) -> None:
+    before = open_fds()
+    r, w = os.pipe()
+    s = _start(serve, _after_clean_reads(lambda m, c: (_good(m), [r, w])))
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        for _ in range(3):
+            bar.read32(0)
+        assert bar.read32(0) == 0x40302010
+    os.close(r)
+    os.close(w)
+    s.close()
+    assert open_fds() == before
+
+
+def test_fast_path_not_taken_while_the_reader_holds_part_of_a_message(serve: Any) -> None:
+    """A clean reply comes with the first 16 bytes of a server command; the
+    rest of that command, sent after the client's next request, has the exact
+    shape of the reply that request waits for.  The client must finish the
+    command in its reader (and answer it), not take those bytes as its reply."""
+    sent: list[bytes] = []
+
+    def handler(msg: Message) -> Reply:
+        if msg.is_reply:
+            return None
+        if msg.command != Command.REGION_READ:
+            return basic(msg)
+        sent.append(msg.payload)
+        if len(sent) == 4:
+            decoy = reply_to(Message((msg.msg_id + 1) & 0xFFFF, msg.command, 0, 0, b"", []),
+                             msg.payload[:16] + b"EVIL")
+            command = HEADER.pack(0x79, Command.DMA_WRITE, 16 + len(decoy), 0, 0) + decoy
+            pending.append(command[16:])
+            return _good(msg) + command[:16]
+        if len(sent) == 5:
+            assert s.conn is not None
+            s.conn.sendall(pending[0])
+            threading.Event().wait(0.1)
+        return _good(msg)
+
+    pending: list[bytes] = []
+    s = serve(handler)
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        for _ in range(3):
+            bar.read32(0)
+        assert bar.read32(0) == 0x40302010
+        assert bar.read32(0) == 0x40302010      # not int.from_bytes(b"EVIL")
+        assert dev.connected
+    answered = [m for m in s.received if m.is_reply and m.command == Command.DMA_WRITE]
+    assert [m.msg_id for m in answered] == [0x79]

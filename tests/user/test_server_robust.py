@@ -376,3 +376,76 @@ def test_dirty_logging_granularity_is_at_least_a_page(serve, scratch):
     assert int.from_bytes(out.bitmap, "little") == 0xFF00  # the dirty page's 8 bytes, not before
     os.close(fd)
     c.close()
+
+
+
+class _DmaAtZero(PciDeviceModel):
+    """BAR0 is 4 KiB of memory; a write at offset 0 first DMA-reads 4 bytes
+    of client memory at 0x100000 (from the connection's thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(vendor_id=0x1B36, device_id=0x0099)
+        self.memory = bytearray(4096)
+        self.add_bar(0, 4096, access=self.bar0)
+
+    def bar0(self, offset: int, data: bytes | int, is_write: bool) -> bytes | None:
+        if isinstance(data, int):
+            return bytes(self.memory[offset:offset + data])
+        if offset == 0:
+            self.dma_read(0x100000, 4)
+        self.memory[offset:offset + len(data)] = data
+        return None
+
+
+def _answer_dma_read(c: RawClient) -> bytes:
+    request = c.reader.read()
+    assert request is not None and request.command == P.Command.DMA_READ
+    address, count = P.DMA_ACCESS.unpack_from(request.payload)
+    assert (address, count) == (0x100000, 4)
+    return P.pack_message(request.msg_id, P.Command.DMA_READ,
+                          P.DMA_ACCESS.pack(address, count) + b"\x11" * 4, P.MsgFlag.REPLY)
+
+
+def test_a_request_that_came_with_a_dma_reply_is_answered(serve):
+    """The server answers plain region accesses in a fast loop of its own
+    reads.  A model's DMA from the connection thread reads the socket through
+    the message reader instead, and a REGION_READ that arrived in the same
+    read as the DMA reply is then held by the reader: it is answered, in
+    order, not left behind the next read of the socket."""
+    c = RawClient(serve(_DmaAtZero()))
+    assert not dma_map(c, 0x100000, 0x1000).is_error      # no fd: message DMA
+    write_id = c.send(P.Command.REGION_WRITE, P.REGION_ACCESS.pack(0, 0, 4) + b"\1" * 4)
+    read_id = 0x4242
+    read = P.pack_message(read_id, P.Command.REGION_READ, P.REGION_ACCESS.pack(0, 0, 8))
+    c.send_raw(_answer_dma_read(c) + read)                # one read on the server side
+    first, second = c.reader.read(), c.reader.read()      # the socket timeout bounds each
+    assert first is not None and second is not None
+    assert (first.msg_id, first.is_reply, first.is_error) == (write_id, True, False)
+    assert (second.msg_id, second.is_reply, second.is_error) == (read_id, True, False)
+    assert second.payload == P.REGION_ACCESS.pack(0, 0, 8) + b"\1" * 4 + bytes(4)
+    assert c.read(0, 0, 4) == b"\1" * 4                   # and the fast loop goes on
+    c.close()
+
+
+def test_a_request_split_by_a_dma_reply_is_not_read_from_its_middle(serve):
+    """The reader holds the first half of a REGION_WRITE that came with a DMA
+    reply; the second half, read on its own, has the shape of a whole
+    REGION_READ (its data was made so).  The server must complete the write
+    from the reader, not answer that "read"."""
+    c = RawClient(serve(_DmaAtZero()))
+    assert not dma_map(c, 0x100000, 0x1000).is_error
+    first_id = c.send(P.Command.REGION_WRITE, P.REGION_ACCESS.pack(0, 0, 4) + b"\1" * 4)
+    decoy = P.pack_message(0x5151, P.Command.REGION_READ, P.REGION_ACCESS.pack(0, 0, 4))
+    assert len(decoy) == 32
+    split_id = 0x4343
+    split = P.pack_message(split_id, P.Command.REGION_WRITE,
+                           P.REGION_ACCESS.pack(64, 0, len(decoy)) + decoy)
+    c.send_raw(_answer_dma_read(c) + split[:32])
+    time.sleep(0.3)                   # the server's DMA wait takes these in one read
+    c.send_raw(split[32:])
+    replies = [c.reader.read(), c.reader.read()]
+    assert [(m.msg_id, m.is_error) for m in replies if m is not None] == \
+        [(first_id, False), (split_id, False)]
+    assert c.read(0, 64, 32) == decoy                      # written whole, as data
+    c.close()
+

@@ -154,14 +154,14 @@ class RegionCalls(ClientBase):
     def _region_int_accessors(self, info: RegionInfo
                               ) -> dict[int, tuple[Callable[[int], int],
                                                    Callable[[int, int], None]]]:
-        """Register accessors of one region that build the message and check
-        the reply in one frame around :meth:`_Connection.call` (the request
-        path costs about as much Python as the socket round trip itself).
+        """Register accessors of one region, one Python frame per access (the
+        request path costs about as much Python as the socket round trip
+        itself): reads are :meth:`_Connection.register_reader` closures, writes
+        build the message and check the reply around :meth:`_Connection.call`.
         The reply must echo our 16-byte access head exactly."""
         index, size = info.index, info.size
         call = self._conn.call
         malformed = self._malformed
-        from_bytes = int.from_bytes
 
         name = self.name
 
@@ -171,20 +171,10 @@ class RegionCalls(ClientBase):
         def make(width: int) -> tuple[Callable[[int], int], Callable[[int, int], None]]:
             limit = size - width
             mask = (1 << (8 * width)) - 1
-            reply_size = 16 + width
-
-            def read_n(offset: int) -> int:
-                if not 0 <= offset <= limit:
-                    raise bad(offset, width)
-                head = _pack_access(offset, index, width)
-                payload = call(9, head)  # REGION_READ
-                if len(payload) != reply_size or payload[:16] != head:
-                    raise malformed(f"REGION_READ of region {index} {offset:#x}+{width}: "
-                                    f"reply does not match (payload {len(payload)} bytes)")
-                return from_bytes(payload[16:], "little")
+            read_n = self._conn.register_reader(index, width, limit, bad, malformed)
 
             def write_n(offset: int, value: int) -> None:
-                if not 0 <= offset <= limit:
+                if offset > limit or offset < 0:
                     raise bad(offset, width)
                 head = _pack_access(offset, index, width)
                 if call(10, head + (value & mask).to_bytes(width, "little")) != head:

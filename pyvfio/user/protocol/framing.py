@@ -142,6 +142,10 @@ class MessageReader:
         self._discard = 0  # bytes left to drop of an oversized message
         self._queue: list[Message] = []
         self.eof = False
+        # recvmsg calls made by read_some(): a caller that does its own
+        # recvmsg while the reader is idle (the server's fast path) sees from
+        # a change that the reader was used meanwhile and may not be idle.
+        self.reads = 0
 
     @property
     def queued(self) -> int:
@@ -176,6 +180,7 @@ class MessageReader:
         if self._queue:
             out, self._queue = self._queue, []
             return out
+        self.reads += 1
         try:
             data, anc, msg_flags, _addr = self.sock.recvmsg(
                 self.bufsize, self._cmsg_space, _MSG_CMSG_CLOEXEC)
@@ -191,6 +196,13 @@ class MessageReader:
         region-access fast path) may only do so then, and must hand whatever
         it does not handle itself to :meth:`take`."""
         return not (self._queue or self._pending or self._big is not None or self._discard)
+
+    def push(self, data: bytes, anc: list[tuple[int, int, bytes]], msg_flags: int) -> None:
+        """Queue for :meth:`read` the messages that one ``recvmsg`` result
+        completes: a caller that did its own ``recvmsg`` while the reader was
+        idle (the client's register fast path) hands back a result it does not
+        handle itself.  Raises as :meth:`take`."""
+        self._queue.extend(self.take(data, anc, msg_flags))
 
     def take(self, data: bytes, anc: list[tuple[int, int, bytes]], msg_flags: int
              ) -> list[Message]:

@@ -21,6 +21,7 @@ from pyvfio.user import protocol as P
 from pyvfio.user.dma import DmaTable
 from pyvfio.user.irq import IrqState
 from pyvfio.user.server._base import (
+    _ACCESS_MESSAGE,
     _CMD_REGION_READ,
     _CMD_REGION_WRITE,
     _FD_COMMANDS,
@@ -132,35 +133,71 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
         backlog = self._backlog
         recvmsg, bufsize, cmsg_space = sock.recvmsg, reader.bufsize, reader.cmsg_space
         sendall, send_lock, access = sock.sendall, self._send_lock, self._access
+        read_region, write_region = self._read_region, self._write_region
+        unpack_access, pack_access = _ACCESS_MESSAGE.unpack_from, _ACCESS_MESSAGE.pack
+        # Prebound acquire/release: a `with` statement looks up and calls
+        # __enter__/__exit__ on every message of the hot path.
+        lock_acquire, lock_release = lock.acquire, lock.release
+        send_acquire, send_release = send_lock.acquire, send_lock.release
+        data: bytes | None
         while True:
             if backlog:
                 msgs = list(backlog)
                 backlog.clear()
             elif reader.idle:
-                try:
-                    data, anc, msg_flags, _addr = recvmsg(bufsize, cmsg_space, _MSG_CMSG_CLOEXEC)
-                except (ConnectionResetError, BrokenPipeError) as exc:
-                    reader.close()
-                    raise ConnectionClosed(f"vfio-user peer broke the connection: {exc}") from None
-                # The hot path, in this frame: one read that holds exactly one
-                # REGION_READ or REGION_WRITE wanting a reply, and no fds.  No
-                # Message object, no reader state; everything else (and any
-                # refusal) goes through the reader and the general loop below.
-                if not anc and len(data) >= 32 and self.negotiated:
-                    msg_id, cmd, msg_size, flags, _err = _HEADER.unpack_from(data)
-                    if cmd in (_CMD_REGION_READ, _CMD_REGION_WRITE) and not flags \
-                            and msg_size == len(data):
+                # The hot path, in this frame: reads that each hold exactly one
+                # REGION_READ or REGION_WRITE wanting a reply, and no fds,
+                # answered one after the other with no Message object and no
+                # reader state.  The first read that holds anything else goes
+                # to the reader and the general loop below.  A model that did
+                # DMA from this thread (DmaHandlers._call) used the reader,
+                # which may then hold more: back to the top.
+                reads = reader.reads
+                while True:
+                    try:
+                        data, anc, msg_flags, _addr = recvmsg(bufsize, cmsg_space,
+                                                              _MSG_CMSG_CLOEXEC)
+                    except (ConnectionResetError, BrokenPipeError) as exc:
+                        reader.close()
+                        raise ConnectionClosed("vfio-user peer broke the connection: "
+                                               f"{exc}") from None
+                    if anc or len(data) < 32 or not self.negotiated:
+                        break
+                    msg_id, cmd, msg_size, flags, _err, offset, index, count = \
+                        unpack_access(data)
+                    if flags or msg_size != len(data):
+                        break
+                    try:
+                        if cmd == _CMD_REGION_READ and msg_size == 32:
+                            lock_acquire()
+                            try:
+                                out = read_region(offset, index, count)
+                            finally:
+                                lock_release()
+                            reply = pack_access(msg_id, cmd, 32 + len(out), _REPLY, 0, offset,
+                                                index, count) + out
+                        elif cmd == _CMD_REGION_WRITE and msg_size == 32 + count:
+                            lock_acquire()
+                            try:
+                                write_region(offset, index, count, data[32:])
+                            finally:
+                                lock_release()
+                            reply = pack_access(msg_id, cmd, 32, _REPLY, 0, offset, index, count)
+                        else:
+                            break
+                        send_acquire()
                         try:
-                            with lock:
-                                reply = access(data[16:], cmd == _CMD_REGION_WRITE)
-                            with send_lock:
-                                sendall(_HEADER.pack(msg_id, cmd, 16 + len(reply), _REPLY, 0)
-                                        + reply)
-                            continue
-                        except Exception as exc:
-                            err = self._access_errno(exc)
-                        self._send_error(P.Message(msg_id, cmd, flags, 0, b"", []), err)
-                        continue
+                            sendall(reply)
+                        finally:
+                            send_release()
+                    except Exception as exc:
+                        self._send_error(P.Message(msg_id, cmd, flags, 0, b"", []),
+                                         self._access_errno(exc))
+                    if reader.reads != reads:
+                        data = None
+                        break
+                if data is None:
+                    continue
                 msgs = reader.take(data, anc, msg_flags)
                 if not msgs:
                     if reader.eof:
@@ -184,7 +221,7 @@ class Connection(DmaHandlers, RegionHandlers, IrqHandlers, FeatureHandlers):
                             and m.problem is None and self.negotiated:
                         try:
                             with lock:
-                                reply = self._access(m.payload, cmd == _CMD_REGION_WRITE)
+                                reply = access(m.payload, cmd == _CMD_REGION_WRITE)
                             if not flags & _NO_REPLY:
                                 with self._send_lock:
                                     sock.sendall(_HEADER.pack(m.msg_id, cmd, 16 + len(reply),

@@ -100,7 +100,11 @@ class RegionHandlers(ConnectionBase):
         return table
 
     def _access(self, payload: bytes, is_write: bool) -> bytes:
-        """REGION_READ/WRITE body -> reply payload (called with the device lock)."""
+        """REGION_READ/WRITE body -> reply payload (called with the device lock).
+
+        Raises :class:`ProtocolError` for a malformed body (spec "REGION_READ",
+        "REGION_WRITE": the 16-byte ``offset``/``region``/``count`` header, then
+        ``count`` bytes of data in a write request and in a read reply)."""
         n = len(payload)
         if n < 16:
             raise ProtocolError("region access shorter than its header", errno.EINVAL)
@@ -108,31 +112,33 @@ class RegionHandlers(ConnectionBase):
         if is_write:
             if n != 16 + count:
                 raise ProtocolError("REGION_WRITE count does not match the data", errno.EINVAL)
-        elif n != 16:
+            self._write_region(offset, index, count, payload[16:])
+            return payload[:16]
+        if n != 16:
             raise ProtocolError("REGION_READ carries data", errno.EINVAL)
-        if count > self._max_xfer or (not is_write and count > self._max_read):
-            # A read's reply carries `count` bytes: the client's own
-            # max_data_xfer_size (VERSION) bounds it as well as ours.
+        return payload + self._read_region(offset, index, count)
+
+    def _read_region(self, offset: int, index: int, count: int) -> bytes:
+        """The ``count`` bytes a REGION_READ of region ``index`` at ``offset``
+        answers with, from the region's callback or memory (called with the
+        device lock).  Raises :class:`ProtocolError` (E2BIG, EINVAL) for a
+        refused access and ``OSError(EIO)`` for a callback that broke its
+        contract; a callback's own exception propagates."""
+        # A read's reply carries `count` bytes: the client's own
+        # max_data_xfer_size (VERSION) bounds it as well as ours (_max_read is
+        # the smaller of the two).
+        if count > self._max_read:
             raise ProtocolError(f"count {count} over max_data_xfer_size", errno.E2BIG)
         table = self._access_table
         entry = table[index] if index < len(table) else None
         if entry is None or offset + count > entry[0]:
             raise ProtocolError(f"access {offset:#x}+{count} outside region {index}",
                                 errno.EINVAL)
-        _size, readable, writable, callback, view = entry
-        if is_write:
-            if not writable:
-                raise ProtocolError(f"region {index} is read-only", errno.EINVAL)
-            if count:
-                if callback is not None:
-                    callback(offset, payload[16:], True)
-                else:
-                    view[offset:offset + count] = payload[16:]
-            return payload[:16]
+        _size, readable, _writable, callback, view = entry
         if not readable:
             raise ProtocolError(f"region {index} is write-only", errno.EINVAL)
         if not count:
-            return payload
+            return b""
         if callback is not None:
             data = callback(offset, count, False)
             if data.__class__ is not bytes:
@@ -141,8 +147,31 @@ class RegionHandlers(ConnectionBase):
                 data = bytes(data)
             if len(data) != count:
                 raise self._model_bug(index, offset, count, f"returned {len(data)} bytes")
-            return payload + data
-        return payload + bytes(view[offset:offset + count])
+            return data
+        return bytes(view[offset:offset + count])  # type: ignore[index]
+
+    def _write_region(self, offset: int, index: int, count: int, data: bytes) -> None:
+        """A REGION_WRITE of ``data`` (``count`` bytes) to region ``index`` at
+        ``offset``, through the region's callback or into its memory (called
+        with the device lock).  Raises :class:`ProtocolError` (E2BIG, EINVAL)
+        for a refused access; a callback's own exception propagates."""
+        # The same checks as _read_region, written out rather than shared: a
+        # helper would add a Python call to every access on the hot path.
+        if count > self._max_xfer:
+            raise ProtocolError(f"count {count} over max_data_xfer_size", errno.E2BIG)
+        table = self._access_table
+        entry = table[index] if index < len(table) else None
+        if entry is None or offset + count > entry[0]:
+            raise ProtocolError(f"access {offset:#x}+{count} outside region {index}",
+                                errno.EINVAL)
+        _size, _readable, writable, callback, view = entry
+        if not writable:
+            raise ProtocolError(f"region {index} is read-only", errno.EINVAL)
+        if count:
+            if callback is not None:
+                callback(offset, data, True)
+            else:
+                view[offset:offset + count] = data  # type: ignore[index]
 
     def _model_bug(self, index: int, offset: int, count: int, what: str) -> OSError:
         """A read callback that broke its contract: logged here, with where,
