@@ -226,3 +226,27 @@ def test_a_short_write_sends_the_rest_without_the_fds():
     assert calls[0] == ("sendmsg", data[:10], 1)
     assert [c[0] for c in calls[1:]] == ["send"] * 4  # 26 bytes left, 7 at a time
     assert b"".join(c[1] for c in calls) == data
+
+
+def test_push_queues_what_a_recvmsg_result_completes(pair):
+    """push: a caller that did its own recvmsg hands the result back; the
+    messages it completes are queued for read, with their fds and flags."""
+    a, b = pair
+    before = open_fds()
+    r = P.MessageReader(b)
+    fd = os.eventfd(0)
+    P.send_message(a, msg(1) + msg(2), [fd])
+    os.close(fd)
+    data, anc, flags, _addr = b.recvmsg(65536, r.cmsg_space, socket.MSG_CMSG_CLOEXEC)
+    r.push(data, anc, flags)
+    assert r.queued == 2
+    m1, m2 = r.read(), r.read()
+    assert m1 is not None and m2 is not None
+    assert (m1.msg_id, m1.fds, m2.msg_id, len(m2.fds), m2.problem) == (1, [], 2, 1, None)
+    m2.close_fds()
+    r.push(msg(3) + msg(4), [], socket.MSG_CTRUNC)  # fds were cut off: the last is flagged
+    m3, m4 = r.read(), r.read()
+    assert m3 is not None and m4 is not None
+    assert (m3.msg_id, m3.problem, m4.msg_id) == (3, None, 4)
+    assert m4.problem is not None and m4.problem.errno == 22
+    assert open_fds() == before
