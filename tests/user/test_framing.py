@@ -250,3 +250,16 @@ def test_push_queues_what_a_recvmsg_result_completes(pair):
     assert (m3.msg_id, m3.problem, m4.msg_id) == (3, None, 4)
     assert m4.problem is not None and m4.problem.errno == 22
     assert open_fds() == before
+
+
+def test_a_reset_connection_is_connection_closed(pair):
+    """A peer that closes with our bytes unread resets the connection: the
+    reader says so, and holds no fds afterwards."""
+    a, b = pair
+    r = P.MessageReader(b)
+    b.sendall(msg(1))
+    a.close()
+    with pytest.raises(ConnectionClosed) as exc:
+        r.read()
+    assert str(exc.value).startswith("vfio-user peer broke the connection: ")
+    assert r.queued == 0
