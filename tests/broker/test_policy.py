@@ -136,6 +136,44 @@ def test_load_from_file_errors(tmp_path) -> None:
     assert p.rules[0].uids == {0} and p.source == str(good)
 
 
+def test_a_policy_file_others_control_is_refused(tmp_path) -> None:
+    """Who may write the policy file, checked before it is parsed: a file
+    (not a directory or a FIFO), owned by root or by the broker's user, not
+    writable by group or others (their execute bit does not matter)."""
+    import os
+    import stat
+
+    from pyvfio.broker.policy import _check_policy_file
+
+    def st(mode: int, uid: int) -> os.stat_result:
+        return os.stat_result((mode, 1, 1, 1, uid, 0, 0, 0, 0, 0))
+
+    me = os.geteuid()
+    for mode in (0o100600, 0o100644, 0o100645, 0o100754):
+        _check_policy_file(tmp_path, st(mode, me))
+        _check_policy_file(tmp_path, st(mode, 0))
+    other = 1 if me != 1 else 2
+    for mode, uid, text in [
+        (stat.S_IFIFO | 0o600, me, f"policy {tmp_path} is not a regular file"),
+        (0o100600, other, f"policy {tmp_path} belongs to uid {other}, not root: refusing a "
+                          "policy another user controls (chown root it)"),
+        (0o100620, me, f"policy {tmp_path} is writable by others (mode 0620): refusing it "
+                       f"(chmod go-w {tmp_path})"),
+        (0o100602, me, f"policy {tmp_path} is writable by others (mode 0602): refusing it "
+                       f"(chmod go-w {tmp_path})"),
+    ]:
+        with pytest.raises(PolicyError) as exc:
+            _check_policy_file(tmp_path, st(mode, uid))
+        assert str(exc.value) == text
+    shared = tmp_path / "shared.toml"
+    shared.write_text('[[rule]]\nusers = ["root"]\ndevices = ["0000:00:03.0"]\n')
+    shared.chmod(0o666)
+    with pytest.raises(PolicyError) as exc:
+        Policy.load(shared)
+    assert str(exc.value) == (f"policy {shared} is writable by others (mode 0666): refusing it "
+                              f"(chmod go-w {shared})")
+
+
 @pytest.mark.parametrize("text, want", [
     ("00:03.0", "0000:00:03.0"), ("0000:0A:1f.7", "0000:0a:1f.7"), (" 0001:00:00.0 ", "0001:00:00.0"),
 ])

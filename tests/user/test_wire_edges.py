@@ -21,6 +21,7 @@ from pyvfio.user.protocol import (
     DeviceInfoMsg,
     DmaAccess,
     DmaLoggingControl,
+    DmaLoggingRange,
     DmaLoggingReport,
     DmaMap,
     DmaUnmap,
@@ -243,6 +244,8 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
      lambda: RegionAccess.unpack(le("QII", 0, 0, 9), with_data=False, max_count=8), E2BIG),
     ("region access: data short",
      lambda: RegionAccess.unpack(le("QII", 0, 0, 4) + b"abc", with_data=True), EINVAL),
+    ("region access: data long",
+     lambda: RegionAccess.unpack(le("QII", 0, 0, 4) + b"abcde", with_data=True), EINVAL),
     ("region access: head with data",
      lambda: RegionAccess.unpack(le("QII", 0, 0, 4) + b"abcd", with_data=False), EINVAL),
     # --- REGION_WRITE_MULTI ---
@@ -259,6 +262,9 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
         le("Q", 1) + le("QII", 0, 0, 9) + b"\0" * 8), EINVAL),
     ("write_multi: short", lambda: RegionWriteMulti.unpack(
         le("Q", 2) + le("QII", 0, 0, 1) + b"\0" * 8), EINVAL),
+    ("write_multi: long", lambda: RegionWriteMulti.unpack(
+        le("Q", 1) + le("QII", 0, 0, 1) + b"\0" * 9), EINVAL),
+    ("write_multi: 7 bytes", lambda: RegionWriteMulti.unpack(b"\0" * 7), EINVAL),
     ("write_multi: reply 9 bytes", lambda: RegionWriteMulti.unpack(b"\0" * 9, reply=True),
      EINVAL),
     ("write_multi: pack 9 bytes",
@@ -295,6 +301,10 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
         le("QII", 4096, 1025, 0) + b"\0" * 16 * 1025), E2BIG),
     ("logging: ranges short", lambda: DmaLoggingControl.unpack(
         le("QII", 4096, 1, 0) + b"\0" * 15), EINVAL),
+    ("logging: ranges long", lambda: DmaLoggingControl.unpack(
+        le("QII", 4096, 1, 0) + b"\0" * 17), EINVAL),
+    ("logging: no ranges, trailing byte", lambda: DmaLoggingControl.unpack(
+        le("QII", 4096, 0, 0) + b"\0"), EINVAL),
     ("report: page_size 0", lambda: DmaLoggingReport.unpack(le("QQQ", 0, 4096, 0)), EINVAL),
     ("report: page_size 3", lambda: DmaLoggingReport.unpack(le("QQQ", 0, 4096, 3)), EINVAL),
     ("report: page_size 1", lambda: DmaLoggingReport.unpack(le("QQQ", 0, 4096, 1)), OK),
@@ -317,6 +327,8 @@ CASES: list[tuple[str, Callable[[], Any], int]] = [
     ("mig data: write argsz 8", lambda: MigData.unpack(le("II", 8, 0), with_data=True), OK),
     ("mig data: write data short", lambda: MigData.unpack(le("II", 12, 4) + b"abc",
                                                           with_data=True), EINVAL),
+    ("mig data: write data long", lambda: MigData.unpack(le("II", 12, 4) + b"abcde",
+                                                         with_data=True), EINVAL),
 ]
 
 
@@ -398,6 +410,8 @@ def test_irq_set_pack_sizes() -> None:
         le("IIIII", 23, 0x22, 1, 0, 3) + b"\1\0\1"
     assert IrqSet(1, 0x24, 0, 3).pack() == le("IIIII", 20, 0x24, 1, 0, 3)
     assert IrqSet(1, 0x24, 0, 3, argsz=99).pack()[:4] == le("I", 99)
+    # booleans go on the wire only with DATA_BOOL
+    assert IrqSet(1, 0x24, 0, 2, (True, False)).pack() == le("IIIII", 20, 0x24, 1, 0, 2)
     s = IrqSet.unpack(le("IIIII", 22, 0x22, 1, 0, 2) + b"\0\7")
     assert s.bools == (False, True)
 
@@ -446,6 +460,11 @@ def test_message_properties_and_repr() -> None:
     (lambda: RegionInfoMsg(index=2**32), "REGION_INFO"),
     (lambda: Version(2**16), "VERSION"),
     (lambda: RegionWriteMulti(wr_cnt=2**64), "WRITE_MULTI"),
+    (lambda: RegionWriteMulti((WriteOne(2**32, 0, b"a"),)), "WRITE_MULTI entry"),
+    (lambda: DmaLoggingControl(4096, (DmaLoggingRange(2**64, 1),)), "DMA_LOGGING range"),
+    (lambda: DmaUnmap(0, 1, flags=1, bitmap_pgsize=2**64), "DMA_UNMAP bitmap"),
+    (lambda: RegionInfoMsg(index=0, sparse_areas=((2**64, 1),)), "sparse area"),
+    (lambda: RegionInfoMsg(index=0, type=(2**32, 0)), "region type"),
 ])
 def test_pack_names_the_message_whose_field_does_not_fit(message: Callable[[], Any],
                                                          name: str) -> None:
@@ -492,3 +511,54 @@ def test_big_messages_keep_every_header_field_and_their_fds() -> None:
         a.close()
         b.close()
         reader.close()
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: RegionIoFds.unpack(le("IIII", 16, 1, 0, 0)),
+     "DEVICE_GET_REGION_IO_FDS: flags and count must be zero"),
+    (lambda: RegionIoFds.unpack(le("IIII", 56, 0, 0, 1) + b"\0", reply=True),
+     "REGION_IO_FDS reply: payload is 17 bytes, need exactly 56"),
+    (lambda: RegionWriteMulti((WriteOne(0, 0, b"\0" * 9),)).pack(),
+     "REGION_WRITE_MULTI: a write carries at most 8 bytes"),
+    (lambda: RegionWriteMulti.unpack(b"\0" * 7),
+     "REGION_WRITE_MULTI: payload is 7 bytes, need at least 8"),
+    (lambda: RegionWriteMulti.unpack(b"\0" * 9, reply=True),
+     "REGION_WRITE_MULTI reply: payload is 9 bytes, need exactly 8"),
+    (lambda: DmaLoggingControl.unpack(b"\0" * 15),
+     "DMA_LOGGING control: payload is 15 bytes, need at least 16"),
+    (lambda: DmaLoggingControl.unpack(le("QII", 4096, 1, 0) + b"\0" * 15),
+     "DMA_LOGGING ranges: payload is 31 bytes, need exactly 32"),
+    (lambda: MigData.unpack(le("II", 12, 4) + b"abc", with_data=True),
+     "MIG_DATA data: payload is 11 bytes, need exactly 12"),
+    (lambda: MigData.unpack(le("II", 11, 4), with_data=False), "MIG_DATA_READ: argsz 11 < 12"),
+    (lambda: DeviceFeature.unpack(le("II", 8, 0x30001)),
+     "DEVICE_FEATURE: GET and SET together need PROBE"),
+    (lambda: IrqSet.unpack(le("IIIII", 20, 0x23, 0, 0, 0)),
+     "DEVICE_SET_IRQS: flags 0x23 need exactly one DATA and one ACTION flag"),
+    (lambda: RegionInfoMsg.unpack(region_info_reply(le("HHI", 1, 1, 0) + le("I", 1)),
+                                  reply=True),
+     "REGION_INFO: truncated sparse mmap capability"),
+    (lambda: RegionInfoMsg.unpack(region_info_reply(le("HHI", 1, 1, 0) + le("II", 1, 0)),
+                                  reply=True),
+     "REGION_INFO: sparse areas run past the reply"),
+    (lambda: RegionInfoMsg.unpack(region_info_reply(le("HHI", 2, 1, 0) + le("I", 1)),
+                                  reply=True),
+     "REGION_INFO: truncated type capability"),
+    (lambda: DmaUnmap.unpack(le("IIQQQ", 40, 1, 0, 4096, 4096)),
+     "DMA_UNMAP with bitmap: payload is 32 bytes, need at least 40"),
+    (lambda: DmaUnmap.unpack(le("IIQQQQ", 48, 1, 0, 4096, 4096, 8) + b"\0" * 8),
+     "DMA_UNMAP: request carries bitmap data"),
+])
+def test_error_texts(call: Callable[[], Any], text: str) -> None:
+    """The whole text of errors whose wording the edge table above checks
+    only by prefix (the message name and errno)."""
+    with pytest.raises(ProtocolError) as exc:
+        call()
+    assert str(exc.value) == text
+
+
+def test_dma_write_reply_of_12_bytes_is_unsigned() -> None:
+    """The spec's 12-byte DMA_WRITE reply (address u64, count u32): the top
+    bits of both fields are data, not a sign."""
+    got = DmaAccess.unpack(le("QI", 2**64 - 4096, 2**32 - 1), with_data=False)
+    assert (got.address, got.count, got.data) == (2**64 - 4096, 2**32 - 1, b"")
