@@ -24,21 +24,31 @@ def memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK) -> int:
     return fd
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(fd: int) -> int:
+    """How many of this process's fds refer to ``fd``'s file (``fd`` included):
+    exact whatever other tests' threads open or close meanwhile."""
+    st = os.fstat(fd)
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            other = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own fd, or one closed since
+        n += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+    return n
 
 
 def test_windows_of_one_file_share_one_mapping():
     fd = memfd(64 * 4096)
     table = DmaTable()
-    before = open_fds()
+    before = open_fds(fd)
     for i in range(64):
         table.add(0x100000 + i * 0x10000, 4096, RW, fd, i * 4096)
-    assert table.files == 1 and open_fds() == before + 1  # CPython's mmap: one dup
+    assert table.files == 1 and open_fds(fd) == before + 1  # CPython's mmap: one dup
     table.write(0x100000 + 5 * 0x10000 + 8, b"five")
     assert os.pread(fd, 4, 5 * 4096 + 8) == b"five"
     table.remove_all()
-    assert table.files == 0 and open_fds() == before
+    assert table.files == 0 and open_fds(fd) == before
     os.close(fd)
 
 
@@ -111,7 +121,7 @@ def test_non_regular_fds_are_refused():
 def test_a_held_view_keeps_the_mapping_until_released():
     fd = memfd(4096)
     table = DmaTable()
-    before = open_fds()
+    before = open_fds(fd)
     table.add(0x1000, 4096, RW, fd)
     view = table.view(0x1000, 16, write=True)
     table.remove(0x1000, 4096)                 # the model still holds a view
@@ -119,6 +129,6 @@ def test_a_held_view_keeps_the_mapping_until_released():
     view.release()
     table.add(0x2000, 4096, RW, fd)
     table.remove(0x2000, 4096)                 # the next unmap reaps the lingering one
-    assert open_fds() == before
+    assert open_fds(fd) == before
     assert os.pread(fd, 2, 0) == b"ok"
     os.close(fd)
