@@ -132,3 +132,41 @@ def test_a_held_view_keeps_the_mapping_until_released():
     assert open_fds(fd) == before
     assert os.pread(fd, 2, 0) == b"ok"
     os.close(fd)
+
+
+def test_a_file_that_cannot_be_sealed_is_read_and_written_with_pread(tmp_path):
+    # A regular file on ext4 (F_GET_SEALS: EINVAL) or tmpfs (F_SEAL_SEAL only) can
+    # always shrink: it is never mmapped.
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(2 * 4096))
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    table = DmaTable()
+    m = table.add(0x1000, 2 * 4096, RW, fd)
+    assert m.view is None and m.file is not None and m.file.mm is None
+    assert open_fds(fd) == 2                   # ours and the table's one dup
+    table.write(0x1000 + 4096 - 2, b"span")    # over the page boundary, one pwrite
+    assert path.read_bytes()[4096 - 2:4096 + 2] == b"span"
+    assert table.read(0x1000 + 4096 - 1, 2) == b"pa"
+    table.remove_all()
+    assert open_fds(fd) == 1 and m.file is None
+    os.close(fd)
+
+
+def test_file_refusals_say_why():
+    r, w = os.pipe()
+    table = DmaTable(max_files=1)
+    with pytest.raises(OSError) as exc:
+        table.add(0x1000, 4096, RW, r)
+    assert exc.value.strerror == ("DMA_MAP: the fd is not a regular file (a memfd, or a file "
+                                  "on tmpfs or hugetlbfs)")
+    os.close(r)
+    os.close(w)
+    fds = [memfd(4096) for _ in range(2)]
+    table.add(0x1000, 4096, RW, fds[0])
+    with pytest.raises(OSError) as exc:
+        table.add(0x2000, 4096, RW, fds[1])
+    assert (exc.value.errno, exc.value.strerror) == (
+        errno.ENOSPC, "DMA_MAP: windows already hold 1 files (at most 1 per client)")
+    table.remove_all()
+    for fd in fds:
+        os.close(fd)

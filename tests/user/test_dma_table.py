@@ -332,3 +332,15 @@ def test_remove_all_keeps_only_what_a_view_holds(mem) -> None:
     v.release()
     t.remove_all()
     assert t._lingering == []
+
+
+def test_dirty_log_pages_just_outside_the_range_set_no_bit() -> None:
+    t = DmaTable()
+    t.start_logging(PAGE)
+    t.mark_dirty(2 * PAGE, 1)  # log page 2 starts where the range ends
+    # [PAGE/2, 2 PAGE): two report units, the second one partial
+    assert t.dirty_bitmap(PAGE // 2, 3 * PAGE // 2, PAGE, clear=False) == bytes(8)
+    t.mark_dirty(0, 1)         # log page 0 ends half a page before the range starts
+    # 8-byte report units, finer than the log page: 256 units in 4 words
+    assert t.dirty_bitmap(3 * PAGE // 2, PAGE // 2, 8, clear=False) == bytes(32)
+    assert t.dirty == {0, 2}
