@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
+import signal
 
 import pytest
 
@@ -170,3 +172,97 @@ def test_file_refusals_say_why():
     table.remove_all()
     for fd in fds:
         os.close(fd)
+
+
+def test_unsealed_windows_at_an_offset_share_one_fd_until_the_last_goes():
+    fd = memfd(4 * 4096, seals=0)
+    os.pwrite(fd, bytes(range(256)) * 64, 0)
+    table = DmaTable()
+    a = table.add(0x10000, 2 * 4096, RW, fd, 2 * 4096)  # file [0x2000, 0x4000)
+    b = table.add(0x20000, 4096, RW, fd, 4096)          # file [0x1000, 0x2000)
+    assert a.file is b.file and a.file is not None and table.files == 1
+    dup = a.file.fd
+    assert fcntl.fcntl(dup, fcntl.F_GETFD) & fcntl.FD_CLOEXEC   # no leak into children
+    buf = bytearray(16)
+    table.readinto(0x10000 + 8, buf)                    # file offset 0x2008
+    assert bytes(buf) == os.pread(fd, 16, 2 * 4096 + 8)
+    # a write that ends exactly at the end of the file is not "past" it
+    table.write(0x10000 + 2 * 4096 - 4, b"last")
+    assert os.pread(fd, 4, 4 * 4096 - 4) == b"last" and os.fstat(fd).st_size == 4 * 4096
+    table.remove(0x20000, 4096)                         # one window of two goes
+    assert table.files == 1 and a.file is not None and a.file.fd == dup
+    assert table.read(0x10000 + 4096 * 2 - 4, 4) == b"last"  # the fd is still open
+    table.remove(0x10000, 2 * 4096)
+    assert table.files == 0
+    with pytest.raises(OSError):
+        os.fstat(dup)                                   # closed with the last window
+    os.close(fd)
+
+
+def test_sealed_windows_share_one_mapping_until_the_last_goes():
+    fd = memfd(2 * 4096)
+    table = DmaTable()
+    table.add(0x1000, 4096, RW, fd)
+    b = table.add(0x2000, 4096, RW, fd, 4096)
+    table.remove(0x1000, 4096)
+    assert table.files == 1 and b.file is not None and b.file.mm is not None
+    table.add(0x3000, 4096, RW, fd)                     # the same mapping again
+    assert table.files == 1 and table.mappings[-1].file is b.file
+    table.remove_all()
+    os.close(fd)
+
+
+def test_truncated_file_faults_say_where():
+    fd = memfd(2 * 4096, seals=0)
+    table = DmaTable()
+    table.add(0x1000, 2 * 4096, RW, fd)
+    os.ftruncate(fd, 4096)
+    with pytest.raises(DmaFault) as exc:
+        table.read(0x1000 + 4096, 3)
+    assert (exc.value.errno, exc.value.strerror) == (
+        errno.EFAULT, "DMA read of file offset 0x1000+0x3: the client's file is shorter now")
+    with pytest.raises(DmaFault) as exc:
+        table.write(0x1000 + 4094, b"abc")
+    assert (exc.value.errno, exc.value.strerror) == (
+        errno.EFAULT, "DMA write of file offset 0xffe+0x3: the client's file is shorter now")
+    table.remove_all()
+    os.close(fd)
+
+
+def test_a_dup_on_fd_zero_is_closed_too():
+    fd = memfd(4096, seals=0)
+    saved = os.dup(0)
+    try:
+        os.close(0)                                     # the lowest free fd is now 0
+        table = DmaTable()
+        m = table.add(0x1000, 4096, RW, fd)
+        assert m.file is not None and m.file.fd == 0    # F_DUPFD_CLOEXEC from 0
+        table.remove_all()
+        with pytest.raises(OSError):
+            os.fstat(0)
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(fd)
+
+
+def test_a_short_pwrite_is_a_fault():
+    # RLIMIT_FSIZE cuts a write short without changing the file's size: the one
+    # way to make pwrite write less than asked on a file that is big enough.
+    fd = memfd(2 * 4096, seals=0)
+    table = DmaTable()
+    table.add(0x1000, 2 * 4096, RW, fd)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096 + 2, limit[1]))
+    try:
+        with pytest.raises(DmaFault) as exc:
+            table.write(0x1000 + 4096, b"abcd")   # 2 of 4 bytes fit under the limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (exc.value.errno, exc.value.strerror) == (
+        errno.EFAULT, "DMA write of file offset 0x1000: short write")
+    assert os.fstat(fd).st_size == 2 * 4096
+    table.remove_all()
+    os.close(fd)

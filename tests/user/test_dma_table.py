@@ -344,3 +344,25 @@ def test_dirty_log_pages_just_outside_the_range_set_no_bit() -> None:
     # 8-byte report units, finer than the log page: 256 units in 4 words
     assert t.dirty_bitmap(3 * PAGE // 2, PAGE // 2, 8, clear=False) == bytes(32)
     assert t.dirty == {0, 2}
+
+
+def test_overlaps_edges() -> None:
+    t = DmaTable()
+    assert not t.overlaps(0, 2**64)                        # empty table
+    t.add(0x1000, PAGE, RW)
+    t.add(0x3000, PAGE, RW)
+    assert not t.overlaps(0, 0x1000)                       # ends where the first begins
+    assert not t.overlaps(0x2000, 0x1000)                  # between: touches both, no byte
+    assert not t.overlaps(0x5000, 0x10)                    # past the last window
+    assert t.overlaps(0x1FFF, 1) and t.overlaps(0x2FFF, 2) and t.overlaps(0, 0x1001)
+    assert t.overlaps(0x3800, 0x10)                        # inside the second (i - 1 = 1)
+    assert t.overlaps(0, 2**64)
+
+
+def test_an_access_just_past_a_window_is_unmapped_not_forbidden() -> None:
+    t = DmaTable()
+    t.add(0x1000, PAGE, R)
+    with pytest.raises(DmaFault) as exc:
+        t.write(0x2000, b"x")                              # the byte after a read-only window
+    assert exc.value.errno == errno.EFAULT
+    assert exc.value.strerror == "DMA write of 0x2000+0x1: 0x2000 is not mapped"
