@@ -37,7 +37,7 @@ def _attributes_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_check_all_reads_a_lean_inventory(fake: FakeSysfs, capsys, monkeypatch) -> None:
     names = _attributes_read(monkeypatch)
     _, out, _ = run(capsys, "--root", fake.root, "check", "--all", "--json")
-    checked = {json.loads(line)["device"] for line in out.splitlines()}
+    checked = {d["device"] for d in json.loads(out)}
     assert checked == {a for a, d in fake.devices.items() if not d.is_bridge}
     assert names and not {"driver_override", "numa_node", "reset_method"} & set(names)
     names.clear()
