@@ -1,0 +1,68 @@
+"""``pyvfio bind`` in text: each device's line (changed, already there, dry
+run), the dry-run footer only on a dry run, ``--driver``, ``--persist`` with
+``--config-dir``; ``check`` without devices, and ``check --all`` in text."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvfio.cli import main
+from pyvfio.host.model import Host
+from pyvfio.host.persist import PersistedBindings
+from pyvfio.testing.fakesysfs import FakeSysfs
+
+from .conftest import E1000_BRIDGED, EDU, MLX_VF
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _result_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("0000:")]
+
+
+def test_bind_says_where_each_device_went_and_where_it_already_was(fake: FakeSysfs, capsys) -> None:
+    code, out, err = run(capsys, "--root", fake.root, "bind", E1000_BRIDGED)
+    assert code == 0, err
+    assert _result_lines(out) == [f"{E1000_BRIDGED}: e1000 -> now on vfio-pci"]
+    assert "dry run" not in out
+    code, out, err = run(capsys, "--root", fake.root, "bind", EDU, E1000_BRIDGED)
+    assert code == 0, err
+    assert _result_lines(out) == [f"{E1000_BRIDGED}: already on vfio-pci", f"{EDU}: no driver -> now on vfio-pci"]
+
+
+def test_a_dry_run_says_what_would_happen(fake: FakeSysfs, capsys) -> None:
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--dry-run", E1000_BRIDGED)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{E1000_BRIDGED}: e1000 would go to vfio-pci"
+    assert lines[1].startswith("    ") and "dry run: nothing was changed" in lines
+    assert fake.devices[E1000_BRIDGED].driver == "e1000"
+
+
+def test_bind_takes_the_driver_asked_for(fake: FakeSysfs, capsys) -> None:
+    host = Host(fake.root)
+    assert host.best_driver(host.device(MLX_VF)) != "vfio-pci"  # else this proves nothing
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--driver", "vfio-pci", MLX_VF)
+    assert code == 0, err
+    assert _result_lines(out) == [f"{MLX_VF}: mlx5_core -> now on vfio-pci"]
+    assert fake.devices[MLX_VF].driver == "vfio-pci"
+
+
+def test_bind_persist_records_in_the_config_dir_given(fake: FakeSysfs, capsys, tmp_path) -> None:
+    conf = str(tmp_path / "conf")
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--persist", "--config-dir", conf, EDU)
+    assert code == 0, err
+    assert [e["device"] for e in PersistedBindings(conf).load()] == [EDU]
+    assert PersistedBindings(fake.p("etc/pyvfio")).load() == []
+    assert f"recorded in {PersistedBindings(conf).path}: {EDU}" in out
+
+
+def test_check_needs_devices_or_all_and_all_is_text_unless_json(fake: FakeSysfs, capsys) -> None:
+    code, _, err = run(capsys, "--root", fake.root, "check")
+    assert code == 2 and "name the devices to check, or use --all" in err
+    _, out, _ = run(capsys, "--root", fake.root, "check", "--all")
+    assert out and not out.lstrip().startswith(("[", "{")) and EDU in out
