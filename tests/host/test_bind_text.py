@@ -63,6 +63,23 @@ def test_bind_persist_records_in_the_config_dir_given(fake: FakeSysfs, capsys, t
 
 def test_check_needs_devices_or_all_and_all_is_text_unless_json(fake: FakeSysfs, capsys) -> None:
     code, _, err = run(capsys, "--root", fake.root, "check")
-    assert code == 2 and "name the devices to check, or use --all" in err
+    assert code == 2 and err.rstrip("\n").endswith(": name the devices to check, or use --all")
     _, out, _ = run(capsys, "--root", fake.root, "check", "--all")
     assert out and not out.lstrip().startswith(("[", "{")) and EDU in out
+
+
+def test_a_dry_run_of_a_device_without_driver(fake: FakeSysfs, capsys) -> None:
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--dry-run", EDU)
+    assert code == 0, err
+    assert _result_lines(out) == [f"{EDU}: no driver would go to vfio-pci"]
+
+
+def test_bind_persist_checks_the_config_dir_before_binding(fake: FakeSysfs, capsys) -> None:
+    unwritable = "/proc/self/pyvfio-conf"  # even root cannot create it
+    code, _, err = run(capsys, "--root", fake.root, "bind", "--persist", "--config-dir", unwritable, EDU)
+    assert code != 0 and unwritable in err
+    assert fake.devices[EDU].driver is None and fake.writes == []
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--persist", "--config-dir", unwritable,
+                         "--dry-run", EDU)
+    assert code == 0, err
+    assert f"would record in {unwritable}/bindings.json: {EDU}" in out
