@@ -125,3 +125,16 @@ def test_a_restore_that_does_not_take_says_where_the_device_is(fake: FakeSysfs) 
     assert str(exc.value) == (f"{E1000_BRIDGED}: could not put {E1000_BRIDGED} back on e1000 (it is on "
                               f"no driver); record kept in {path}")
     assert os.path.exists(path) and fake.devices[E1000_BRIDGED].driver is None
+
+
+def test_an_unreadable_vfio_dev_entry_does_not_hide_the_others(tmp_path) -> None:
+    fake = FakeSysfs(tmp_path / "root", noiommu=False, cdev=True)
+    build_standard(fake)
+    with fake:
+        bind(GPU, root=fake.root, group=True)
+        cdev = Host(fake.root).device(GPU).vfio_cdev
+        assert cdev
+        for n in range(8):  # not links; some come before the real one in the listing
+            with open(fake.p(f"sys/class/vfio-dev/broken{n}"), "w"):
+                pass
+        assert {d.address: d.vfio_cdev for d in Host(fake.root).devices()}[GPU] == cdev
