@@ -4,6 +4,8 @@ run), the dry-run footer only on a dry run, ``--driver``, ``--persist`` with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pyvfio.cli import main
@@ -83,3 +85,27 @@ def test_bind_persist_checks_the_config_dir_before_binding(fake: FakeSysfs, caps
                          "--dry-run", EDU)
     assert code == 0, err
     assert f"would record in {unwritable}/bindings.json: {EDU}" in out
+
+
+def test_bind_json_without_persist_reports_no_entries(fake: FakeSysfs, capsys) -> None:
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--json", EDU)
+    assert code == 0, err
+    assert json.loads(out)["persisted"] == []
+
+
+def test_bound_but_not_ready_says_why_and_fails(fake: FakeSysfs, capsys) -> None:
+    code, out, _ = run(capsys, "--root", fake.root, "bind", "--driver", "pci-stub", EDU)
+    assert fake.devices[EDU].driver == "pci-stub"
+    (diag,) = json.loads(run(capsys, "--root", fake.root, "check", "--json", EDU)[1])
+    assert diag["ready"] is False and diag["problems"]  # pci-stub is no vfio driver
+    assert code == 1
+    assert [line for line in out.splitlines() if ": not ready: " in line] == [
+        f"{EDU}: not ready: {p['reason']}" for p in diag["problems"]]
+    assert out.count("    fix: ") == len(diag["problems"])
+
+
+def test_a_dry_run_restore_shows_the_override_cleared(fake: FakeSysfs, capsys) -> None:
+    run(capsys, "--root", fake.root, "bind", EDU)
+    code, out, err = run(capsys, "--root", fake.root, "restore", "--dry-run", EDU)
+    assert code == 0, err
+    assert f"write '(empty: clear)' to {fake.p(f'sys/bus/pci/devices/{EDU}/driver_override')}" in out
