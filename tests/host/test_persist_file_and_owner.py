@@ -1,5 +1,5 @@
-"""The binding file's directory mode, a stale temporary file from an
-interrupted save, the exact message for a file that is not ours, and
+"""The binding file's directory mode, stale temporary files from an
+interrupted save (binding file and bind record), the exact message for a file that is not ours, and
 ``pci_owner`` keeping an address's hex digits lower case."""
 
 from __future__ import annotations
@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 
 from pyvfio.errors import UsageError
+from pyvfio.host.binding import BindState, bind, restore
+from pyvfio.host.model import Host
 from pyvfio.host.persist import PersistedBindings
 from pyvfio.host.usage import pci_owner
+from pyvfio.testing.fakesysfs import FakeSysfs
+
+from .conftest import E1000_BRIDGED
 
 
 def test_the_directory_is_made_rwxr_xr_x_whatever_the_umask(tmp_path: Path) -> None:
@@ -45,3 +50,24 @@ def test_pci_owner_is_lower_case() -> None:
     target = "../../devices/pci0000:00/0000:00:1c.0/0000:0a:00.0/net/eth0"
     assert pci_owner(target) == "0000:0a:00.0"
     assert pci_owner("../../devices/virtual/net/lo") is None
+
+
+def test_a_longer_leftover_bind_record_temporary_is_truncated(fake: FakeSysfs, tmp_path: Path) -> None:
+    class Crash(BaseException):
+        pass
+
+    class CrashingWriter:
+        def write(self, path: str, data: str) -> None:
+            if path.endswith("drivers_probe"):
+                raise Crash  # the process dies after the first record save
+            fake.write(path, data)
+
+    state_dir = str(tmp_path / "state")
+    os.makedirs(state_dir)
+    Path(BindState(state_dir).path(E1000_BRIDGED) + f".tmp.{os.getpid()}").write_text("x" * 10000)
+    with pytest.raises(Crash):
+        bind(E1000_BRIDGED, root=fake.root, state_dir=state_dir, host=Host(fake.root, writer=CrashingWriter()))
+    record = BindState(state_dir).load(E1000_BRIDGED)
+    assert record is not None and record["device"] == E1000_BRIDGED
+    restore(E1000_BRIDGED, root=fake.root, state_dir=state_dir)
+    assert fake.devices[E1000_BRIDGED].driver == "e1000"
