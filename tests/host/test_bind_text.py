@@ -109,3 +109,26 @@ def test_a_dry_run_restore_shows_the_override_cleared(fake: FakeSysfs, capsys) -
     code, out, err = run(capsys, "--root", fake.root, "restore", "--dry-run", EDU)
     assert code == 0, err
     assert f"write '(empty: clear)' to {fake.p(f'sys/bus/pci/devices/{EDU}/driver_override')}" in out
+
+
+def test_check_names_the_driver_a_device_is_on_or_none(fake: FakeSysfs, capsys) -> None:
+    run(capsys, "--root", fake.root, "bind", "--driver", "pci-stub", MLX_VF)
+    assert fake.devices[MLX_VF].driver == "pci-stub"
+    _, out, _ = run(capsys, "--root", fake.root, "check", "--json", EDU, MLX_VF)
+    reasons = {d["device"]: [p["reason"] for p in d["problems"]] for d in json.loads(out)}
+    assert f"{EDU} is not bound to a vfio driver (no driver)" in reasons[EDU]
+    assert f"{MLX_VF} is not bound to a vfio driver (pci-stub)" in reasons[MLX_VF]
+
+
+def test_binding_again_over_a_record_from_an_earlier_boot(fake: FakeSysfs, capsys) -> None:
+    from pyvfio.host.binding import BindState
+
+    run(capsys, "--root", fake.root, "bind", EDU)
+    state = BindState(fake.p("run/pyvfio/bind"))
+    record = state.load(EDU)
+    assert record is not None
+    record["boot_id"] = "an-earlier-boot"
+    state.save(record)
+    code, out, err = run(capsys, "--root", fake.root, "bind", EDU)
+    assert code == 0, err
+    assert _result_lines(out) == [f"{EDU}: already on vfio-pci"]
