@@ -132,3 +132,22 @@ def test_binding_again_over_a_record_from_an_earlier_boot(fake: FakeSysfs, capsy
     code, out, err = run(capsys, "--root", fake.root, "bind", EDU)
     assert code == 0, err
     assert _result_lines(out) == [f"{EDU}: already on vfio-pci"]
+
+
+def test_binding_again_completes_a_record_a_crash_left_unfinished(fake: FakeSysfs, capsys) -> None:
+    from pyvfio.host.binding import BindState
+
+    run(capsys, "--root", fake.root, "bind", EDU)
+    state = BindState(fake.p("run/pyvfio/bind"))
+    record = state.load(EDU)
+    assert record is not None and record["phase"] == "bound"
+    record["phase"] = "binding"  # the process died after the probe, before the last save
+    state.save(record)
+    run(capsys, "--root", fake.root, "bind", "--dry-run", EDU)
+    unchanged = state.load(EDU)
+    assert unchanged is not None and unchanged["phase"] == "binding"  # a dry run writes nothing
+    code, out, err = run(capsys, "--root", fake.root, "bind", EDU)
+    assert code == 0, err
+    assert _result_lines(out) == [f"{EDU}: already on vfio-pci"]
+    done = state.load(EDU)
+    assert done is not None and done["phase"] == "bound" and done["original_driver"] is None
