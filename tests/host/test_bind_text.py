@@ -151,3 +151,11 @@ def test_binding_again_completes_a_record_a_crash_left_unfinished(fake: FakeSysf
     assert _result_lines(out) == [f"{EDU}: already on vfio-pci"]
     done = state.load(EDU)
     assert done is not None and done["phase"] == "bound" and done["original_driver"] is None
+
+
+def test_rebinding_names_the_first_original_driver(fake: FakeSysfs, capsys) -> None:
+    run(capsys, "--root", fake.root, "bind", E1000_BRIDGED)
+    code, out, err = run(capsys, "--root", fake.root, "bind", "--driver", "pci-stub", E1000_BRIDGED)
+    assert code == 1, err  # pci-stub is no vfio driver: bound, not ready
+    assert fake.devices[E1000_BRIDGED].driver == "pci-stub"
+    assert _result_lines(out)[0] == f"{E1000_BRIDGED}: e1000 -> now on pci-stub"
