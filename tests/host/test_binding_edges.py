@@ -19,6 +19,16 @@ from pyvfio.testing.fakesysfs import FakeSysfs
 from .conftest import E1000_BRIDGED, EDU, EDU_BRIDGED, PCI_BRIDGE, ROOT_PORT
 
 
+def _edit_bind_record(fake: FakeSysfs, address: str, **changes: str) -> BindState:
+    """Change fields of the bind record pyvfio keeps for ``address``, on disk;
+    returns the record store."""
+    state = BindState(fake.p("run/pyvfio/bind"))
+    record = state.load(address)
+    assert record is not None
+    record.update(changes)
+    Path(state.path(address)).write_text(json.dumps(record))
+    return state
+
 def test_state_dir_is_the_flag_then_the_environment_then_under_the_root(monkeypatch) -> None:
     monkeypatch.delenv("PYVFIO_STATE_DIR", raising=False)
     assert state_dir_for("/r") == "/r/run/pyvfio/bind"
@@ -119,11 +129,7 @@ def test_bind_without_an_iommu_group_on_a_host_without_iommu(tmp_path: Path) -> 
 
 def test_restore_of_a_record_from_an_earlier_boot(fake: FakeSysfs) -> None:
     bind(EDU, root=fake.root)
-    state = BindState(fake.p("run/pyvfio/bind"))
-    record = state.load(EDU)
-    assert record is not None
-    record["boot_id"] = "an-earlier-boot"
-    Path(state.path(EDU)).write_text(json.dumps(record))
+    state = _edit_bind_record(fake, EDU, boot_id="an-earlier-boot")
     with pytest.raises(BindError) as exc:
         restore([EDU], root=fake.root, dry_run=True)
     assert f"the record of {EDU} is from an earlier boot" in str(exc.value)
@@ -156,11 +162,7 @@ def test_restore_usage_and_every_error_in_one_message(fake: FakeSysfs) -> None:
 def test_a_stale_record_does_not_stop_the_others(fake: FakeSysfs) -> None:
     bind([EDU_BRIDGED], root=fake.root, group=True)  # EDU_BRIDGED and E1000_BRIDGED
     bind(EDU, root=fake.root)
-    state = BindState(fake.p("run/pyvfio/bind"))
-    record = state.load(EDU_BRIDGED)
-    assert record is not None
-    record["boot_id"] = "an-earlier-boot"
-    Path(state.path(EDU_BRIDGED)).write_text(json.dumps(record))
+    _edit_bind_record(fake, EDU_BRIDGED, boot_id="an-earlier-boot")
     with pytest.raises(BindError) as exc:
         restore(all_devices=True, root=fake.root)
     assert str(exc.value) == (f"the record of {EDU_BRIDGED} is from an earlier boot (bindings do not "
@@ -170,11 +172,7 @@ def test_a_stale_record_does_not_stop_the_others(fake: FakeSysfs) -> None:
 
 def test_a_restore_that_fails_names_the_device(fake: FakeSysfs) -> None:
     bind(EDU, root=fake.root)
-    state = BindState(fake.p("run/pyvfio/bind"))
-    record = state.load(EDU)
-    assert record is not None
-    record["original_driver"] = "gone_driver"  # unloaded since the bind
-    Path(state.path(EDU)).write_text(json.dumps(record))
+    _edit_bind_record(fake, EDU, original_driver="gone_driver")  # unloaded since the bind
     with pytest.raises(BindError) as exc:
         restore([EDU], root=fake.root)
     assert str(exc.value).startswith(f"{EDU}: ") and "gone_driver" in str(exc.value)
@@ -208,11 +206,7 @@ def test_restore_of_a_device_already_back_is_unchanged(fake: FakeSysfs) -> None:
 
 def test_a_failed_driver_bind_falls_back_to_a_probe(fake: FakeSysfs) -> None:
     bind(EDU, root=fake.root)
-    state = BindState(fake.p("run/pyvfio/bind"))
-    record = state.load(EDU)
-    assert record is not None
-    record["original_driver"] = "gone_driver"
-    Path(state.path(EDU)).write_text(json.dumps(record))
+    _edit_bind_record(fake, EDU, original_driver="gone_driver")
     fake.writes.clear()
     with pytest.raises(BindError):
         restore([EDU], root=fake.root)
