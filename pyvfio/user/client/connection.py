@@ -14,11 +14,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pyvfio.device import _FORMATS
 from pyvfio.errors import ClosedError, ConnectionClosed, PeerError, ProtocolError
 from pyvfio.user.protocol import (
     HEADER,
     HEADER_SIZE,
     REGION_ACCESS,
+    REGION_ACCESS_MESSAGE,
     Command,
     Message,
     MessageReader,
@@ -41,11 +43,7 @@ MAX_REGION_INFO_SIZE = 64 << 10
 """Largest region-info reply (with capabilities) we ask for."""
 
 _pack_header = HEADER.pack
-# A message header and a region access header in one (spec "Header",
-# "REGION_READ"): a whole REGION_READ request, and the head of its reply.
-_ACCESS_MESSAGE = struct.Struct(HEADER.format + REGION_ACCESS.format.lstrip("=<"))
 _CMD_REGION_READ = int(Command.REGION_READ)
-_WIDTH_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _unpack_header = HEADER.unpack_from
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _pack_access = REGION_ACCESS.pack
@@ -224,8 +222,8 @@ class _Connection:
         lock_acquire, lock_release = self._lock_acquire, self._lock_release
         sendall, recvmsg, reader = self._sendall, self._recvmsg, self.reader
         bufsize, cmsg_space = reader.bufsize, reader.cmsg_space
-        pack = _ACCESS_MESSAGE.pack
-        value_at = struct.Struct("<" + _WIDTH_FORMATS[width]).unpack_from
+        pack = REGION_ACCESS_MESSAGE.pack
+        value_at = struct.Struct("<" + _FORMATS[width]).unpack_from
         reply_size = 32 + width
         read_command = _CMD_REGION_READ
 
@@ -256,8 +254,8 @@ class _Connection:
                 payload = self._reply(msg_id, read_command, received)
             finally:
                 lock_release()
-            if len(payload) != reply_size - 16 or payload[:16] != pack(
-                    0, 0, 0, 0, 0, offset, index, width)[16:]:
+            if len(payload) != reply_size - 16 or payload[:16] != _pack_access(
+                    offset, index, width):
                 raise malformed(f"REGION_READ of region {index} {offset:#x}+{width}: "
                                 f"reply does not match (payload {len(payload)} bytes)")
             return value_at(payload, 16)[0]

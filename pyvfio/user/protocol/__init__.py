@@ -59,6 +59,7 @@ from pyvfio.user.protocol.region import MAX_REGION_CAPS as MAX_REGION_CAPS
 from pyvfio.user.protocol.region import MAX_SPARSE_AREAS as MAX_SPARSE_AREAS
 from pyvfio.user.protocol.region import MAX_WRITE_MULTI as MAX_WRITE_MULTI
 from pyvfio.user.protocol.region import REGION_ACCESS as REGION_ACCESS
+from pyvfio.user.protocol.region import REGION_ACCESS_MESSAGE as REGION_ACCESS_MESSAGE
 from pyvfio.user.protocol.region import (
     IoFdType,
     RegionAccess,

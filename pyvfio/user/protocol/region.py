@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from pyvfio.device import RegionFlag
 from pyvfio.user.protocol._codec import _fail, _need, _pack
+from pyvfio.user.protocol.header import HEADER
 from pyvfio.user.protocol.version import DEFAULT_MAX_DATA_XFER_SIZE
 
 # --- DEVICE_GET_REGION_INFO ------------------------------------------------------------------
@@ -226,6 +227,11 @@ class RegionIoFds:
 
 REGION_ACCESS = struct.Struct("=QII")
 """``struct vfio_user_region_access``: offset u64, region u32, count u32, data."""
+
+REGION_ACCESS_MESSAGE = struct.Struct(HEADER.format + REGION_ACCESS.format.lstrip("=<"))
+"""A message header and a region access header in one (spec "Header",
+"REGION_READ", "REGION_WRITE"), 32 bytes: a whole REGION_READ request, and the
+head of a REGION_WRITE request and of either's reply."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-import struct
 import threading
 from typing import Any, Protocol
 
@@ -23,10 +22,7 @@ log = logging.getLogger("pyvfio.user.server")
 
 _HEADER = P.HEADER
 _REGION_ACCESS = P.REGION_ACCESS
-# A message header and a region access header in one: a whole REGION_READ
-# request, the head of a REGION_WRITE request, and the head of either's reply
-# (spec "Header", "REGION_READ", "REGION_WRITE").
-_ACCESS_MESSAGE = struct.Struct(_HEADER.format + _REGION_ACCESS.format.lstrip("=<"))
+_ACCESS_MESSAGE = P.REGION_ACCESS_MESSAGE
 _REPLY = int(P.MsgFlag.REPLY)
 _REPLY_ERROR = int(P.MsgFlag.REPLY | P.MsgFlag.ERROR)
 _NO_REPLY = int(P.MsgFlag.NO_REPLY)
