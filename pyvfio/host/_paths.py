@@ -6,6 +6,15 @@ from __future__ import annotations
 import os
 
 
+def records_directory(root: str, override: str | None, env_var: str, default: str) -> str:
+    """Where a kind of record lives: ``override`` (a command-line flag), else
+    the environment variable ``env_var``, else ``default`` under ``root``
+    (empty values count as unset)."""
+    if override:
+        return override
+    return os.environ.get(env_var) or os.path.join(root, default)
+
+
 def unwritable_directory(directory: str) -> str | None:
     """None when this process could create files in ``directory`` (made on
     demand: the nearest existing directory above it must be writable and

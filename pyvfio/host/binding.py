@@ -36,7 +36,7 @@ from pyvfio.errors import (
     NotViable,
     UsageError,
 )
-from pyvfio.host._paths import unwritable_directory
+from pyvfio.host._paths import records_directory, unwritable_directory
 from pyvfio.host.diagnosis import (
     P_NO_GROUP,
     P_RESERVED_DIRECT,
@@ -54,12 +54,7 @@ FORCEABLE_KINDS = (*USAGE_KINDS, P_RESERVED_DIRECT)
 
 
 def state_dir_for(root: str, override: str | None = None) -> str:
-    if override:
-        return override
-    env = os.environ.get("PYVFIO_STATE_DIR")
-    if env:
-        return env
-    return os.path.join(root, DEFAULT_STATE_DIR)
+    return records_directory(root, override, "PYVFIO_STATE_DIR", DEFAULT_STATE_DIR)
 
 
 class BindState:

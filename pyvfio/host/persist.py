@@ -37,7 +37,7 @@ from pyvfio.errors import (
     NotPermitted,
     UsageError,
 )
-from pyvfio.host._paths import unwritable_directory
+from pyvfio.host._paths import records_directory, unwritable_directory
 from pyvfio.host.model import Host, PciDevice, normalize_bdf
 
 CONFIG_DIR = "etc/pyvfio"
@@ -48,12 +48,7 @@ UNIT_NAME = "pyvfio-apply.service"
 
 
 def config_dir_for(root: str, override: str | None = None) -> str:
-    if override:
-        return override
-    env = os.environ.get("PYVFIO_CONFIG_DIR")
-    if env:
-        return env
-    return os.path.join(root, CONFIG_DIR)
+    return records_directory(root, override, "PYVFIO_CONFIG_DIR", CONFIG_DIR)
 
 
 class PersistedBindings:
