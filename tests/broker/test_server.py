@@ -297,7 +297,10 @@ def test_fifty_clients_leave_no_fd_behind(fake: FakeSysfs, broker: Running) -> N
         elif n % 3 == 1:
             s.hello()
         s.close()
-    broker.wait_sessions(0)
+        # The broker's thread may not have seen this close yet; under load the
+        # next connects would then meet max_clients = 4 ("busy"), which is the
+        # limit working, not a leak.  Each client is gone before the next.
+        broker.wait_sessions(0)
     assert settled_fds(before) == before
     assert threading.active_count() <= threads_before
 

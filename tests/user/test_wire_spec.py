@@ -663,6 +663,44 @@ def test_region_read():
     check_encode(REGION_READ_REPLY, RegionAccess(1, 8, 4, bytes.fromhex("ed000001")).pack())
 
 
+def test_region_access_heads_packed_whole_and_from_parts():
+    # The server's and the client's fast paths pack these heads without the
+    # message classes: REGION_ACCESS_MESSAGE field by field, REGION_ACCESS_PARTS
+    # from the parts region_access_parts fixes (the client's register reads).
+    from pyvfio.user.protocol import (
+        REGION_ACCESS_MESSAGE,
+        REGION_ACCESS_PARTS,
+        region_access_parts,
+    )
+
+    assert REGION_ACCESS_MESSAGE.pack(18, 9, 32, 0, 0, 8, 1, 4) == REGION_READ_REQ
+    assert REGION_ACCESS_MESSAGE.pack(18, 9, 36, 1, 0, 8, 1, 4) == REGION_READ_REPLY[:32]
+    request, region_count = region_access_parts(9, 32, 0, 1, 4)
+    reply, reply_region_count = region_access_parts(9, 36, 1, 1, 4)
+    assert (request, reply) == (REGION_READ_REQ[2:16], REGION_READ_REPLY[2:16])
+    assert region_count == reply_region_count == REGION_READ_REQ[24:32]
+    assert REGION_ACCESS_PARTS.pack(18, request, 8, region_count) == REGION_READ_REQ
+    assert REGION_ACCESS_PARTS.pack(18, reply, 8, region_count) == REGION_READ_REPLY[:32]
+    assert REGION_ACCESS_MESSAGE.unpack(REGION_WRITE_REPLY) == (19, 10, 32, 1, 0, 0x80, 0, 8)
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1),
+       st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+       st.integers(0, 2**32 - 1))
+def test_region_access_parts_pack_what_the_whole_message_packs(
+        msg_id: int, command: int, size: int, flags: int, offset: int, region: int,
+        count: int) -> None:
+    from pyvfio.user.protocol import (
+        REGION_ACCESS_MESSAGE,
+        REGION_ACCESS_PARTS,
+        region_access_parts,
+    )
+
+    head, region_count = region_access_parts(command, size, flags, region, count)
+    assert REGION_ACCESS_PARTS.pack(msg_id, head, offset, region_count) == \
+        REGION_ACCESS_MESSAGE.pack(msg_id, command, size, flags, 0, offset, region, count)
+
+
 def test_region_write():
     h, payload = split(REGION_WRITE_REQ)
     check_header(h, 19, Command.REGION_WRITE, 40, 0)

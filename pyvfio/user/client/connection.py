@@ -20,11 +20,12 @@ from pyvfio.user.protocol import (
     HEADER,
     HEADER_SIZE,
     REGION_ACCESS,
-    REGION_ACCESS_MESSAGE,
+    REGION_ACCESS_PARTS,
     Command,
     Message,
     MessageReader,
     MsgFlag,
+    region_access_parts,
     send_message,
 )
 
@@ -218,14 +219,18 @@ class _Connection:
         It is :meth:`call` written out for one request shape: the request is
         one ``pack``, and while the reader is known idle a read that is exactly
         the expected reply (its 32-byte head known in advance) is checked with
-        one comparison and converted with one ``unpack_from``."""
+        one comparison and converted with one ``unpack_from``.  Both heads are
+        packed from four parts (:data:`REGION_ACCESS_PARTS`), of which only
+        the message ID and the offset change from read to read."""
         lock_acquire, lock_release = self._lock_acquire, self._lock_release
         sendall, recvmsg, reader = self._sendall, self._recvmsg, self.reader
         bufsize, cmsg_space = reader.bufsize, reader.cmsg_space
-        pack = REGION_ACCESS_MESSAGE.pack
+        pack = REGION_ACCESS_PARTS.pack
         value_at = struct.Struct("<" + _FORMATS[width]).unpack_from
         reply_size = 32 + width
         read_command = _CMD_REGION_READ
+        request_head, region_count = region_access_parts(read_command, 32, 0, index, width)
+        reply_head, _ = region_access_parts(read_command, reply_size, _REPLY_FLAGS, index, width)
 
         def read(offset: int) -> int:
             if offset > limit or offset < 0:
@@ -237,7 +242,7 @@ class _Connection:
                 msg_id = self._next_id
                 self._next_id = (msg_id + 1) & 0xFFFF
                 try:
-                    sendall(pack(msg_id, read_command, 32, 0, 0, offset, index, width))
+                    sendall(pack(msg_id, request_head, offset, region_count))
                 except OSError as exc:
                     raise self._send_failed(read_command, exc) from None
                 received = None
@@ -248,8 +253,7 @@ class _Connection:
                         raise self._read_failed(read_command, exc) from None
                     data = received[0]
                     if not received[1] and len(data) == reply_size and data[:32] == pack(
-                            msg_id, read_command, reply_size, _REPLY_FLAGS, 0, offset, index,
-                            width):
+                            msg_id, reply_head, offset, region_count):
                         return value_at(data, 32)[0]
                 payload = self._reply(msg_id, read_command, received)
             finally:

@@ -60,6 +60,8 @@ from pyvfio.user.protocol.region import MAX_SPARSE_AREAS as MAX_SPARSE_AREAS
 from pyvfio.user.protocol.region import MAX_WRITE_MULTI as MAX_WRITE_MULTI
 from pyvfio.user.protocol.region import REGION_ACCESS as REGION_ACCESS
 from pyvfio.user.protocol.region import REGION_ACCESS_MESSAGE as REGION_ACCESS_MESSAGE
+from pyvfio.user.protocol.region import REGION_ACCESS_PARTS as REGION_ACCESS_PARTS
+from pyvfio.user.protocol.region import region_access_parts as region_access_parts
 from pyvfio.user.protocol.region import (
     IoFdType,
     RegionAccess,

@@ -233,6 +233,23 @@ REGION_ACCESS_MESSAGE = struct.Struct(HEADER.format + REGION_ACCESS.format.lstri
 "REGION_READ", "REGION_WRITE"), 32 bytes: a whole REGION_READ request, and the
 head of a REGION_WRITE request and of either's reply."""
 
+REGION_ACCESS_PARTS = struct.Struct("=H14sQ8s")
+"""The same 32 bytes as :data:`REGION_ACCESS_MESSAGE`, packed from four parts:
+``msg_id`` (u16); command, size, flags and error as 14 bytes; ``offset`` (u64);
+region and count as 8 bytes.  For a sender whose command, size, flags, region
+and count are fixed (the client's ``read8``..``read64`` of one region): four
+conversions instead of eight, about half the cost of a pack under CPython.
+:func:`region_access_parts` makes the two fixed parts."""
+
+
+def region_access_parts(command: int, size: int, flags: int, region: int,
+                        count: int) -> tuple[bytes, bytes]:
+    """The fixed parts of :data:`REGION_ACCESS_PARTS`: ``(command, size, flags,
+    error 0)`` as 14 bytes and ``(region, count)`` as 8 bytes, little-endian as
+    the spec's "Header" and "REGION_READ" tables lay them out."""
+    return (HEADER.pack(0, command, size, flags, 0)[2:],
+            REGION_ACCESS.pack(0, region, count)[8:])
+
 
 @dataclass(frozen=True)
 class RegionAccess:
