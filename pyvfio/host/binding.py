@@ -335,8 +335,9 @@ def bind(
             module = target.replace("-", "_")
             raise BindError(f"driver {target} is not loaded (modprobe {module})")
     state = _state_for(host, state_dir)
-    if not dry_run:
-        _check_rights(host, [(d, t) for d, t in plan if d.driver != t], state)
+    changes = [(d, t) for d, t in plan if d.driver != t]
+    if changes and not dry_run:  # a device already on its driver needs no write
+        _check_rights(host, changes, state)
     ops = _Ops(host, dry_run)
     done: list[tuple[BindResult, dict[str, Any]]] = []
     results: list[BindResult] = []

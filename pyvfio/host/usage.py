@@ -124,7 +124,6 @@ class HostUsage:
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._by_device: dict[str, list[Use]] | None = None
-        self.sources: list[str] = []  # the files that were read, for evidence
 
     def p(self, relative: str) -> str:
         return self._prefix + relative

@@ -7,22 +7,46 @@ words for another reason; these do not."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pyvfio.errors import BindError, NotPermitted
+from pyvfio.errors import (
+    BindError,
+    DeviceInUse,
+    HostUsesDevice,
+    NoIommu,
+    NotPermitted,
+    NotViable,
+    UsageError,
+)
 from pyvfio.host import Host, bind
 from pyvfio.host.binding import BindState
-from pyvfio.host.diagnosis import Problem
-from pyvfio.testing.fakesysfs import FakeSysfs
+from pyvfio.host.diagnosis import P_NO_GROUP, Problem
+from pyvfio.host.nodes import NODE_STALE, group_node_check
+from pyvfio.host.usage import Use
+from pyvfio.testing.fakesysfs import VFIO_GROUP_MAJOR, FakeSysfs, make_char_node
 
-from .conftest import AUDIO, EDU, GPU
+from .conftest import (
+    AUDIO,
+    BUSY_NIC,
+    E1000_BRIDGED,
+    EDU,
+    EDU_BRIDGED,
+    GPU,
+    MLX_VF,
+    PCI_BRIDGE,
+)
+
+NVME = "0000:05:00.0"
+NVME_PEER = "0000:05:00.1"
 
 SYSFS_HINT = "binding needs root (or write access to sysfs); nothing was changed"
 
@@ -38,6 +62,7 @@ def shared() -> Iterator[FakeSysfs]:
     fake.add_standard_drivers()
     fake.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
     fake.add_device("0000:00:04.0", 0x8086, 0x100E, 0x020000, group=4, driver="e1000")
+    fake.add_device("0000:00:05.0", 0x8086, 0x100E, 0x020000, group=5, driver="vfio-pci")
     for dirpath, dirnames, _ in os.walk(base):
         for name in dirnames:
             os.chmod(os.path.join(dirpath, name), 0o755)
@@ -85,6 +110,19 @@ def test_each_path_a_bind_writes_is_checked_in_turn(shared: FakeSysfs) -> None:
     assert message == (f"cannot write the bind records in {records} ({nearest} is not writable; "
                        "use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
     assert fake.devices[plain].driver is None and fake.devices[on_e1000].driver == "e1000"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
+def test_a_device_already_on_its_driver_needs_no_rights(shared: FakeSysfs) -> None:
+    """Nothing to write, nothing to refuse: nobody may ask for a device that
+    is already where it would go."""
+    os.seteuid(pwd.getpwnam("nobody").pw_uid)
+    try:
+        (result,) = bind("0000:00:05.0", root=shared.root)
+    finally:
+        os.seteuid(0)
+    assert (result.device, result.driver, result.changed) == ("0000:00:05.0", "vfio-pci", False)
+    assert shared.writes == []
 
 
 def test_the_bind_record_names_the_process_and_the_time(fake: FakeSysfs, tmp_path) -> None:
@@ -139,3 +177,208 @@ def test_a_bridge_on_a_foreign_driver_has_its_whole_problem(bare: FakeSysfs) -> 
         "driver (pcieport, shpchp), so the group is not viable",
         "unbind 0000:00:1e.0 (weird_bridge): a bridge may stay driverless or on pcieport",
         "host-driver")]
+
+
+# ---- bind's refusals, whole ------------------------------------------------------------------
+
+def test_no_device_named_is_a_usage_error(fake: FakeSysfs) -> None:
+    with pytest.raises(UsageError) as exc:
+        bind([], root=fake.root)
+    assert str(exc.value) == "name at least one device to bind"
+
+
+def test_no_iommu_names_both_ways_out(tmp_path) -> None:
+    fake = FakeSysfs(tmp_path / "no-iommu", iommu=False, noiommu=False)
+    fake.add_standard_drivers()
+    fake.add_device("0000:00:04.0", 0x8086, 0x100E, 0x020000, driver="e1000")  # no group
+    with fake, pytest.raises(NoIommu) as exc:
+        bind("0000:00:04.0", root=fake.root)
+    assert str(exc.value) == ("no IOMMU: 0000:00:04.0 has no IOMMU group; boot with intel_iommu=on "
+                              "(or amd_iommu=on), or enable vfio's unsafe no-IOMMU mode")
+
+
+def test_two_targets_of_a_group_with_a_third_member_on_a_host_driver(bare: FakeSysfs) -> None:
+    """One problem for the member left behind (its group is looked at once,
+    not once per target), and the refusal names every target."""
+    first, second, left = "0000:07:00.0", "0000:07:00.1", "0000:07:00.2"
+    bare.add_device(first, 0x1234, 0x11E8, 0x00FF00, group=9)
+    bare.add_device(second, 0x1234, 0x11E8, 0x00FF00, group=9)
+    bare.add_device(left, 0x8086, 0x100E, 0x020000, group=9, driver="e1000")
+    with pytest.raises(NotViable) as exc:
+        bind([second, first], root=bare.root)
+    reason = f"{left} in IOMMU group 9 stays on the host driver e1000, so the group would not be viable"
+    fix = f"bind {left} (e1000) to vfio-pci, or use --group"
+    assert str(exc.value) == f"refusing to bind {first}, {second}: {reason}; fix: {fix}"
+    assert exc.value.problems == [{"device": left, "driver": "e1000", "reason": reason, "fix": fix,
+                                   "kind": "host-driver", "evidence": []}]
+
+
+def test_every_target_group_is_checked_after_one_seen_twice(fake: FakeSysfs) -> None:
+    """GPU and audio share group 12; the third target's group 7 still has
+    e1000 on its host driver."""
+    with pytest.raises(NotViable) as exc:
+        bind([GPU, AUDIO, EDU_BRIDGED], root=fake.root)
+    assert [p["device"] for p in exc.value.problems] == [E1000_BRIDGED]
+    assert fake.writes == []
+
+
+def test_a_group_held_open_refuses_with_one_problem_per_target(fake: FakeSysfs) -> None:
+    with pytest.raises(DeviceInUse) as exc:
+        bind(BUSY_NIC, root=fake.root)
+    held = "/dev/vfio/30 is held open by pid 4242 (qemu-system-x86)"
+    assert str(exc.value) == f"refusing to bind: {held}"
+    assert exc.value.problems == [{"device": BUSY_NIC, "driver": "vfio-pci", "kind": "in-use",
+                                   "reason": held, "fix": "stop pid 4242 (qemu-system-x86) first",
+                                   "evidence": []}]
+
+
+def test_no_group_on_an_iommu_host_carries_its_problem(fake: FakeSysfs) -> None:
+    fake.add_device("0000:09:00.0", 0x8086, 0x100E, 0x020000, driver="e1000")  # no group
+    d = Host(fake.root).diagnose("0000:09:00.0")
+    (own,) = [p for p in d.problems if p.kind == P_NO_GROUP]
+    with pytest.raises(BindError) as exc:
+        bind("0000:09:00.0", root=fake.root)
+    assert str(exc.value) == f"refusing to bind 0000:09:00.0: {own.reason}; fix: {own.fix}"
+    assert exc.value.problems == [own.as_dict()]
+
+
+@pytest.fixture
+def storage(tmp_path) -> Iterator[FakeSysfs]:
+    f = FakeSysfs(tmp_path / "storage", noiommu=False, cdev=True)
+    f.add_standard_drivers()
+    f.add_device(NVME, 0x144D, 0xA808, 0x010802, group=40, driver="nvme")
+    f.add_device(NVME_PEER, 0x1234, 0x11E8, 0x00FF00, group=40)
+    f.add_block(NVME, "nvme0n1", 0, subdir="nvme/nvme0")
+    for minor in (1, 2, 3):
+        f.add_block(NVME, f"nvme0n1p{minor}", minor, parent="nvme0n1")
+    with f:
+        yield f
+
+
+def test_the_refusal_counts_the_other_uses(storage: FakeSysfs) -> None:
+    swap = f"block device nvme0n1p2 of {NVME} is active swap"
+    storage.add_swap("/dev/nvme0n1p2")
+    with pytest.raises(HostUsesDevice) as exc:
+        bind(NVME, root=storage.root)
+    assert str(exc.value).startswith(f"refusing to bind {NVME}: {swap}; fix: swapoff")
+    assert str(exc.value).endswith("or --force to take it anyway")  # one use: no count
+    storage.add_dm("dm-0", "vg0-home", 0, on=["nvme0n1p1"])
+    storage.add_mount("253:0", "/home", "/dev/mapper/vg0-home")
+    with pytest.raises(HostUsesDevice) as exc:
+        bind(NVME, root=storage.root)
+    assert str(exc.value).endswith(" first, or --force to take it anyway (+1 more problem)")
+    storage.add_mount("259:3", "/srv", "/dev/nvme0n1p3")
+    with pytest.raises(HostUsesDevice) as exc:
+        bind(NVME, root=storage.root)
+    assert str(exc.value).endswith(" (+2 more problems)")
+    assert len(exc.value.problems) == 3
+
+
+def test_a_peers_use_says_that_group_would_take_it(storage: FakeSysfs) -> None:
+    storage.add_swap("/dev/nvme0n1p2")
+    d = Host(storage.root).diagnose(NVME_PEER)
+    (swap,) = [p for p in d.problems if p.kind == "swap"]
+    assert swap.reason == (f"block device nvme0n1p2 of {NVME} is active swap (binding with --group "
+                           f"would take it from the host along with {NVME_PEER})")
+
+
+def test_a_direct_region_shared_by_two_targets_is_one_problem_each(storage: FakeSysfs) -> None:
+    storage.add_device("0000:00:14.0", 0x8086, 0x100E, 0x020000, group=5, driver="e1000")
+    storage.add_device("0000:00:14.1", 0x8086, 0x100E, 0x020000, group=5, driver="e1000")
+    storage.set_reserved_regions(5, "0x00000000bddde000 0x00000000bdddefff direct\n")
+    with pytest.raises(HostUsesDevice) as exc:
+        bind(["00:14.0", "00:14.1"], root=storage.root)
+    assert [(p["kind"], p["device"]) for p in exc.value.problems] == [
+        ("reserved-direct", "0000:00:14.0"), ("reserved-direct", "0000:00:14.1")]
+    assert str(exc.value).endswith(" (+1 more problem)")
+
+
+def test_the_boot_vga_use_names_every_framebuffer(storage: FakeSysfs) -> None:
+    gpu = "0000:01:00.0"
+    storage.add_device(gpu, 0x10DE, 0x1B80, 0x030000, group=12, driver="nouveau")
+    storage.set_boot_vga(gpu)
+    storage.add_framebuffer(0, None)
+    storage.add_framebuffer(1, None)
+    assert Host(storage.root).usage.uses(gpu, 0x030000) == [Use(
+        gpu, "boot-vga", "boot_vga",
+        f"{gpu} is the boot VGA device and the host has a framebuffer (fb0, fb1): the firmware "
+        "console runs on it",
+        "move the console off it (video=efifb:off, or boot with another primary GPU); "
+        "--force to take it anyway",
+        [f"/sys/bus/pci/devices/{gpu}/boot_vga = 1", "/sys/class/graphics"])]
+
+
+def test_a_driver_not_loaded_names_its_module(tmp_path) -> None:
+    fake = FakeSysfs(tmp_path / "nodrivers", noiommu=False)
+    fake.add_device(EDU, 0x1234, 0x11E8, 0x00FF00, group=31)
+    with fake, pytest.raises(BindError) as exc:
+        bind(EDU, root=fake.root, driver="vfio-pci")
+    assert str(exc.value) == "driver vfio-pci is not loaded (modprobe vfio_pci)"
+
+
+# ---- rollback --------------------------------------------------------------------------------
+
+def test_a_device_this_call_did_not_change_is_not_rolled_back(bare: FakeSysfs, tmp_path) -> None:
+    """The first device was bound by an earlier call (its record says so); a
+    later call that fails on a device after it must leave it where it is."""
+    state = str(tmp_path / "state")
+    earlier, failing = "0000:02:00.0", "0000:03:00.0"
+    bare.add_device(earlier, 0x1234, 0x11E8, 0x00FF00, group=2)
+    bare.add_device(failing, 0x8086, 0x100E, 0x020000, group=3, driver="e1000")
+    bind(earlier, root=bare.root, state_dir=state)
+    bare.fail_probe_devices.add(("vfio-pci", failing))
+    with pytest.raises(BindError) as exc:
+        bind([earlier, failing], root=bare.root, state_dir=state)
+    assert str(exc.value) == (
+        f"binding {failing} to vfio-pci failed: after drivers_probe its driver is none (the probe "
+        f"did not attach; see dmesg); rolled back: {failing} back on e1000")
+    assert bare.devices[earlier].driver == "vfio-pci" and bare.devices[failing].driver == "e1000"
+
+
+def test_the_rollback_names_each_device_put_back(bare: FakeSysfs, tmp_path) -> None:
+    plain, on_e1000 = "0000:02:00.0", "0000:03:00.0"
+    bare.add_device(plain, 0x1234, 0x11E8, 0x00FF00, group=2)
+    bare.add_device(on_e1000, 0x8086, 0x100E, 0x020000, group=3, driver="e1000")
+    bare.fail_probe_devices.add(("vfio-pci", on_e1000))
+    with pytest.raises(BindError) as exc:
+        bind([on_e1000, plain], root=bare.root, state_dir=str(tmp_path / "state"))
+    assert str(exc.value) == (
+        f"binding {on_e1000} to vfio-pci failed: after drivers_probe its driver is none (the probe "
+        f"did not attach; see dmesg); rolled back: {on_e1000} back on e1000, {plain} back on no "
+        "driver")
+    assert bare.devices[plain].driver is None and bare.devices[on_e1000].driver == "e1000"
+
+
+def test_a_record_that_cannot_be_written_is_a_bind_error(fake: FakeSysfs, tmp_path,
+                                                           monkeypatch) -> None:
+    def full(self: BindState, record: dict) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(BindState, "save", full)
+    with pytest.raises(BindError) as exc:
+        bind(EDU, root=fake.root, state_dir=str(tmp_path / "state"))
+    assert str(exc.value) == f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    assert fake.devices[EDU].driver is None and fake.writes == []
+
+
+def test_group_on_a_bridge_goes_on_to_the_next_device(fake: FakeSysfs, tmp_path) -> None:
+    results = bind([PCI_BRIDGE, EDU], root=fake.root, group=True, dry_run=True,
+                   state_dir=str(tmp_path / "state"))
+    assert [r.device for r in results] == [EDU_BRIDGED, E1000_BRIDGED, EDU]
+
+
+# ---- nodes -----------------------------------------------------------------------------------
+
+def test_a_stale_node_keeps_the_kernels_number(fake: FakeSysfs) -> None:
+    bind(EDU, root=fake.root)
+    kernel = Path(fake.p("sys/class/vfio/31/dev")).read_text().strip()
+    prefix = fake.root.rstrip("/") + "/"
+    os.unlink(fake.p("dev/vfio/31"))
+    make_char_node(fake.p("dev/vfio/31"), VFIO_GROUP_MAJOR, 99)
+    check = group_node_check(prefix, 31, False)
+    assert (check.state, check.kernel_devnum) == (NODE_STALE, kernel)
+    os.unlink(fake.p("dev/vfio/31"))
+    Path(fake.p("dev/vfio/31")).touch()
+    check = group_node_check(prefix, 31, False)
+    assert (check.state, check.detail, check.kernel_devnum) == (
+        NODE_STALE, "/dev/vfio/31 is not a character device", kernel)
