@@ -5,20 +5,27 @@ or replace something it did not create (:func:`prepare_listen_path`): it
 refuses a symlink at the path, anything that is not a socket, a live socket,
 and a directory in which other users could swap the path under it.  A client
 says which path failed and what would fix it (:func:`connect_error`) instead
-of a bare ``[Errno 13] Permission denied``.
+of a bare ``[Errno 13] Permission denied``.  A daemon in the foreground
+stops on SIGINT or SIGTERM whichever of its threads the kernel hands the
+signal to (:func:`stop_on_signals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
+import signal
 import socket
 import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 from pyvfio.errors import UsageError
 
-__all__ = ["SUN_PATH_MAX", "connect_error", "listen_error", "prepare_listen_path"]
+__all__ = ["SUN_PATH_MAX", "connect_error", "listen_error", "prepare_listen_path",
+           "stop_on_signals"]
 
 #: sun_path holds 108 bytes with the terminating NUL (unix(7)).
 SUN_PATH_MAX = 107
@@ -152,3 +159,43 @@ def prepare_listen_path(path: str, what: str) -> None:
     finally:
         probe.close()
     raise UsageError(f"another {what} is already listening on {path}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[], None], wakeup_fd: int,
+                    signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)
+                    ) -> Iterator[list[int]]:
+    """While the block runs, each of ``signals`` calls ``stop()`` and is
+    appended to the list it yields; the previous handlers (and wake-up fd)
+    come back after it.  Must run in the main thread.
+
+    The kernel may deliver a process-directed signal to any thread that does
+    not block it, and Python runs the handler only in the main thread, at
+    its next bytecode.  A main thread waiting in ``select`` on the daemon's
+    sockets would then not run ``stop()`` until a client happened to connect
+    (a service manager's SIGTERM ignored until its timeout, then SIGKILL).
+    So ``wakeup_fd``, the non-blocking write end of a pipe whose read end the
+    daemon's wait includes, is given to :func:`signal.set_wakeup_fd`: the
+    C-level handler writes to it in whichever thread took the signal, and
+    the wait returns.
+
+    Raises ``RuntimeError`` outside the main thread; ``ValueError`` if
+    ``wakeup_fd`` is blocking (:func:`signal.set_wakeup_fd`)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("stop_on_signals() must run in the main thread")
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop()
+
+    old_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
+    old = {}
+    try:
+        for s in signals:
+            old[s] = signal.signal(s, on_signal)
+        yield received
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(old_fd)

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "uapi": LOW,
     "pci": LOW,
     "migration": LOW,
-    "sockets": LOW,                               # UNIX socket paths for daemons and clients
+    "sockets": LOW,                               # UNIX socket paths, signal stops: daemons, clients
     "core": LOW | {"pci"},
     "device": LOW | {"core", "pci"},              # the public face of core
     "host": LOW | {"pci", "uapi"},

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import textwrap
 import threading
@@ -90,6 +89,7 @@ def run_broker(args: argparse.Namespace) -> int:
     from pyvfio.broker.audit import AuditLog
     from pyvfio.broker.policy import Policy
     from pyvfio.broker.server import Broker
+    from pyvfio.sockets import stop_on_signals
 
     policy = Policy.load(args.policy)
     if args.check and args.json:
@@ -118,14 +118,12 @@ def run_broker(args: argparse.Namespace) -> int:
     broker = Broker(args.socket, policy, root=args.root, audit=audit, socket_mode=mode)
     broker.listen()
 
-    def stop(_signum: int, _frame: object) -> None:
-        # stop() only flags and shuts the listener down; safe in a handler.
+    def stop() -> None:
         threading.Thread(target=broker.stop, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        broker.serve_forever()
+        with stop_on_signals(stop, broker.wakeup_fd()):
+            broker.serve_forever()
     finally:
         audit.close()
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import selectors
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -143,6 +144,10 @@ class Broker:
         self._threads: set[threading.Thread] = set()
         self._next = 1
         self._listener: socket.socket | None = None
+        # What serve_forever waits on: the listener and a pipe that wakes it
+        # (made in listen(), so no fd appears later, closed in _shutdown()).
+        self._wake: tuple[int, int] | None = None
+        self._waiting: selectors.BaseSelector | None = None
         self._created: os.stat_result | None = None  # the socket file we bound
         self._stopping = threading.Event()
 
@@ -170,6 +175,10 @@ class Broker:
             sock.close()
             raise
         self._listener = sock
+        self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._waiting = selectors.DefaultSelector()
+        self._waiting.register(sock, selectors.EVENT_READ)
+        self._waiting.register(self._wake[0], selectors.EVENT_READ)
         self.audit.record("start", "info", reason=f"listening on {self.socket_path}",
                           policy=self.policy.source, rules=len(self.policy.rules))
 
@@ -177,8 +186,16 @@ class Broker:
         self.listen()
         listener = self._listener
         assert listener is not None
+        waiting, wake = self._waiting, self._wake
+        assert waiting is not None and wake is not None
         try:
             while not self._stopping.is_set():
+                ready = [key.fileobj for key, _ in waiting.select()]
+                if wake[0] in ready:  # stop() or a signal (wakeup_fd): look again
+                    with contextlib.suppress(OSError):
+                        os.read(wake[0], 64)
+                if listener not in ready or self._stopping.is_set():
+                    continue
                 try:
                     conn, _ = listener.accept()
                 except OSError:
@@ -189,10 +206,22 @@ class Broker:
         finally:
             self._shutdown()
 
+    def wakeup_fd(self) -> int:
+        """The write end (non-blocking) of the pipe :meth:`serve_forever`
+        waits on besides the socket, for :func:`signal.set_wakeup_fd` (see
+        :func:`pyvfio.sockets.stop_on_signals`).  Exists from :meth:`listen`
+        until :meth:`serve_forever` returns."""
+        if self._wake is None:
+            raise RuntimeError("the broker is not listening")
+        return self._wake[1]
+
     def stop(self) -> None:
         """End :meth:`serve_forever`: stop accepting, disconnect every client
         (their sessions are released), remove the socket."""
         self._stopping.set()
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake[1], b"x")
         listener = self._listener
         if listener is not None:
             try:
@@ -213,6 +242,13 @@ class Broker:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.close()
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            for fd in wake:
+                os.close(fd)
         self._remove_socket()
         self.audit.record("stop", "info", reason="broker stopped")
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterable
-from types import FrameType
 from typing import TYPE_CHECKING
+
+from pyvfio.sockets import stop_on_signals
 
 if TYPE_CHECKING:
     from pyvfio.user.server import Server
@@ -31,19 +32,11 @@ def serve_until_signalled(server: Server,
     """Run ``server.serve_forever()`` until one of ``signals`` arrives (or
     another thread calls ``server.stop()``); return that signal's number, or
     ``None``.  The previous handlers are restored.  Must run in the main
-    thread (Python delivers signals only there)."""
+    thread (Python delivers signals only there); a signal the kernel gives
+    to a connection's thread wakes the accept loop all the same
+    (:func:`pyvfio.sockets.stop_on_signals`)."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("serve_until_signalled() must run in the main thread")
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        server.stop()  # only a flag and a wake-up byte: safe in a handler
-
-    old = {s: signal.signal(s, on_signal) for s in signals}
-    try:
+    with stop_on_signals(server.stop, server.wakeup_fd(), signals) as received:
         server.serve_forever()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
     return received[0] if received else None

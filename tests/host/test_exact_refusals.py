@@ -41,7 +41,6 @@ from .conftest import (
     EDU,
     EDU_BRIDGED,
     GPU,
-    MLX_VF,
     PCI_BRIDGE,
 )
 

@@ -61,7 +61,6 @@ from pyvfio.user.protocol.region import MAX_WRITE_MULTI as MAX_WRITE_MULTI
 from pyvfio.user.protocol.region import REGION_ACCESS as REGION_ACCESS
 from pyvfio.user.protocol.region import REGION_ACCESS_MESSAGE as REGION_ACCESS_MESSAGE
 from pyvfio.user.protocol.region import REGION_ACCESS_PARTS as REGION_ACCESS_PARTS
-from pyvfio.user.protocol.region import region_access_parts as region_access_parts
 from pyvfio.user.protocol.region import (
     IoFdType,
     RegionAccess,
@@ -72,6 +71,7 @@ from pyvfio.user.protocol.region import (
     SubRegionIoFd,
     WriteOne,
 )
+from pyvfio.user.protocol.region import region_access_parts as region_access_parts
 from pyvfio.user.protocol.version import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     DEFAULT_MAX_DMA_MAPS,

@@ -314,6 +314,12 @@ class Server:
         self._thread.start()
         return self
 
+    def wakeup_fd(self) -> int:
+        """The write end (non-blocking) of the pipe that wakes the accept
+        loop: a byte written to it makes :meth:`serve_forever` look at
+        :meth:`stop` again (for :func:`signal.set_wakeup_fd`)."""
+        return self._wake_w
+
     def stop(self) -> None:
         self._stop = True
         with contextlib.suppress(OSError):
