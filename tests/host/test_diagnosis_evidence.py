@@ -1,0 +1,226 @@
+"""The evidence a diagnosis records (``pyvfio check --json``'s ``evidence``,
+``--verbose``'s notes) and the problems ``_prepare`` raises on its own: a
+stale ``/dev/vfio/devices/vfioX`` and a device without an IOMMU group.
+
+Each test asserts the whole evidence list or the whole problem object, as
+``check --json`` prints it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvfio.cli import main
+from pyvfio.host import Host
+from pyvfio.testing.fakesysfs import FakeSysfs, make_char_node
+
+from .conftest import BUSY_NIC, EDU, GPU
+
+ALIASES = "/lib/modules/6.1.0-fake/modules.alias"  # as the evidence shows it (the root stripped)
+VFIO_DEV = "0000:00:03.0"
+NO_GROUP = "0001:01:00.0"
+
+
+def ev(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"source": source, "says": says} for source, says in pairs]
+
+
+def uevent(bdf: str, says: str) -> tuple[str, str]:
+    return (f"/sys/bus/pci/devices/{bdf}/uevent", says)
+
+
+def msi(group: int) -> tuple[str, str]:
+    return (f"/sys/kernel/iommu_groups/{group}/reserved_regions", "0xfee00000-0xfeefffff msi")
+
+
+def unregistered(group: int) -> tuple[str, str]:
+    return (f"/sys/class/vfio/{group}", "absent: vfio has not registered the group")
+
+
+def check_json(capsys: pytest.CaptureFixture[str], root: str, bdf: str) -> dict:
+    main(["--root", root, "check", "--json", bdf])
+    (d,) = json.loads(capsys.readouterr().out)
+    return d
+
+
+@pytest.fixture
+def cdev(tmp_path: Path) -> Iterator[FakeSysfs]:
+    """A kernel with vfio device cdevs (6.6+)."""
+    f = FakeSysfs(tmp_path / "cdev", noiommu=False, cdev=True)
+    f.add_standard_drivers(variant=True)
+    with f:
+        yield f
+
+
+# ---- _driver_evidence ------------------------------------------------------------------------
+
+def test_host_driver_evidence_names_driver_and_the_alias_file(fake: FakeSysfs, capsys) -> None:
+    """A device on a host driver: uevent's DRIVER=, then modules.alias as a
+    process on the host names it (not under the test root, not the bare
+    "modules.alias" placeholder) saying the module has no vfio_pci: alias."""
+    d = check_json(capsys, fake.root, GPU)
+    assert d["evidence"] == ev(
+        uevent(GPU, "DRIVER=nouveau"),
+        (ALIASES, "no vfio_pci: alias for module nouveau"),
+        unregistered(12),
+        msi(12),
+    )
+
+
+def test_driverless_device_evidence(fake: FakeSysfs, capsys) -> None:
+    """No driver: uevent says "no driver bound" (not DRIVER=None), and
+    modules.alias is not consulted."""
+    d = check_json(capsys, fake.root, EDU)
+    assert d["evidence"] == ev(uevent(EDU, "no driver bound"), unregistered(31), msi(31))
+
+
+def test_vfio_pci_does_not_consult_modules_alias(fake: FakeSysfs) -> None:
+    """vfio-pci is vfio's own driver: no modules.alias note."""
+    d = Host(fake.root).diagnose(BUSY_NIC).as_dict()
+    assert d["evidence"] == ev(
+        uevent(BUSY_NIC, "DRIVER=vfio-pci"),
+        ("/sys/class/vfio/30/dev", "0:0"),
+        ("/dev/vfio/30", "character device 0:0"),
+        msi(30),
+    )
+
+
+def test_pci_stub_does_not_consult_modules_alias(bare: FakeSysfs) -> None:
+    """pci-stub only parks a device: no modules.alias note either."""
+    bare.add_device("0000:00:05.0", 0x1234, 0x11E8, 0x00FF00, group=153, driver="pci-stub")
+    d = Host(bare.root).diagnose("0000:00:05.0").as_dict()
+    assert d["evidence"] == ev(uevent("0000:00:05.0", "DRIVER=pci-stub"), unregistered(153), msi(153))
+
+
+def test_variant_driver_evidence(cdev: FakeSysfs) -> None:
+    """A variant driver: its registration with vfio, then modules.alias
+    (named as on the host) saying its module has vfio_pci: aliases."""
+    bdf = "0000:00:04.0"
+    cdev.add_device(bdf, 0x15B3, 0x101E, 0x020000, group=152, driver="mlx5_vfio_pci")
+    d = Host(cdev.root).diagnose(bdf).as_dict()
+    assert d["evidence"] == ev(
+        uevent(bdf, "DRIVER=mlx5_vfio_pci"),
+        (f"/sys/bus/pci/devices/{bdf}/vfio-dev/vfio0", "mlx5_vfio_pci registered the device with vfio"),
+        (ALIASES, "module mlx5_vfio_pci has vfio_pci: aliases (a vfio variant driver)"),
+        ("/sys/class/vfio-dev/vfio0/dev", "0:4096"),
+        ("/dev/vfio/devices/vfio0", "character device 0:4096"),
+        ("/sys/class/vfio/152/dev", "0:0"),
+        ("/dev/vfio/152", "character device 0:0"),
+        msi(152),
+    )
+
+
+def test_modules_alias_without_vfio_aliases_is_still_consulted(bare: FakeSysfs) -> None:
+    """modules.alias exists but lists no vfio_pci: alias at all (a kernel
+    without vfio variants): it was read, so the note names the file and
+    says the module has no alias, not "absent ... not consulted"."""
+    Path(bare.p(f"lib/modules/{bare.release}/modules.alias")).write_text("# no vfio_pci aliases\n")
+    bare.add_device("0000:00:06.0", 0x8086, 0x100E, 0x020000, group=154, driver="e1000")
+    d = Host(bare.root).diagnose("0000:00:06.0").as_dict()
+    assert d["evidence"] == ev(
+        uevent("0000:00:06.0", "DRIVER=e1000"),
+        (ALIASES, "no vfio_pci: alias for module e1000"),
+        unregistered(154),
+        msi(154),
+    )
+
+
+def test_registration_without_a_driver_says_its_driver(bare: FakeSysfs) -> None:
+    """A vfio-dev entry on a device whose driver link is already gone (an
+    unbind half done): the note cannot name the driver, so says "its driver"."""
+    dev = bare.add_device("0000:00:07.0", 0x1234, 0x11E8, 0x00FF00, group=155)
+    os.makedirs(bare.p(f"{dev.sysfs_dir}/vfio-dev/vfio0"))
+    d = Host(bare.root).diagnose("0000:00:07.0")
+    assert d.vfio_cdev == "vfio0"
+    assert d.evidence[:2] == ev(
+        uevent("0000:00:07.0", "no driver bound"),
+        ("/sys/bus/pci/devices/0000:00:07.0/vfio-dev/vfio0", "its driver registered the device with vfio"),
+    )
+
+
+# ---- _prepare: the device cdev -----------------------------------------------------------------
+
+def test_cdev_node_evidence(cdev: FakeSysfs, capsys) -> None:
+    """The cdev check's files come right after the registration note, each
+    with what it said."""
+    cdev.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151, driver="vfio-pci")
+    d = check_json(capsys, cdev.root, VFIO_DEV)
+    assert d["ready"] and d["problems"] == []
+    assert d["evidence"] == ev(
+        uevent(VFIO_DEV, "DRIVER=vfio-pci"),
+        (f"/sys/bus/pci/devices/{VFIO_DEV}/vfio-dev/vfio0", "vfio-pci registered the device with vfio"),
+        ("/sys/class/vfio-dev/vfio0/dev", "0:4096"),
+        ("/dev/vfio/devices/vfio0", "character device 0:4096"),
+        ("/sys/class/vfio/151/dev", "0:0"),
+        ("/dev/vfio/151", "character device 0:0"),
+        msi(151),
+    )
+
+
+def test_stale_cdev_node_problem(cdev: FakeSysfs, capsys) -> None:
+    """A /dev/vfio/devices/vfio0 with another device number: the whole
+    stale-node problem, its fix giving the mknod numbers space-separated and
+    its evidence the two files compared."""
+    cdev.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151, driver="vfio-pci")
+    make_char_node(cdev.p("dev/vfio/devices/vfio0"), 0, 7)
+    d = check_json(capsys, cdev.root, VFIO_DEV)
+    assert not d["ready"]
+    assert d["problems"] == [{
+        "device": VFIO_DEV,
+        "driver": "vfio-pci",
+        "reason": "stale vfio device node: /dev/vfio/devices/vfio0 is device 0:7 but the kernel's "
+                  "/sys/class/vfio-dev/vfio0/dev is 0:4096",
+        "fix": "remove /dev/vfio/devices/vfio0 and let udev recreate it (udevadm trigger), "
+               "or mknod it as c 0 4096",
+        "kind": "stale-node",
+        "evidence": ["/sys/class/vfio-dev/vfio0/dev: 0:4096",
+                     "/dev/vfio/devices/vfio0: character device 0:7"],
+    }]
+
+
+# ---- _prepare: no IOMMU group ----------------------------------------------------------------
+
+def test_no_group_on_an_iommu_host(bare: FakeSysfs, capsys) -> None:
+    """No iommu_group link: the evidence says so, the device is not viable
+    (false, not null) and the one problem names the device and its driver."""
+    bare.add_device(NO_GROUP, 0x8086, 0x100E, 0x020000, driver="e1000")
+    d = check_json(capsys, bare.root, NO_GROUP)
+    assert (d["group"], d["viable"], d["ready"], d["noiommu"]) == (None, False, False, False)
+    assert d["evidence"] == ev(
+        uevent(NO_GROUP, "DRIVER=e1000"),
+        (ALIASES, "no vfio_pci: alias for module e1000"),
+        (f"/sys/bus/pci/devices/{NO_GROUP}/iommu_group", "absent"),
+    )
+    assert d["problems"] == [{
+        "device": NO_GROUP,
+        "driver": "e1000",
+        "reason": f"{NO_GROUP} has no IOMMU group although an IOMMU is present, so vfio-pci "
+                  "cannot take it (its probe fails with EINVAL)",
+        "fix": "check dmesg for why the IOMMU driver did not take the device (an IOMMU that "
+               "does not cover its segment, a firmware table that leaves it out)",
+        "kind": "no-iommu-group",
+        "evidence": [],
+    }]
+
+
+def test_no_group_in_noiommu_mode(tmp_path: Path) -> None:
+    """vfio's no-IOMMU mode: the group appears on binding; the problem keeps
+    the device's current driver, and the device is not viable yet."""
+    with FakeSysfs(tmp_path / "noiommu", iommu=False, noiommu=True) as f:
+        f.add_standard_drivers()
+        f.add_device(NO_GROUP, 0x8086, 0x100E, 0x020000, driver="e1000")
+        d = Host(f.root).diagnose(NO_GROUP).as_dict()
+    assert (d["group"], d["viable"], d["ready"], d["noiommu"]) == (None, False, False, True)
+    assert d["problems"] == [{
+        "device": NO_GROUP,
+        "driver": "e1000",
+        "reason": f"{NO_GROUP} has no IOMMU group yet: in vfio's no-IOMMU mode the group "
+                  "appears when the device binds to vfio-pci",
+        "fix": f"pyvfio bind {NO_GROUP}",
+        "kind": "no-iommu-group",
+        "evidence": [],
+    }]
