@@ -190,7 +190,7 @@ class HostUsage:
             if len(cols) >= 8 and cols[0] in owners:
                 try:
                     routes.setdefault(cols[0], []).append(_ipv4_route(cols[1], cols[7], cols[2]))
-                except ValueError:
+                except (ValueError, OverflowError):  # OverflowError: over 8 hex digits
                     routes.setdefault(cols[0], []).append(f"{cols[1]}/{cols[7]}")
         text = read_str(self.p("proc/net/ipv6_route")) or ""
         for line in text.splitlines():
@@ -212,12 +212,13 @@ class HostUsage:
             if len(cols) >= 6 and cols[5] in owners:
                 try:
                     addr = _ipv6(cols[0])
+                    prefix_len = int(cols[2], 16)
                     scope = int(cols[3], 16)
                 except ValueError:
                     continue
                 if scope in (_SCOPE_HOST, _SCOPE_LINK) or _ignorable_ipv6(addr):
                     continue
-                addresses.setdefault(cols[5], []).append(f"{addr}/{int(cols[2], 16)}")
+                addresses.setdefault(cols[5], []).append(f"{addr}/{prefix_len}")
         for name, owner in sorted(owners.items()):
             r, a = routes.get(name, []), addresses.get(name, [])
             if not r and not a:
