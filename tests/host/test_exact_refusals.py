@@ -381,3 +381,64 @@ def test_a_stale_node_keeps_the_kernels_number(fake: FakeSysfs) -> None:
     check = group_node_check(prefix, 31, False)
     assert (check.state, check.detail, check.kernel_devnum) == (
         NODE_STALE, "/dev/vfio/31 is not a character device", kernel)
+
+
+# ---- diagnoses, whole ------------------------------------------------------------------------
+
+def test_no_iommu_at_all_is_said_by_the_diagnosis(tmp_path) -> None:
+    fake = FakeSysfs(tmp_path / "no-iommu", iommu=False, noiommu=False)
+    fake.add_standard_drivers()
+    fake.add_device("0000:00:04.0", 0x8086, 0x100E, 0x020000, driver="e1000")
+    with fake, pytest.raises(NoIommu) as exc:
+        Host(fake.root).diagnose("0000:00:04.0")
+    assert str(exc.value) == (
+        f"no IOMMU: 0000:00:04.0 has no IOMMU group and {fake.root}/sys/kernel/iommu_groups is "
+        "empty; boot with intel_iommu=on (or amd_iommu=on) and enable VT-d/AMD-Vi in firmware")
+
+
+def test_a_bridge_says_so_before_its_groups_problems(bare: FakeSysfs) -> None:
+    bridge, nic = "0000:00:1c.0", "0000:01:00.0"
+    bare.add_device(bridge, 0x8086, 0xA110, 0x060400, group=6, driver="pcieport")
+    bare.add_device(nic, 0x8086, 0x100E, 0x020000, group=6, driver="e1000")
+    d = Host(bare.root).diagnose(bridge)
+    assert d.problems[0] == Problem(bridge, "pcieport",
+                                    f"{bridge} is a PCI bridge; vfio-pci does not take bridges",
+                                    "assign the endpoints behind the bridge instead", "bridge")
+    assert [(p.device, p.kind) for p in d.problems[1:]] == [(nic, "host-driver")]
+
+
+def test_a_device_on_pci_stub_is_not_on_vfio(bare: FakeSysfs) -> None:
+    dev = "0000:02:00.0"
+    bare.add_driver("pci-stub")
+    bare.add_device(dev, 0x1234, 0x11E8, 0x00FF00, group=2, driver="pci-stub")
+    d = Host(bare.root).diagnose(dev)
+    assert d.problems == [Problem(dev, "pci-stub", f"{dev} is not bound to a vfio driver (pci-stub)",
+                                  f"bind it to vfio-pci: pyvfio bind {dev}", "not-vfio")]
+
+
+def test_a_direct_region_is_a_whole_problem(bare: FakeSysfs) -> None:
+    dev = "0000:00:14.0"
+    bare.add_device(dev, 0x8086, 0x100E, 0x020000, group=5, driver="e1000")
+    bare.set_reserved_regions(5, "0x00000000bddde000 0x00000000bdddefff direct\n")
+    (direct,) = [p for p in Host(bare.root).diagnose(dev).problems if p.kind == "reserved-direct"]
+    assert direct == Problem(
+        dev, "e1000",
+        "IOMMU group 5 has a firmware direct mapping 0x00000000bddde000-0x00000000bdddefff (type "
+        "direct: an RMRR that is not relaxable); the kernel refuses DMA ownership of such a group "
+        "(EINVAL, \"iommu: Prevent RESV_DIRECT devices from blocking domains\"), so neither the "
+        "legacy VFIO API nor iommufd can use it",
+        "the firmware reserves this memory for the device (ACPI DMAR RMRR): a firmware setting or "
+        "update that drops the RMRR (legacy USB, a shared iGPU buffer, a BMC) is the only fix; the "
+        "kernel allows no override",
+        "reserved-direct", ["/sys/kernel/iommu_groups/5/reserved_regions"])
+
+
+def test_the_devices_own_uses_come_before_its_peers(bare: FakeSysfs) -> None:
+    first, second = "0000:03:00.0", "0000:03:00.1"
+    for address, name in ((first, "eth0"), (second, "eth1")):
+        bare.add_device(address, 0x8086, 0x100E, 0x020000, group=8, driver="e1000")
+        bare.add_netdev(address, name)
+        bare.add_ipv4_route(name, "10.0.0.0", 8)
+    d = Host(bare.root).diagnose(second)
+    assert [(p.device, p.kind) for p in d.problems if p.kind == "active-netdev"] == [
+        (second, "active-netdev"), (first, "active-netdev")]
