@@ -26,6 +26,11 @@ from pyvfio.user.control import ControlClient, ControlError
 GUEST_SCRIPT = r'''
 import os, pathlib, subprocess, sys, time
 out = pathlib.Path(os.environ["PYVFIO_GUEST_OUT"])
+
+def put(name, text):  # whole or not at all: the host reads a file as soon as it exists
+    tmp = out / (name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(out / name)
 def edu():
     for d in pathlib.Path("/sys/bus/pci/devices").iterdir():
         try:
@@ -41,15 +46,15 @@ def wait(cond, what, limit=600):
             print("timed out waiting for", what, flush=True); sys.exit(3)
         time.sleep(0.2)
 assert edu() is None, "edu present before the hotplug"
-(out / "ready").write_text("booted")
+put("ready", "booted")
 wait(lambda: edu() is not None, "the hotplugged device")
 bdf = edu()
 print("hotplugged:", bdf, flush=True)
-(out / "seen").write_text(bdf)
+put("seen", bdf)
 py = sys.executable
 ok = subprocess.run([py, "-m", "pyvfio", "bind", bdf]).returncode == 0 and subprocess.run(
     [py, "-m", "pyvfio.drivers.edu", bdf]).returncode == 0
-(out / "driven").write_text("ok" if ok else "failed")
+put("driven", "ok" if ok else "failed")
 wait(lambda: edu() is None, "the device to go")
 print("unplugged:", bdf, flush=True)
 sys.exit(0 if ok else 5)
