@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pyvfio.errors import UsageError
 
-__all__ = ["SUN_PATH_MAX", "connect_error", "listen_error", "prepare_listen_path",
-           "stop_on_signals"]
+__all__ = ["SUN_PATH_MAX", "connect_error", "forget_wakeup_fd", "listen_error",
+           "prepare_listen_path", "stop_on_signals"]
 
 #: sun_path holds 108 bytes with the terminating NUL (unix(7)).
 SUN_PATH_MAX = 107
@@ -199,3 +199,15 @@ def stop_on_signals(stop: Callable[[], None], wakeup_fd: int,
         for s, handler in old.items():
             signal.signal(s, handler)
         signal.set_wakeup_fd(old_fd)
+
+
+def forget_wakeup_fd(fd: int) -> None:
+    """Call before closing ``fd``: if it is the signal wake-up fd (see
+    :func:`stop_on_signals`), unset it, so that a signal arriving after the
+    close cannot write into whatever file reuses the number.  Only the main
+    thread has a wake-up fd to forget; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.set_wakeup_fd(-1)
+    if current != fd:
+        signal.set_wakeup_fd(current)

@@ -49,7 +49,7 @@ from pyvfio.errors import (
     PyvfioError,
     UsageError,
 )
-from pyvfio.sockets import listen_error, prepare_listen_path
+from pyvfio.sockets import forget_wakeup_fd, listen_error, prepare_listen_path
 
 __all__ = ["PROTOCOL_VERSION", "Broker"]
 
@@ -148,6 +148,9 @@ class Broker:
         # (made in listen(), so no fd appears later, closed in _shutdown()).
         self._wake: tuple[int, int] | None = None
         self._waiting: selectors.BaseSelector | None = None
+        # stop() may run in any thread while _shutdown() closes the pipe: a
+        # write to a closed fd number could land in a file opened since.
+        self._wake_lock = threading.Lock()
         self._created: os.stat_result | None = None  # the socket file we bound
         self._stopping = threading.Event()
 
@@ -219,9 +222,10 @@ class Broker:
         """End :meth:`serve_forever`: stop accepting, disconnect every client
         (their sessions are released), remove the socket."""
         self._stopping.set()
-        if self._wake is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._wake[1], b"x")
+        with self._wake_lock:
+            if self._wake is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake[1], b"x")
         listener = self._listener
         if listener is not None:
             try:
@@ -245,8 +249,10 @@ class Broker:
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             waiting.close()
-        wake, self._wake = self._wake, None
+        with self._wake_lock:
+            wake, self._wake = self._wake, None
         if wake is not None:
+            forget_wakeup_fd(wake[1])
             for fd in wake:
                 os.close(fd)
         self._remove_socket()

@@ -12,6 +12,7 @@ that thread.  The command must still stop within seconds and clean up."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -89,3 +90,25 @@ def test_broker_stops_on_a_sigterm_another_thread_took(sockdir: Path, tmp_path: 
     code, err = _stopped_by_sigterm(proc)
     assert code == 0, err
     assert not path.exists()
+
+
+def test_stop_on_signals_restores_and_forget_unsets_only_its_own_fd() -> None:
+    from pyvfio.sockets import forget_wakeup_fd, stop_on_signals
+
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped: list[bool] = []
+    try:
+        with stop_on_signals(lambda: stopped.append(True), w, [signal.SIGTERM]) as received:
+            assert signal.set_wakeup_fd(w) == w  # it is ours while the block runs
+            signal.raise_signal(signal.SIGTERM)
+            assert received == [signal.SIGTERM] and stopped == [True]
+            assert os.read(r, 8) == bytes([signal.SIGTERM])  # the C handler wrote it
+            forget_wakeup_fd(w + 1000)  # not the wake-up fd: left alone
+            assert signal.set_wakeup_fd(w) == w
+            forget_wakeup_fd(w)  # about to close it: unset
+            assert signal.set_wakeup_fd(-1) == -1
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        os.close(r)
+        os.close(w)

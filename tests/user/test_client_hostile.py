@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -924,5 +925,12 @@ def test_fast_path_not_taken_while_the_reader_holds_part_of_a_message(serve: Any
         assert bar.read32(0) == 0x40302010
         assert bar.read32(0) == 0x40302010      # not int.from_bytes(b"EVIL")
         assert dev.connected
-    answered = [m for m in s.received if m.is_reply and m.command == Command.DMA_WRITE]
+    # The client sent its answer while it read the fifth reply; the server's
+    # thread may not have taken it off the socket yet.
+    deadline = time.monotonic() + 10
+    while True:
+        answered = [m for m in s.received if m.is_reply and m.command == Command.DMA_WRITE]
+        if answered or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert [m.msg_id for m in answered] == [0x79]

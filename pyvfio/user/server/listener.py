@@ -19,7 +19,7 @@ from typing import Any
 
 from pyvfio.devices.model import IoEventFd, PciDeviceModel
 from pyvfio.errors import UsageError
-from pyvfio.sockets import listen_error, prepare_listen_path
+from pyvfio.sockets import forget_wakeup_fd, listen_error, prepare_listen_path
 from pyvfio.user.server._base import (
     CLIENT_REPLY_TIMEOUT,
     LISTEN_BACKLOG,
@@ -338,6 +338,7 @@ class Server:
                     self._selector.unregister(ds.listener)
             ds.close()
         self._selector.close()
+        forget_wakeup_fd(self._wake_w)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
