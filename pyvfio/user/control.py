@@ -63,6 +63,7 @@ import logging
 import os
 import queue
 import re
+import select
 import socket
 import stat
 import struct
@@ -462,6 +463,8 @@ class ControlServer:
     def remove_device(self, device_id: str, force: bool = False) -> dict[str, Any]:
         """``device-remove``: refused with ``DeviceBusy`` while a client is attached
         unless ``force``, which disconnects it."""
+        if not force:
+            self._let_a_leaving_client_go(device_id)
         with self._lock:
             device = self._get(device_id)
             conn = device.ds.connection
@@ -477,6 +480,26 @@ class ControlServer:
         self.emit("DEVICE_DELETED", {"id": device_id, "socket": device.ds.path,
                                      "forced": conn is not None})
         return {"id": device_id, "disconnected-client": conn is not None}
+
+    def _let_a_leaving_client_go(self, device_id: str, limit: float = 2.0) -> None:
+        """A client that has closed its end of the socket is leaving: give its
+        connection's thread up to ``limit`` seconds to see the EOF, so that a
+        ``device-remove`` sent just after the client hung up is not refused
+        with ``DeviceBusy``.  Waits without the table lock: the leaving thread
+        reports the disconnection through it."""
+        with self._lock:
+            device = self._devices.get(device_id)
+            conn = device.ds.connection if device is not None else None
+        if conn is None or conn.thread is None or conn.thread is threading.current_thread():
+            return
+        poller = select.poll()
+        try:
+            poller.register(conn.sock, select.POLLRDHUP)
+            hung_up = bool(poller.poll(0))
+        except (OSError, ValueError):  # the thread already closed the socket: ending
+            hung_up = True
+        if hung_up:
+            conn.thread.join(limit)
 
     # ---- commands ----
 

@@ -304,3 +304,20 @@ def test_device_add_passes_each_models_own_options(server, tmp_path):
                                      "options": {"seed": 7}})
     assert "takes a str" in wrong["error"]["desc"]
     c.close()
+
+
+def test_remove_right_after_the_client_hangs_up_is_not_busy(server, tmp_path):
+    """The client closes and device-remove follows at once, before the server
+    has seen the EOF: a client that has hung up is leaving, not attached."""
+    _proc, path = server
+    c = Ctl(path)
+    for n in range(5):
+        sock = str(tmp_path / f"quick{n}.sock")
+        assert "return" in c.execute("device-add", {"model": "edu", "socket": sock,
+                                                    "id": f"quick{n}"})
+        dev = connect(sock)
+        assert dev.bar(0).read32(0) == 0x010000ED
+        dev.close()
+        removed = c.execute("device-remove", {"id": f"quick{n}"})
+        assert removed.get("return") == {"id": f"quick{n}", "disconnected-client": False}, removed
+        assert not os.path.exists(sock)
