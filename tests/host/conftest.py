@@ -13,6 +13,11 @@ Addresses used across the tests:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -69,3 +74,37 @@ def bare(tmp_path) -> Iterator[FakeSysfs]:
     f.add_standard_drivers(variant=True)
     with f:
         yield f
+
+
+@contextlib.contextmanager
+def as_nobody() -> Iterator[None]:
+    """Run the block with the effective uid of the user nobody (seteuid, so
+    this root process can come back)."""
+    os.seteuid(pwd.getpwnam("nobody").pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.fixture
+def nobody_tree() -> Iterator[FakeSysfs]:
+    """A small tree, fake kernel installed, that the user nobody can read but
+    not write (0755 and 0644, owned by root), in a directory of its own outside
+    tmp_path (whose parents nobody may not search): ``0000:00:03.0`` without a
+    driver, ``0000:00:04.0`` on e1000, ``0000:00:05.0`` on vfio-pci."""
+    base = tempfile.mkdtemp(prefix="pyvfio-rights-")
+    os.chmod(base, 0o755)
+    fake = FakeSysfs(os.path.join(base, "root"), noiommu=False)
+    fake.add_standard_drivers()
+    fake.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
+    fake.add_device("0000:00:04.0", 0x8086, 0x100E, 0x020000, group=4, driver="e1000")
+    fake.add_device("0000:00:05.0", 0x8086, 0x100E, 0x020000, group=5, driver="vfio-pci")
+    for dirpath, dirnames, _ in os.walk(base):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+    try:
+        with fake:
+            yield fake
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +39,7 @@ from .conftest import (
     EDU_BRIDGED,
     GPU,
     PCI_BRIDGE,
+    as_nobody,
 )
 
 NVME = "0000:05:00.0"
@@ -50,46 +48,19 @@ NVME_PEER = "0000:05:00.1"
 SYSFS_HINT = "binding needs root (or write access to sysfs); nothing was changed"
 
 
-@pytest.fixture
-def shared() -> Iterator[FakeSysfs]:
-    """A small tree that the user nobody can read but not write (0755 and
-    0644, owned by root), in a directory of its own outside tmp_path (whose
-    parents nobody may not search)."""
-    base = tempfile.mkdtemp(prefix="pyvfio-exact-")
-    os.chmod(base, 0o755)
-    fake = FakeSysfs(os.path.join(base, "root"), noiommu=False)
-    fake.add_standard_drivers()
-    fake.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
-    fake.add_device("0000:00:04.0", 0x8086, 0x100E, 0x020000, group=4, driver="e1000")
-    fake.add_device("0000:00:05.0", 0x8086, 0x100E, 0x020000, group=5, driver="vfio-pci")
-    for dirpath, dirnames, _ in os.walk(base):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o755)
-    try:
-        with fake:
-            yield fake
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def _refusal_as_nobody(fake: FakeSysfs, address: str) -> str:
-    nobody = pwd.getpwnam("nobody").pw_uid
-    os.seteuid(nobody)
-    try:
-        with pytest.raises(NotPermitted) as exc:
-            bind(address, root=fake.root)
-    finally:
-        os.seteuid(0)
+    with as_nobody(), pytest.raises(NotPermitted) as exc:
+        bind(address, root=fake.root)
     return str(exc.value)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
-def test_each_path_a_bind_writes_is_checked_in_turn(shared: FakeSysfs) -> None:
+def test_each_path_a_bind_writes_is_checked_in_turn(nobody_tree: FakeSysfs) -> None:
     """Made writable one by one, each path the bind would write is the next
     refusal, named in full: drivers_probe, the device's driver_override, the
     old driver's unbind, then the directory of the bind records.  The rights
     are those of the effective user (nobody), not the real one (root)."""
-    fake = shared
+    fake = nobody_tree
     plain, on_e1000 = "0000:00:03.0", "0000:00:04.0"
     assert fake.devices[on_e1000].driver == "e1000"
     probe = fake.p("sys/bus/pci/drivers_probe")
@@ -112,16 +83,13 @@ def test_each_path_a_bind_writes_is_checked_in_turn(shared: FakeSysfs) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
-def test_a_device_already_on_its_driver_needs_no_rights(shared: FakeSysfs) -> None:
+def test_a_device_already_on_its_driver_needs_no_rights(nobody_tree: FakeSysfs) -> None:
     """Nothing to write, nothing to refuse: nobody may ask for a device that
     is already where it would go."""
-    os.seteuid(pwd.getpwnam("nobody").pw_uid)
-    try:
-        (result,) = bind("0000:00:05.0", root=shared.root)
-    finally:
-        os.seteuid(0)
+    with as_nobody():
+        (result,) = bind("0000:00:05.0", root=nobody_tree.root)
     assert (result.device, result.driver, result.changed) == ("0000:00:05.0", "vfio-pci", False)
-    assert shared.writes == []
+    assert nobody_tree.writes == []
 
 
 def test_the_bind_record_names_the_process_and_the_time(fake: FakeSysfs, tmp_path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from pyvfio.cli import main
 from pyvfio.errors import BindError, HostUsesDevice
 from pyvfio.host import Host, bind
 from pyvfio.testing.fakesysfs import VFIO_GROUP_MAJOR, FakeSysfs, make_char_node
+
+from .conftest import as_nobody
 
 MGMT = "0000:02:00.0"  # tg3, eno1, the default route
 MGMT_PEER = "0000:02:00.1"  # its sibling port, same group 75
@@ -307,36 +308,18 @@ def test_boot_vga_with_a_framebuffer(host: FakeSysfs) -> None:
 # ---- rights ----------------------------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_a_user_who_cannot_write_gets_one_line_and_nothing_is_written(capsys) -> None:
+def test_a_user_who_cannot_write_gets_one_line_and_nothing_is_written(
+        capsys, nobody_tree: FakeSysfs) -> None:
     """The command runs with the effective uid of nobody (seteuid, so this
     process can come back): it may read the tree, write nothing in it."""
-    import pwd
-    import shutil
-
-    base = tempfile.mkdtemp(prefix="pyvfio-rights-")
-    try:
-        os.chmod(base, 0o755)
-        fake = FakeSysfs(os.path.join(base, "root"), noiommu=False)
-        fake.add_standard_drivers()
-        fake.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
-        fake.add_device("0000:00:04.0", 0x8086, 0x100E, 0x020000, group=4, driver="e1000")
-        for dirpath, dirnames, _ in os.walk(base):
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-        before = snapshot(fake.root)
-        nobody = pwd.getpwnam("nobody").pw_uid
-        for device in ("00:03.0", "00:04.0"):
-            os.seteuid(nobody)
-            try:
-                code, _, err = run(capsys, "--root", fake.root, "bind", device)
-            finally:
-                os.seteuid(0)
-            lines = err.strip().splitlines()
-            assert code == 1 and len(lines) == 1, err
-            assert "cannot write" in lines[0] and "nothing was changed" in lines[0]
-        assert snapshot(fake.root) == before
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    before = snapshot(nobody_tree.root)
+    for device in ("00:03.0", "00:04.0"):
+        with as_nobody():
+            code, _, err = run(capsys, "--root", nobody_tree.root, "bind", device)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, err
+        assert "cannot write" in lines[0] and "nothing was changed" in lines[0]
+    assert snapshot(nobody_tree.root) == before
 
 
 # ---- the whole host --------------------------------------------------------------------------
