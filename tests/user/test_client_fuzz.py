@@ -50,10 +50,15 @@ def make_device() -> tuple[VfioUserDevice, socket.socket]:
                          share_dma_fds=True, twin=None)
     dev._info = DeviceInfo(DeviceFlag.PCI, 9, 5)  # as if DEVICE_GET_INFO had said so
     # region 0: 4 KiB, read/write, as if REGION_INFO had said so
-    theirs.sendall(HEADER.pack(0, 5, 48, 1, 0) + struct.pack("=IIIIQQ", 32, 3, 0, 0, 0x1000, 0))
+    # ID 0 went to VERSION, so the device's first request (REGION_INFO) is 1
+    theirs.sendall(HEADER.pack(1, 5, 48, 1, 0) + struct.pack("=IIIIQQ", 32, 3, 0, 0, 0x1000, 0))
     dev.bar(0)
     theirs.recv(4096)  # the REGION_INFO request
     return dev, theirs
+
+
+READ_ID = 2
+"""The message ID of the register read after make_device's REGION_INFO."""
 
 
 def valid_reply(msg_id: int, offset: int, value: bytes) -> bytes:
@@ -66,14 +71,14 @@ replies = st.one_of(
     st.builds(  # a header with arbitrary fields and an arbitrary payload
         lambda msg_id, cmd, size, flags, err, body: HEADER.pack(msg_id, cmd, size, flags, err)
         + body,
-        st.sampled_from([1, 0, 2, 0xFFFF]), st.sampled_from([9, 10, 11, 0, 0xFFFF]),
+        st.sampled_from([READ_ID, 0, 1, 3, 0xFFFF]), st.sampled_from([9, 10, 11, 0, 0xFFFF]),
         st.one_of(st.integers(0, 80), st.sampled_from([0xFFFFFFFF, 1 << 20])),
         st.sampled_from([1, 0x21, 0x11, 0, 0x2, 0xFFFFFFFF]), st.integers(0, 200),
         st.binary(max_size=64)),
     st.builds(  # a correct reply, truncated or extended
-        lambda cut, extra: valid_reply(1, 0x40, b"\x11\x22\x33\x44")[:cut] + extra,
+        lambda cut, extra: valid_reply(READ_ID, 0x40, b"\x11\x22\x33\x44")[:cut] + extra,
         st.integers(0, 36), st.binary(max_size=8)),
-    st.just(valid_reply(1, 0x40, b"\x11\x22\x33\x44")),
+    st.just(valid_reply(READ_ID, 0x40, b"\x11\x22\x33\x44")),
 )
 
 
@@ -84,7 +89,7 @@ def test_any_reply_to_a_register_read(reply: bytes) -> None:
     dev, theirs = make_device()
     try:
         theirs.sendall(reply)
-        good_head = HEADER.pack(1, 9, 36, 1, 0) + REGION_ACCESS.pack(0x40, 0, 4)
+        good_head = HEADER.pack(READ_ID, 9, 36, 1, 0) + REGION_ACCESS.pack(0x40, 0, 4)
         good = len(reply) >= 36 and reply.startswith(good_head)
         try:
             value = dev.bar(0).read32(0x40)
@@ -95,7 +100,7 @@ def test_any_reply_to_a_register_read(reply: bytes) -> None:
             assert good
             assert value == int.from_bytes(reply[32:36], "little")
         request = theirs.recv(4096)
-        assert request[:32] == HEADER.pack(1, 9, 32, 0, 0) + REGION_ACCESS.pack(0x40, 0, 4)
+        assert request[:32] == HEADER.pack(READ_ID, 9, 32, 0, 0) + REGION_ACCESS.pack(0x40, 0, 4)
     finally:
         dev.close()
         theirs.close()
@@ -116,7 +121,7 @@ def test_any_reply_to_region_info(body: bytes, fds: int) -> None:
     dev._info = DeviceInfo(DeviceFlag.PCI, 9, 5)
     pipes = [os.pipe() for _ in range(fds)]
     try:
-        send_message(theirs, HEADER.pack(0, 5, 16 + len(body), 1, 0) + body,
+        send_message(theirs, HEADER.pack(1, 5, 16 + len(body), 1, 0) + body,
                      [r for r, _w in pipes])
         try:
             info = dev.region_info(0)

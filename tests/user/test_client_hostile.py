@@ -934,3 +934,22 @@ def test_fast_path_not_taken_while_the_reader_holds_part_of_a_message(serve: Any
             break
         time.sleep(0.01)
     assert [m.msg_id for m in answered] == [0x79]
+
+
+def test_message_ids_count_up_and_wrap_after_0xffff(serve: Any) -> None:
+    """Every request takes the next 16-bit message ID (spec "Header"), on
+    every path (VERSION's 0, the register fast path, pipelined block reads),
+    and 0xFFFF is followed by 0.  The server checks each reply's ID, so an ID
+    that repeated or skipped would show as a wrong sequence here."""
+    s = serve(basic)
+    with connect(s.path, timeout=10) as dev:
+        bar = dev.bar(0)
+        bar.read32(0)
+        bar.read32(4)
+        # pipelined block reads (64 requests per round trip) for the bulk
+        for _ in range((0x10000 - len(s.received)) // 1000):
+            bar.read_block(0, 1000, 1)
+        while len(s.received) < 0x10002:  # the server records each request before its reply
+            bar.read32(8)
+    ids = [m.msg_id for m in s.received]
+    assert ids == [*range(0x10000), 0, 1]

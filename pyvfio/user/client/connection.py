@@ -7,6 +7,7 @@ request waits.  Spec: QEMU ``docs/interop/vfio-user.rst``, "Socket" and
 from __future__ import annotations
 
 import errno
+import itertools
 import select
 import socket
 import struct
@@ -49,6 +50,10 @@ _unpack_header = HEADER.unpack_from
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _pack_access = REGION_ACCESS.pack
 _REPLY_FLAGS = 1  # MsgFlag.REPLY, as a plain int for the fast path
+_MSG_IDS = tuple(range(0x10000))
+"""Every 16-bit message ID, made once: a connection's IDs are these, in turn
+(:meth:`_Connection.__init__`), so taking one is a C call that returns a
+stored int rather than Python arithmetic that makes a new one."""
 
 
 def _command_name(command: int) -> str:
@@ -76,7 +81,10 @@ class _Connection:
         self.lock = threading.Lock()
         self.broken: str | None = None  # why the connection is unusable
         self.closed = False  # closed by us (ClosedError) rather than broken
-        self._next_id = 0
+        # () -> int: each request's ID (spec "Header"): 1, 2, .. 0xFFFF, 0, 1, ..
+        # ID 0 went to VERSION (negotiate.py), so the stream starts after it.
+        self._next_msg_id = itertools.chain.from_iterable(itertools.repeat(_MSG_IDS)).__next__
+        self._next_msg_id()
         self.serve_command: Any = None  # set by the device: (Message) -> bytes
         # The fast path of call(): prebound methods, and the reader's read
         # count when call() last saw it idle (-1: not known to be idle).
@@ -135,8 +143,7 @@ class _Connection:
         with self.lock:
             if self.broken is not None:
                 raise self._down(command)
-            msg_id = self._next_id
-            self._next_id = (msg_id + 1) & 0xFFFF
+            msg_id = self._next_msg_id()
             flags = MsgFlag.NO_REPLY if no_reply else 0
             self._send(command, HEADER.pack(msg_id, command, HEADER_SIZE + len(payload), flags,
                                             0) + payload, fds)
@@ -155,8 +162,7 @@ class _Connection:
         try:
             if self.broken is not None:
                 raise self._down(command)
-            msg_id = self._next_id
-            self._next_id = (msg_id + 1) & 0xFFFF
+            msg_id = self._next_msg_id()
             try:
                 self._sendall(_pack_header(msg_id, command, 16 + len(payload), 0, 0) + payload)
             except OSError as exc:
@@ -218,15 +224,20 @@ class _Connection:
 
         It is :meth:`call` written out for one request shape: the request is
         one ``pack``, and while the reader is known idle a read that is exactly
-        the expected reply (its 32-byte head known in advance) is checked with
-        one comparison and converted with one ``unpack_from``.  Both heads are
-        packed from four parts (:data:`REGION_ACCESS_PARTS`), of which only
-        the message ID and the offset change from read to read."""
+        the expected reply is split by one ``unpack`` into its 32-byte head
+        and the value (the ``unpack`` refuses any other length), and the head
+        is checked with one comparison.  Both heads are packed from four parts
+        (:data:`REGION_ACCESS_PARTS`), of which only the message ID and the
+        offset change from read to read."""
         lock_acquire, lock_release = self._lock_acquire, self._lock_release
         sendall, recvmsg, reader = self._sendall, self._recvmsg, self.reader
+        next_msg_id = self._next_msg_id
         bufsize, cmsg_space = reader.bufsize, reader.cmsg_space
         pack = REGION_ACCESS_PARTS.pack
         value_at = struct.Struct("<" + _FORMATS[width]).unpack_from
+        # A whole reply -> (its 32-byte head, the value); struct.error if the
+        # read is not exactly one reply's size.
+        split_reply = struct.Struct("<32s" + _FORMATS[width]).unpack
         reply_size = 32 + width
         read_command = _CMD_REGION_READ
         request_head, region_count = region_access_parts(read_command, 32, 0, index, width)
@@ -239,8 +250,7 @@ class _Connection:
             try:
                 if self.broken is not None:
                     raise self._down(read_command)
-                msg_id = self._next_id
-                self._next_id = (msg_id + 1) & 0xFFFF
+                msg_id = next_msg_id()
                 try:
                     sendall(pack(msg_id, request_head, offset, region_count))
                 except OSError as exc:
@@ -251,10 +261,14 @@ class _Connection:
                         received = recvmsg(bufsize, cmsg_space, _MSG_CMSG_CLOEXEC)
                     except OSError as exc:
                         raise self._read_failed(read_command, exc) from None
-                    data = received[0]
-                    if not received[1] and len(data) == reply_size and data[:32] == pack(
-                            msg_id, reply_head, offset, region_count):
-                        return value_at(data, 32)[0]
+                    if not received[1]:
+                        try:
+                            head, value = split_reply(received[0])
+                        except struct.error:  # not one reply of our size: the reader's
+                            pass
+                        else:
+                            if head == pack(msg_id, reply_head, offset, region_count):
+                                return value
                 payload = self._reply(msg_id, read_command, received)
             finally:
                 lock_release()
@@ -279,8 +293,7 @@ class _Connection:
             ids: list[int] = []
             parts: list[bytes] = []
             for payload in payloads:
-                msg_id = self._next_id
-                self._next_id = (msg_id + 1) & 0xFFFF
+                msg_id = self._next_msg_id()
                 ids.append(msg_id)
                 parts.append(_pack_header(msg_id, command, 16 + len(payload), 0, 0))
                 parts.append(payload)
