@@ -153,12 +153,14 @@ class _Ops:
     def __init__(self, host: Host, dry_run: bool) -> None:
         self.host = host
         self.dry_run = dry_run
+        self.written: list[str] = []  # each path written (or, in a dry run, to be written)
 
     def write(self, steps: list[str], relative: str, value: str) -> None:
         shown = value.strip() or "(empty: clear)"
         # The path written, under the host's root (a dry run under --root
         # shows the files it would touch there).
         steps.append(f"write {shown!r} to {self.host.path(relative)}")
+        self.written.append(relative)
         if not self.dry_run:
             self.host.writer.write(self.host.path(relative), value)
 
@@ -278,20 +280,28 @@ def _check_groups(host: Host, targets: list[PciDevice], force: bool = False) -> 
 def _check_rights(host: Host, plan: list[tuple[PciDevice, str]], state: BindState) -> None:
     """Refuse, before the first write, a caller who may not make the writes:
     every sysfs attribute the bind writes, and the state directory (or the
-    nearest existing directory above it).  ``os.access`` answers with the
-    real ids and sees read-only mounts (EROFS), as the writes would."""
+    nearest existing directory above it)."""
     wanted = ["sys/bus/pci/drivers_probe"]
     for dev, _target in plan:
         wanted.append(_dev_attr(dev.address, "driver_override"))
         if dev.driver:
             wanted.append(f"sys/bus/pci/drivers/{dev.driver}/unbind")
-    for relative in wanted:
+    _refuse_unwritable(host, wanted, state, "binding")
+
+
+def _refuse_unwritable(host: Host, relatives: list[str], state: BindState | None,
+                       doing: str) -> None:
+    """:class:`NotPermitted` naming the first of ``relatives`` (sysfs paths
+    under the host's root) that exists and that the caller may not write,
+    then the state directory if ``state``.  ``os.access`` with the effective
+    ids answers as the writes would, and sees read-only mounts (EROFS)."""
+    for relative in relatives:
         path = host.path(relative)
         if os.path.exists(path) and not os.access(path, os.W_OK, effective_ids=True):
-            raise NotPermitted(f"cannot write {path}: binding needs root (or write access to "
+            raise NotPermitted(f"cannot write {path}: {doing} needs root (or write access to "
                                "sysfs); nothing was changed")
-    directory = unwritable_directory(state.directory)
-    if directory is not None:
+    directory = None if state is None else unwritable_directory(state.directory)
+    if state is not None and directory is not None:
         raise NotPermitted(f"cannot write the bind records in {state.directory} ({directory} is not "
                            "writable; use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
 
@@ -462,6 +472,20 @@ def _restore_one(ops: _Ops, state: BindState, record: dict[str, Any]) -> BindRes
     return result
 
 
+def _check_restore_rights(host: Host, state: BindState,
+                          records: dict[str, dict[str, Any] | None]) -> None:
+    """Refuse a restore the caller may not make, before its first write: the
+    sysfs paths come from a dry run of each restore (so they are exactly the
+    ones it would write); the state directory is needed as soon as one
+    record would be removed (each restored or stale record is)."""
+    probe = _Ops(host, dry_run=True)
+    for record in records.values():
+        if record is not None and not state.is_stale(record):
+            _restore_one(probe, state, record)
+    removes = any(record is not None for record in records.values())
+    _refuse_unwritable(host, probe.written, state if removes else None, "restoring")
+
+
 def restore(
     addresses: list[str] | str | None = None,
     *,
@@ -475,7 +499,12 @@ def restore(
     whether the bind completed or crashed half way.  Named devices without a
     record raise :class:`BindError`; with ``all_devices`` every record is
     restored.  Every device is attempted; the first failure is raised at the
-    end."""
+    end.
+
+    Refuses before the first write (not in a dry run) with
+    :class:`NotPermitted` when the caller may not write a sysfs attribute the
+    restore would write (the same steps a dry run lists) or, when a record
+    is to be removed, the state directory."""
     host = host or Host(root)
     state = _state_for(host, state_dir)
     if isinstance(addresses, str):
@@ -486,11 +515,13 @@ def restore(
         names = [normalize_bdf(a) for a in addresses]
     else:
         raise UsageError("name the devices to restore, or use --all")
+    records = {address: state.load(address) for address in names}
+    if not dry_run:
+        _check_restore_rights(host, state, records)
     ops = _Ops(host, dry_run)
     results: list[BindResult] = []
     errors: list[str] = []
-    for address in names:
-        record = state.load(address)
+    for address, record in records.items():
         if record is None:
             errors.append(f"no binding of {address} is recorded in {state.directory}")
             continue

@@ -24,7 +24,7 @@ from pyvfio.errors import (
     NotViable,
     UsageError,
 )
-from pyvfio.host import Host, bind
+from pyvfio.host import Host, bind, restore
 from pyvfio.host.binding import BindState
 from pyvfio.host.diagnosis import P_NO_GROUP, Problem
 from pyvfio.host.nodes import NODE_STALE, group_node_check
@@ -90,6 +90,85 @@ def test_a_device_already_on_its_driver_needs_no_rights(nobody_tree: FakeSysfs) 
         (result,) = bind("0000:00:05.0", root=nobody_tree.root)
     assert (result.device, result.driver, result.changed) == ("0000:00:05.0", "vfio-pci", False)
     assert nobody_tree.writes == []
+
+
+RESTORE_HINT = "restoring needs root (or write access to sysfs); nothing was changed"
+
+
+def _restore_refusal_as_nobody(fake: FakeSysfs, address: str) -> str:
+    with as_nobody(), pytest.raises(NotPermitted) as exc:
+        restore(address, root=fake.root)
+    return str(exc.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
+def test_each_path_a_restore_writes_is_checked_in_turn(nobody_tree: FakeSysfs) -> None:
+    """A restore is refused before its first write too: made writable one by
+    one, each path it would write (the steps its dry run lists) is the next
+    refusal, then the directory whose record it would remove.  Until the
+    last, the device stays on vfio-pci and its record stays."""
+    fake = nobody_tree
+    nic = "0000:00:04.0"
+    bind(nic, root=fake.root)  # as root: e1000 -> vfio-pci, recorded
+    assert fake.devices[nic].driver == "vfio-pci"
+    record = os.path.join(fake.root, "run/pyvfio/bind", nic + ".json")
+    os.chmod(os.path.dirname(record), 0o755)  # readable by nobody (the records are
+    os.chmod(record, 0o644)                   # root's own, 0700 and 0600, by default)
+    writes = len(fake.writes)
+    with as_nobody():
+        (dry,) = restore(nic, root=fake.root, dry_run=True)  # a dry run needs no rights
+    order = [fake.p(f"sys/bus/pci/devices/{nic}/driver_override"),
+             fake.p("sys/bus/pci/drivers/vfio-pci/unbind"),
+             fake.p("sys/bus/pci/drivers/e1000/bind"),
+             fake.p("sys/bus/pci/drivers_probe")]
+    assert [step.rsplit(" to ", 1)[1] for step in dry.steps] == [*order, order[0]]
+    for path in order:
+        assert _restore_refusal_as_nobody(fake, nic) == f"cannot write {path}: {RESTORE_HINT}"
+        os.chmod(path, 0o666)
+    records = os.path.dirname(record)
+    assert _restore_refusal_as_nobody(fake, nic) == (
+        f"cannot write the bind records in {records} ({records} is not writable; "
+        "use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
+    assert fake.writes[writes:] == [] and fake.devices[nic].driver == "vfio-pci"
+    assert os.path.exists(record)
+    (result,) = restore(nic, root=fake.root)  # root (the fake kernel acts as its caller)
+    assert (result.driver, result.changed) == ("e1000", True)
+    assert fake.devices[nic].driver == "e1000" and not os.path.exists(record)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
+def test_a_restore_with_nothing_to_write_or_remove_needs_no_rights(
+        nobody_tree: FakeSysfs) -> None:
+    """A device without a record is the same error for nobody as for root:
+    nothing would be written, so nothing is refused for rights."""
+    with as_nobody(), pytest.raises(BindError) as exc:
+        restore("0000:00:05.0", root=nobody_tree.root)
+    assert str(exc.value) == ("no binding of 0000:00:05.0 is recorded in "
+                              f"{os.path.join(nobody_tree.root, 'run/pyvfio/bind')}")
+    assert nobody_tree.writes == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
+def test_a_stale_record_is_not_removed_by_a_caller_who_may_not(nobody_tree: FakeSysfs) -> None:
+    """A record from an earlier boot needs no sysfs write, but removing it
+    needs the records directory: refused up front, the record kept."""
+    fake = nobody_tree
+    nic = "0000:00:04.0"
+    bind(nic, root=fake.root)
+    records = os.path.join(fake.root, "run/pyvfio/bind")
+    fake.reboot()  # a new boot_id: the record is from an earlier boot now
+    os.chmod(records, 0o755)
+    os.chmod(os.path.join(records, nic + ".json"), 0o644)
+    writes = len(fake.writes)
+    with as_nobody(), pytest.raises(NotPermitted) as exc:
+        restore(nic, root=fake.root)
+    assert str(exc.value) == (f"cannot write the bind records in {records} ({records} is not "
+                              "writable; use --state-dir or $PYVFIO_STATE_DIR); nothing was "
+                              "changed")
+    assert os.listdir(records) == [nic + ".json"] and fake.writes[writes:] == []
+    with pytest.raises(BindError, match="from an earlier boot"):  # root may: removed
+        restore(nic, root=fake.root)
+    assert os.listdir(records) == []
 
 
 def test_the_bind_record_names_the_process_and_the_time(fake: FakeSysfs, tmp_path) -> None:
