@@ -445,8 +445,10 @@ class Host:
             type=group_type,
             reserved_regions=_parse_reserved(reserved),
             # vfio's no-IOMMU groups exist only while a device is bound, and
-            # their node is named noiommu-N.
-            noiommu=f"noiommu-{number}" in self._nodes(),
+            # vfio names them noiommu-N, in /sys/class/vfio (the kernel's
+            # word, drivers/vfio/group.c) as in /dev/vfio (which may be gone).
+            noiommu=(f"noiommu-{number}" in self._vfio_class()
+                     or f"noiommu-{number}" in self._nodes()),
         )
 
     def group(self, number: int) -> IommuGroup:

@@ -16,7 +16,7 @@ import pytest
 
 from pyvfio.cli import main
 from pyvfio.host import Host
-from pyvfio.testing.fakesysfs import FakeSysfs, make_char_node
+from pyvfio.testing.fakesysfs import VFIO_GROUP_MAJOR, FakeSysfs, make_char_node
 
 from .conftest import BUSY_NIC, EDU, GPU
 
@@ -224,3 +224,73 @@ def test_no_group_in_noiommu_mode(tmp_path: Path) -> None:
         "kind": "no-iommu-group",
         "evidence": [],
     }]
+
+
+# ---- _prepare: the group node (/dev/vfio/N) --------------------------------------------------
+
+def test_stale_group_node_problem(fake: FakeSysfs, capsys) -> None:
+    """A /dev/vfio/N with another device number than /sys/class/vfio/N/dev:
+    the whole problem, the mknod numbers space-separated."""
+    fake.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151, driver="vfio-pci")
+    kernel = Path(fake.p("sys/class/vfio/151/dev")).read_text().strip()
+    make_char_node(fake.p("dev/vfio/151"), VFIO_GROUP_MAJOR, 99)
+    d = check_json(capsys, fake.root, VFIO_DEV)
+    assert not d["ready"] and d["group_node"] is None
+    assert d["problems"] == [{
+        "device": VFIO_DEV,
+        "driver": "vfio-pci",
+        "reason": f"stale vfio group node: /dev/vfio/151 is device {VFIO_GROUP_MAJOR}:99 but the "
+                  f"kernel's /sys/class/vfio/151/dev is {kernel}",
+        "fix": "remove /dev/vfio/151 and let udev recreate it (udevadm trigger), or mknod it "
+               f"as c {kernel.replace(':', ' ')}",
+        "kind": "stale-node",
+        "evidence": [f"/sys/class/vfio/151/dev: {kernel}",
+                     f"/dev/vfio/151: character device {VFIO_GROUP_MAJOR}:99"],
+    }]
+
+
+def test_a_group_node_the_kernel_does_not_know_has_no_mknod_fix(fake: FakeSysfs,
+                                                                 capsys) -> None:
+    """A /dev/vfio/N left from an earlier boot (no /sys/class/vfio/N): there is
+    no device number to give, so the fix is only to remove it."""
+    fake.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151)
+    make_char_node(fake.p("dev/vfio/151"), VFIO_GROUP_MAJOR, 2)
+    d = check_json(capsys, fake.root, VFIO_DEV)
+    (stale,) = [p for p in d["problems"] if p["kind"] == "stale-node"]
+    assert stale["device"] == VFIO_DEV and stale["driver"] is None
+    assert stale["fix"] == "remove /dev/vfio/151 and let udev recreate it (udevadm trigger)"
+    assert stale["reason"].startswith("stale vfio group node: /dev/vfio/151 ")
+
+
+@pytest.mark.parametrize(("driver", "how"), [("vfio-pci", "vfio-pci"),
+                                             ("mlx5_vfio_pci", "a vfio variant driver")])
+def test_missing_group_node_problem(fake: FakeSysfs, capsys, driver: str, how: str) -> None:
+    """A vfio driver bound, /dev/vfio/N missing: the whole problem, which
+    says whether the driver is vfio-pci itself or a variant."""
+    fake.add_device(VFIO_DEV, 0x15B3, 0x101E, 0x020000, group=151, driver=driver)
+    os.unlink(fake.p("dev/vfio/151"))
+    d = check_json(capsys, fake.root, VFIO_DEV)
+    assert d["problems"] == [{
+        "device": VFIO_DEV,
+        "driver": driver,
+        "reason": f"{VFIO_DEV} is on {driver} ({how}) but /dev/vfio/151 does not exist",
+        "fix": "the driver did not register the device with vfio: check dmesg, or rebind with "
+               f"pyvfio bind {VFIO_DEV}",
+        "kind": "no-group-node",
+        "evidence": [],
+    }]
+
+
+def test_missing_noiommu_group_node_names_the_noiommu_path(tmp_path: Path, capsys) -> None:
+    """In no-IOMMU mode the group node is /dev/vfio/noiommu-N."""
+    with FakeSysfs(tmp_path / "noiommu", iommu=False, noiommu=True) as f:
+        f.add_standard_drivers()
+        f.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00)
+        f.write(f.p(f"sys/bus/pci/devices/{VFIO_DEV}/driver_override"), "vfio-pci")
+        f.write(f.p("sys/bus/pci/drivers_probe"), VFIO_DEV)
+        d = check_json(capsys, f.root, VFIO_DEV)
+        assert d["ready"] and d["group_node"] == "/dev/vfio/noiommu-0"
+        os.unlink(f.p("dev/vfio/noiommu-0"))
+        d = check_json(capsys, f.root, VFIO_DEV)
+    (p,) = [p for p in d["problems"] if p["kind"] == "no-group-node"]
+    assert p["reason"] == f"{VFIO_DEV} is on vfio-pci (vfio-pci) but /dev/vfio/noiommu-0 does not exist"
