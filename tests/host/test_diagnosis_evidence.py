@@ -279,6 +279,11 @@ def test_missing_group_node_problem(fake: FakeSysfs, capsys, driver: str, how: s
         "kind": "no-group-node",
         "evidence": [],
     }]
+    # what the kernel registered, beside what /dev lacks
+    kernel = Path(fake.p("sys/class/vfio/151/dev")).read_text().strip()
+    registered = ev(("/sys/class/vfio/151/dev", kernel), ("/dev/vfio/151", "absent"))
+    at = d["evidence"].index(registered[0])
+    assert d["evidence"][at:at + 2] == registered
 
 
 def test_missing_noiommu_group_node_names_the_noiommu_path(tmp_path: Path, capsys) -> None:
