@@ -299,3 +299,45 @@ def test_missing_noiommu_group_node_names_the_noiommu_path(tmp_path: Path, capsy
         d = check_json(capsys, f.root, VFIO_DEV)
     (p,) = [p for p in d["problems"] if p["kind"] == "no-group-node"]
     assert p["reason"] == f"{VFIO_DEV} is on vfio-pci (vfio-pci) but /dev/vfio/noiommu-0 does not exist"
+
+
+def test_a_group_node_that_is_a_regular_file_is_stale(fake: FakeSysfs, capsys) -> None:
+    """/dev/vfio/N as a regular file (a copy, a bad mknod): stale, and the fix
+    names that path to remove."""
+    fake.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151, driver="vfio-pci")
+    kernel = Path(fake.p("sys/class/vfio/151/dev")).read_text().strip()
+    os.unlink(fake.p("dev/vfio/151"))
+    Path(fake.p("dev/vfio/151")).write_text("")
+    d = check_json(capsys, fake.root, VFIO_DEV)
+    assert d["problems"] == [{
+        "device": VFIO_DEV,
+        "driver": "vfio-pci",
+        "reason": "stale vfio group node: /dev/vfio/151 is not a character device",
+        "fix": "remove /dev/vfio/151 and let udev recreate it (udevadm trigger), or mknod it "
+               f"as c {kernel.replace(':', ' ')}",
+        "kind": "stale-node",
+        "evidence": [f"/sys/class/vfio/151/dev: {kernel}",
+                     "/dev/vfio/151: not a character device"],
+    }]
+
+
+def test_a_registered_group_with_only_a_driverless_device(bare: FakeSysfs, capsys) -> None:
+    """vfio registered the group (its node is right) but no member is on any
+    driver: the disagreement names the device, "no driver" and module "?"."""
+    bare.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=7)
+    os.makedirs(bare.p("sys/class/vfio/7"))
+    Path(bare.p("sys/class/vfio/7/dev")).write_text(f"{VFIO_GROUP_MAJOR}:7\n")
+    make_char_node(bare.p("dev/vfio/7"), VFIO_GROUP_MAJOR, 7)
+    d = check_json(capsys, bare.root, VFIO_DEV)
+    (p,) = [p for p in d["problems"] if p["kind"] == "variant-disagreement"]
+    assert p == {
+        "device": VFIO_DEV,
+        "driver": None,
+        "reason": "/dev/vfio/7 exists, so a driver in group 7 registered with vfio, but nothing "
+                  "says which: modules.alias lists no vfio_pci alias for no driver (module ?) and "
+                  "the kernel has no device cdev for it",
+        "fix": "if no driver is a vfio variant driver, its vfio_pci: aliases are missing (run "
+               "depmod; check modinfo ?); otherwise the node is stale",
+        "kind": "variant-disagreement",
+        "evidence": [],
+    }
