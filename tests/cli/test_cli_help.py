@@ -115,3 +115,19 @@ def test_top_level_help_says_global_options_may_follow(capsys) -> None:
     text = " ".join(help_of(capsys, main, ["--help"]).split())
     assert "Global options (--root) may also come after the command" in text
     assert "130 interrupted" in text
+
+
+def test_every_subcommand_has_a_summary_in_the_top_level_help(capsys) -> None:
+    """`pyvfio --help` lists each command with its one-line summary (the
+    parser's ``help=``); a command registered without one shows a bare name."""
+    from pyvfio.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "command"]
+    summaries = {a.dest: a.help for a in action._choices_actions}
+    assert set(summaries) == set(_subcommands())
+    text = " ".join(help_of(capsys, main, ["--help"]).split())
+    for name, summary in summaries.items():
+        assert summary, f"{name}: no summary"
+        assert " ".join(summary.split()) in text, name
+    assert summaries["ls"] == ("list PCI devices (IDs, names, driver, IOMMU group), with lspci's "
+                               "filters")

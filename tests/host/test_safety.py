@@ -186,6 +186,9 @@ def test_vendor_driver_registration_is_a_vfio_device(host: FakeSysfs, capsys) ->
     (d,) = json.loads(out)
     assert code == 0 and d["ready"] and d["driver_kind"] == "vfio-variant"
     assert d["best_driver"] == "nvidia" and d["problems"] == []
+    # The device's own cdev says so, before any whole-group reasoning.
+    h = Host(host.root)
+    assert h.driver_kind(h.device(VGPU_VF)) == "vfio-variant"
     assert {"source": f"/sys/bus/pci/devices/{VGPU_VF}/vfio-dev/vfio0",
             "says": "nvidia registered the device with vfio"} in d["evidence"]
     assert any(e["says"] == "no vfio_pci: alias for module nvidia" for e in d["evidence"])

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pyvfio.errors import DeviceNotFound
 from pyvfio.host.model import Host, _fdinfo_device
-from pyvfio.host.sysfs import device_header_type, device_iommu_group, is_vfio_driver
+from pyvfio.host.sysfs import device_header_type, device_iommu_group, is_vfio_driver, read_str
 from pyvfio.testing.fakesysfs import FakeSysfs, make_char_node
 
 
@@ -258,3 +259,24 @@ def test_groups_skip_what_cannot_be_loaded(bare: FakeSysfs) -> None:
     host = Host(bare.root)
     first = host.group(4)
     assert host.groups() == [first] and host.groups()[0] is first
+
+
+def test_read_str_takes_what_sysfs_holds(tmp_path: Path) -> None:
+    """Only the one trailing newline goes (a label's own spaces stay), and bytes
+    that are not UTF-8 (a firmware label, a vendor's driver name) become
+    U+FFFD instead of an exception."""
+    attr = tmp_path / "label"
+    attr.write_bytes(b" Onboard LAN \n")
+    assert read_str(str(attr)) == " Onboard LAN "
+    attr.write_bytes(b"SLOT X\n")
+    assert read_str(str(attr)) == "SLOT X"
+    attr.write_bytes(b"caf\xe9\n")
+    assert read_str(str(attr)) == "caf\ufffd"
+    assert read_str(str(tmp_path / "absent")) is None
+
+
+def test_a_missing_group_is_named(tmp_path: Path) -> None:
+    with FakeSysfs(tmp_path / "r", noiommu=False) as fake, \
+            pytest.raises(DeviceNotFound) as exc:
+        Host(fake.root).group(999)
+    assert str(exc.value) == "no IOMMU group 999"
