@@ -1,8 +1,9 @@
 """Every command's interface as its parser holds it, against a snapshot.
 
 The words of ``--help`` (summaries, descriptions, examples, each option's
-flags, metavar, choices, default and help) are part of the interface a user
-reads; a change to them must be deliberate.  The snapshot is taken from the
+flags, metavar, choices, default and help), whether a subcommand is required,
+and the function each command runs are part of the interface a user reads
+and scripts against; a change to them must be deliberate.  The snapshot is taken from the
 parser objects, not from rendered ``--help`` text, so it does not depend on
 the Python version's argparse layout (Debian 12's 3.11 and Debian 13's 3.13
 format options differently) or on the terminal width.
@@ -45,11 +46,16 @@ def _parser(parser: argparse.ArgumentParser) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": parser.description,
         "epilog": parser.epilog,
+        # what the command runs (set_defaults(func=cmd_...)), by name
+        "defaults": {key: getattr(value, "__qualname__", repr(value))
+                     for key, value in sorted(parser._defaults.items())},
         "arguments": [],
         "commands": {},
     }
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            out["subcommand"] = {"dest": action.dest, "metavar": action.metavar,
+                                 "required": action.required}
             summaries = {a.dest: a.help for a in action._choices_actions}
             for name, sub in action.choices.items():
                 entry = _parser(sub)
