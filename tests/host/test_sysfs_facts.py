@@ -280,3 +280,22 @@ def test_a_missing_group_is_named(tmp_path: Path) -> None:
             pytest.raises(DeviceNotFound) as exc:
         Host(fake.root).group(999)
     assert str(exc.value) == "no IOMMU group 999"
+
+
+def test_an_empty_driver_override_is_none(bare: FakeSysfs) -> None:
+    """The kernel shows no override as "(null)"; an empty file means the same."""
+    bare.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
+    override = Path(bare.p("sys/bus/pci/devices/0000:00:03.0/driver_override"))
+    assert Host(bare.root).device("0000:00:03.0").driver_override is None  # "(null)"
+    override.write_text("\n")
+    assert Host(bare.root).device("0000:00:03.0").driver_override is None
+    override.write_text("vfio-pci\n")
+    assert Host(bare.root).device("0000:00:03.0").driver_override == "vfio-pci"
+
+
+def test_an_empty_vfio_dev_directory_is_no_cdev(bare: FakeSysfs) -> None:
+    """vfio-dev/ without an entry (a device between unregistering and the
+    directory's removal) is no cdev, not an error."""
+    bare.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
+    os.makedirs(bare.p("sys/bus/pci/devices/0000:00:03.0/vfio-dev"))
+    assert Host(bare.root).device("0000:00:03.0").vfio_cdev is None
