@@ -299,3 +299,19 @@ def test_an_empty_vfio_dev_directory_is_no_cdev(bare: FakeSysfs) -> None:
     bare.add_device("0000:00:03.0", 0x1234, 0x11E8, 0x00FF00, group=3)
     os.makedirs(bare.p("sys/bus/pci/devices/0000:00:03.0/vfio-dev"))
     assert Host(bare.root).device("0000:00:03.0").vfio_cdev is None
+
+
+def test_a_lean_host_reads_what_a_diagnosis_needs_as_a_full_one_does(fake: FakeSysfs) -> None:
+    """Host(lean=True) leaves revision, override, NUMA node and reset methods
+    unread; every field it does read equals the full read, device by device."""
+    lean_fields = ("address", "vendor_id", "device_id", "subsystem_vendor_id",
+                   "subsystem_device_id", "class_code", "driver", "modalias", "iommu_group",
+                   "vfio_cdev")
+    full = {d.address: d for d in Host(fake.root).devices()}
+    lean = Host(fake.root, lean=True).devices()
+    assert sorted(d.address for d in lean) == sorted(full) and len(full) >= 9
+    for dev in lean:
+        assert [getattr(dev, f) for f in lean_fields] == \
+            [getattr(full[dev.address], f) for f in lean_fields], dev.address
+        assert (dev.revision, dev.driver_override, dev.numa_node, dev.reset_methods) == \
+            (None, None, None, None)
