@@ -157,6 +157,14 @@ def test_group_node_without_known_vfio_driver_is_reported(bare: FakeSysfs) -> No
     disagreements = [p for p in d.problems if p.kind == "variant-disagreement"]
     assert [p.driver for p in disagreements] == ["oot_vfio", "e1000"]
     assert "/dev/vfio/4 exists" in disagreements[0].reason
+    # each names its driver's module, where modinfo would look
+    assert disagreements[1].reason == (
+        "/dev/vfio/4 exists, so a driver in group 4 registered with vfio, but nothing says "
+        "which: modules.alias lists no vfio_pci alias for e1000 (module e1000) and the kernel "
+        "has no device cdev for it")
+    assert disagreements[1].fix == (
+        "if e1000 is a vfio variant driver, its vfio_pci: aliases are missing (run depmod; "
+        "check modinfo e1000); otherwise the node is stale")
 
 
 def test_sole_member_of_a_registered_group_is_a_vfio_device(bare: FakeSysfs) -> None:
