@@ -341,3 +341,42 @@ def test_a_registered_group_with_only_a_driverless_device(bare: FakeSysfs, capsy
         "kind": "variant-disagreement",
         "evidence": [],
     }
+
+
+# ---- diagnose_many: who holds the group or the device ----------------------------------------
+
+def test_a_held_group_is_one_whole_in_use_problem(fake: FakeSysfs, capsys) -> None:
+    """pid 4242 holds /dev/vfio/30 (through two fds: still one holder)."""
+    fake.add_process(4243, "qemu-system-x86", ["/dev/vfio/30", "/dev/vfio/30"])
+    d = check_json(capsys, fake.root, BUSY_NIC)
+    # in the order /proc lists the processes
+    assert sorted(d["in_use"], key=lambda h: h["pid"]) == [
+        {"pid": 4242, "comm": "qemu-system-x86", "path": "/dev/vfio/30"},
+        {"pid": 4243, "comm": "qemu-system-x86", "path": "/dev/vfio/30"}]
+    held = [p for p in d["problems"] if p["kind"] == "in-use"]
+    assert sorted(held, key=lambda p: p["reason"]) == [{
+        "device": BUSY_NIC,
+        "driver": "vfio-pci",
+        "reason": f"IOMMU group 30 is in use: /dev/vfio/30 is held open by pid {pid} "
+                  "(qemu-system-x86)",
+        "fix": f"stop pid {pid} (qemu-system-x86) or wait until it closes /dev/vfio/30",
+        "kind": "in-use",
+        "evidence": [],
+    } for pid in (4242, 4243)]
+
+
+def test_a_held_device_cdev_or_device_fd_is_the_device_in_use(cdev: FakeSysfs, capsys) -> None:
+    """The device's own cdev, or a legacy device fd naming it, is "the
+    device", not its group."""
+    cdev.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151, driver="vfio-pci")
+    cdev.add_process(5000, "dpdk-app", ["/dev/vfio/devices/vfio0"])
+    cdev.add_process(5001, "qemu", [], device_fds=[VFIO_DEV])
+    d = check_json(capsys, cdev.root, VFIO_DEV)
+    held = [(p["reason"], p["fix"]) for p in d["problems"] if p["kind"] == "in-use"]
+    assert sorted(held) == sorted([
+        ("the device is in use: /dev/vfio/devices/vfio0 is held open by pid 5000 (dpdk-app)",
+         "stop pid 5000 (dpdk-app) or wait until it closes /dev/vfio/devices/vfio0"),
+        (f"the device is in use: anon_inode:[vfio-device] {VFIO_DEV} is held open by pid 5001 "
+         "(qemu)",
+         f"stop pid 5001 (qemu) or wait until it closes anon_inode:[vfio-device] {VFIO_DEV}"),
+    ])
