@@ -210,3 +210,51 @@ def test_an_ipv4_route_field_too_long_for_an_address_still_counts(bare: FakeSysf
         f.write("eth0\t123456789\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n")
     assert _uses(bare, NIC) == [_netdev_use("eth0", "routes 123456789/00FFFFFF",
                                             ["/proc/net/route, /proc/net/ipv6_route"])]
+
+
+def test_swap_named_by_another_node_is_found_by_its_device_number(bare: FakeSysfs) -> None:
+    """/proc/swaps may name the device by a node that is not its block name
+    (an old-style /dev/mapper node, a /dev/disk/by-* path when swapon was
+    given one): the node's device number finds the block device.  A swap
+    file before it in the list is no device and is skipped."""
+    import stat
+
+    _disk(bare)
+    devnum = bare.add_block(DISK, "nvme0n1", 0, subdir="nvme/nvme0")
+    major, minor = (int(n) for n in devnum.split(":"))
+    os.makedirs(bare.p("dev/mapper"), exist_ok=True)
+    os.mknod(bare.p("dev/mapper/swap0"), stat.S_IFBLK | 0o600, os.makedev(major, minor))
+    bare.add_swap("/swapfile")
+    bare.add_swap("/dev/mapper/swap0")
+    assert _uses(bare, DISK) == [Use(
+        DISK, "swap", "nvme0n1", f"block device nvme0n1 of {DISK} is active swap",
+        "swapoff /dev/nvme0n1 first, or --force to take it anyway",
+        [f"/sys/class/block/nvme0n1 -> {DISK}", "/proc/swaps"])]
+
+
+def test_a_disk_mounted_twice_and_held_twice_lists_each(bare: FakeSysfs) -> None:
+    """Every mount point and every holder is named, in the kernel's order."""
+    _disk(bare)
+    devnum = bare.add_block(DISK, "nvme0n1", 0, subdir="nvme/nvme0")
+    bare.add_mount(devnum, "/srv", "/dev/nvme0n1")
+    bare.add_mount(devnum, "/var/lib", "/dev/nvme0n1")
+    uses = _uses(bare, DISK)
+    assert [(u.kind, u.reason) for u in uses] == [
+        ("mounted", f"block device nvme0n1 of {DISK} holds a mounted filesystem (/srv, /var/lib)")]
+    bare.add_dm("dm-0", "vg-a", 0, on=["nvme0n1"])
+    bare.add_dm("dm-1", "vg-b", 1, on=["nvme0n1"])
+    held = [u for u in _uses(bare, DISK) if u.kind == "holder"]
+    assert [u.reason for u in held] == [
+        f"block device nvme0n1 of {DISK} is held by dm-0 (vg-a); dm-1 (vg-b) "
+        "(device-mapper, LVM or md RAID on top of it)"]
+
+
+def test_the_console_framebuffer_is_one_whole_use(bare: FakeSysfs) -> None:
+    bare.add_driver("i915", ids=[(0x8086, 0x3E92)])
+    bare.add_device("0000:00:02.0", 0x8086, 0x3E92, 0x030000, group=2, driver="i915")
+    bare.add_framebuffer(0, "0000:00:02.0")
+    assert _uses(bare, "0000:00:02.0")[0] == Use(
+        "0000:00:02.0", "boot-vga", "fb0", "framebuffer fb0 (the console) runs on 0000:00:02.0",
+        "move the console off fb0 (fbcon=map:, or unbind the framebuffer driver) first, or "
+        "--force to take it anyway",
+        ["/sys/class/graphics/fb0/device -> 0000:00:02.0"])
