@@ -300,8 +300,10 @@ def _refuse_unwritable(host: Host, relatives: list[str], state: BindState | None
         if os.path.exists(path) and not os.access(path, os.W_OK, effective_ids=True):
             raise NotPermitted(f"cannot write {path}: {doing} needs root (or write access to "
                                "sysfs); nothing was changed")
-    directory = None if state is None else unwritable_directory(state.directory)
-    if state is not None and directory is not None:
+    if state is None:
+        return
+    directory = unwritable_directory(state.directory)
+    if directory is not None:
         raise NotPermitted(f"cannot write the bind records in {state.directory} ({directory} is not "
                            "writable; use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,9 +48,11 @@ NVME_PEER = "0000:05:00.1"
 SYSFS_HINT = "binding needs root (or write access to sysfs); nothing was changed"
 
 
-def _refusal_as_nobody(fake: FakeSysfs, address: str) -> str:
+def _refusal_as_nobody(fake: FakeSysfs, address: str,
+                       action: Callable[..., object] = bind) -> str:
+    """The NotPermitted text of ``action`` (bind or restore) run as nobody."""
     with as_nobody(), pytest.raises(NotPermitted) as exc:
-        bind(address, root=fake.root)
+        action(address, root=fake.root)
     return str(exc.value)
 
 
@@ -95,12 +97,6 @@ def test_a_device_already_on_its_driver_needs_no_rights(nobody_tree: FakeSysfs) 
 RESTORE_HINT = "restoring needs root (or write access to sysfs); nothing was changed"
 
 
-def _restore_refusal_as_nobody(fake: FakeSysfs, address: str) -> str:
-    with as_nobody(), pytest.raises(NotPermitted) as exc:
-        restore(address, root=fake.root)
-    return str(exc.value)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (seteuid)")
 def test_each_path_a_restore_writes_is_checked_in_turn(nobody_tree: FakeSysfs) -> None:
     """A restore is refused before its first write too: made writable one by
@@ -123,10 +119,10 @@ def test_each_path_a_restore_writes_is_checked_in_turn(nobody_tree: FakeSysfs) -
              fake.p("sys/bus/pci/drivers_probe")]
     assert [step.rsplit(" to ", 1)[1] for step in dry.steps] == [*order, order[0]]
     for path in order:
-        assert _restore_refusal_as_nobody(fake, nic) == f"cannot write {path}: {RESTORE_HINT}"
+        assert _refusal_as_nobody(fake, nic, restore) == f"cannot write {path}: {RESTORE_HINT}"
         os.chmod(path, 0o666)
     records = os.path.dirname(record)
-    assert _restore_refusal_as_nobody(fake, nic) == (
+    assert _refusal_as_nobody(fake, nic, restore) == (
         f"cannot write the bind records in {records} ({records} is not writable; "
         "use --state-dir or $PYVFIO_STATE_DIR); nothing was changed")
     assert fake.writes[writes:] == [] and fake.devices[nic].driver == "vfio-pci"

@@ -30,6 +30,12 @@ def _disk(bare: FakeSysfs) -> None:
     bare.add_device(DISK, 0x144D, 0xA808, 0x010802, group=4, driver="nvme")
 
 
+SWAP_USE = Use(DISK, "swap", "nvme0n1", f"block device nvme0n1 of {DISK} is active swap",
+               "swapoff /dev/nvme0n1 first, or --force to take it anyway",
+               [f"/sys/class/block/nvme0n1 -> {DISK}", "/proc/swaps"])
+"""The whole use of the disk's nvme0n1 as active swap."""
+
+
 def _uses(bare: FakeSysfs, address: str) -> list[Use]:
     host = Host(bare.root)
     return host.usage.uses(address, host.device(address).class_code)
@@ -111,10 +117,7 @@ def test_a_disk_whose_only_use_is_swap(bare: FakeSysfs) -> None:
     _disk(bare)
     bare.add_block(DISK, "nvme0n1", 0, subdir="nvme/nvme0")
     bare.add_swap("/dev/nvme0n1")
-    assert _uses(bare, DISK) == [Use(
-        DISK, "swap", "nvme0n1", f"block device nvme0n1 of {DISK} is active swap",
-        "swapoff /dev/nvme0n1 first, or --force to take it anyway",
-        [f"/sys/class/block/nvme0n1 -> {DISK}", "/proc/swaps"])]
+    assert _uses(bare, DISK) == [SWAP_USE]
 
 
 def test_a_disk_whose_only_use_is_a_holder(bare: FakeSysfs) -> None:
@@ -226,10 +229,7 @@ def test_swap_named_by_another_node_is_found_by_its_device_number(bare: FakeSysf
     os.mknod(bare.p("dev/mapper/swap0"), stat.S_IFBLK | 0o600, os.makedev(major, minor))
     bare.add_swap("/swapfile")
     bare.add_swap("/dev/mapper/swap0")
-    assert _uses(bare, DISK) == [Use(
-        DISK, "swap", "nvme0n1", f"block device nvme0n1 of {DISK} is active swap",
-        "swapoff /dev/nvme0n1 first, or --force to take it anyway",
-        [f"/sys/class/block/nvme0n1 -> {DISK}", "/proc/swaps"])]
+    assert _uses(bare, DISK) == [SWAP_USE]
 
 
 def test_a_disk_mounted_twice_and_held_twice_lists_each(bare: FakeSysfs) -> None:
