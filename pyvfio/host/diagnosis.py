@@ -296,7 +296,7 @@ def _regions_text(regions: tuple[tuple[int, int, str], ...]) -> str:
     return ", ".join(f"{start:#x}-{end:#x} {kind}" for start, end, kind in regions) or "none"
 
 
-def _registered_by_group(host: Host, members: list[PciDevice], kinds: dict[str, str]) -> PciDevice | None:
+def _registered_by_group(members: list[PciDevice], kinds: dict[str, str]) -> PciDevice | None:
     """On a kernel without device cdevs: the one member whose driver must have
     registered the group with vfio, when vfio registered it and no member is
     on a driver known to be vfio's."""
@@ -388,7 +388,7 @@ def _prepare(host: Host, dev: PciDevice) -> tuple[Diagnosis, set[str]]:
         members.append(member)
         kinds[member.address] = host.driver_kind(member)
     if registered:
-        sole = _registered_by_group(host, members, kinds)
+        sole = _registered_by_group(members, kinds)
         if sole is not None:
             kinds[sole.address] = KIND_VARIANT
             diag.note(f"/sys/class/vfio/{number}",

@@ -169,7 +169,9 @@ class HostUsage:
         that sit on a PCI function."""
         base = self.p(f"sys/class/{cls}")
         owners: dict[str, str] = {}
-        for name in list_dir(base):
+        # In name order, so that a reading does not depend on the order
+        # the directory happens to list its entries in.
+        for name in sorted(list_dir(base)):
             try:
                 target = os.readlink(f"{base}/{name}")
             except OSError:

@@ -451,6 +451,19 @@ class FakeSysfs:
             _symlink(f"../../{name}", self.p(f"sys/class/block/{lower}/holders/{name}"))
         return devnum
 
+    def add_md(self, name: str, minor: int, *, on: Sequence[str]) -> str:
+        """An md RAID array (major 9) on the block devices ``on``: a holder
+        with no ``dm/name``."""
+        rel = f"devices/virtual/block/{name}"
+        d = self.p(f"sys/{rel}")
+        os.makedirs(f"{d}/holders", exist_ok=True)
+        devnum = f"9:{minor}"
+        _write(f"{d}/dev", devnum + "\n")
+        _symlink(f"../../{rel}", self.p(f"sys/class/block/{name}"))
+        for lower in on:
+            _symlink(f"../../{name}", self.p(f"sys/class/block/{lower}/holders/{name}"))
+        return devnum
+
     def add_mount(self, devnum: str, mount_point: str, source: str, fstype: str = "ext4") -> None:
         """A line of ``/proc/self/mountinfo``."""
         self._next_mount_id += 1

@@ -18,7 +18,7 @@ from pyvfio.cli import main
 from pyvfio.host import Host
 from pyvfio.testing.fakesysfs import VFIO_GROUP_MAJOR, FakeSysfs, make_char_node
 
-from .conftest import BUSY_NIC, EDU, GPU
+from .conftest import BUSY_NIC, E1000_BRIDGED, EDU, EDU_BRIDGED, GPU, PCI_BRIDGE
 
 ALIASES = "/lib/modules/6.1.0-fake/modules.alias"  # as the evidence shows it (the root stripped)
 VFIO_DEV = "0000:00:03.0"
@@ -380,3 +380,63 @@ def test_a_held_device_cdev_or_device_fd_is_the_device_in_use(cdev: FakeSysfs, c
          "(qemu)",
          f"stop pid 5001 (qemu) or wait until it closes anon_inode:[vfio-device] {VFIO_DEV}"),
     ])
+
+
+# ---- _prepare: the rest of its branches --------------------------------------------------------
+
+def test_a_groupless_device_the_host_uses_names_both_problems(bare: FakeSysfs, capsys) -> None:
+    """A device without a group that carries the host's routes: the no-group
+    problem, then the use, on the device itself (no "--group" clause) and
+    with its driver."""
+    bare.add_device(NO_GROUP, 0x8086, 0x100E, 0x020000, driver="e1000")
+    bare.add_netdev(NO_GROUP, "eth0")
+    bare.add_ipv4_route("eth0", "10.0.0.0", 8)
+    d = check_json(capsys, bare.root, NO_GROUP)
+    assert [p["kind"] for p in d["problems"]] == ["no-iommu-group", "active-netdev"]
+    assert d["problems"][1] == {
+        "device": NO_GROUP,
+        "driver": "e1000",
+        "reason": f"network interface eth0 of {NO_GROUP} is in use: it carries routes 10.0.0.0/8, "
+                  "operstate up",
+        "fix": "take eth0 down and remove its addresses first (ip addr flush dev eth0; "
+               "ip link set eth0 down), or --force to take it anyway",
+        "kind": "active-netdev",
+        "evidence": [f"/sys/class/net/eth0 -> {NO_GROUP}", "/proc/net/route, /proc/net/ipv6_route"],
+    }
+
+
+def test_a_groupless_device_with_a_held_cdev_is_in_use(cdev: FakeSysfs) -> None:
+    """Without an iommu_group link the device's own cdev is still looked
+    for among the holders."""
+    cdev.add_device(VFIO_DEV, 0x1234, 0x11E8, 0x00FF00, group=151, driver="vfio-pci")
+    cdev.remove_group_link(VFIO_DEV)
+    cdev.add_process(5000, "dpdk-app", ["/dev/vfio/devices/vfio0"])
+    d = Host(cdev.root).diagnose(VFIO_DEV)
+    assert d.group is None and d.in_use == [
+        {"pid": 5000, "comm": "dpdk-app", "path": "/dev/vfio/devices/vfio0"}]
+
+
+def test_a_group_member_that_vanished_first_does_not_hide_the_others(fake: FakeSysfs) -> None:
+    """The group's first member (by address) is gone from the bus: the
+    members after it are still read and judged."""
+    os.unlink(fake.p(f"sys/bus/pci/devices/{PCI_BRIDGE}"))
+    d = Host(fake.root).diagnose(EDU_BRIDGED)
+    assert [(m.device, m.driver_kind) for m in d.members] == [
+        (EDU_BRIDGED, "none"), (E1000_BRIDGED, "host")]
+    assert not d.viable
+
+
+def test_a_driverless_bridge_is_named_a_bridge(fake: FakeSysfs, capsys) -> None:
+    """A bridge with no driver is not "not bound to vfio": vfio-pci would
+    refuse it, so the first problem says it is a bridge."""
+    d = check_json(capsys, fake.root, PCI_BRIDGE)
+    assert d["driver_kind"] == "none"
+    assert d["problems"][0] == {
+        "device": PCI_BRIDGE,
+        "driver": None,
+        "reason": f"{PCI_BRIDGE} is a PCI bridge; vfio-pci does not take bridges",
+        "fix": "assign the endpoints behind the bridge instead",
+        "kind": "bridge",
+        "evidence": [],
+    }
+    assert "not-vfio" not in [p["kind"] for p in d["problems"]]

@@ -1,7 +1,9 @@
 """Whole values of the host-use check and its helpers where an order or a
 boundary decides them: an idle interface sorting before a busy one, exactly
-four (and five) routes or addresses, a link-local or garbled /proc/net line
-before the lines that count, a disk whose only use is swap or a holder,
+four (and five) routes or addresses, a plain file among the interfaces, a
+link-local or garbled /proc line (net, mountinfo, swaps) before the lines that
+count, a disk whose only use is swap or a holder, an md holder, a framebuffer
+without a device and fbcon,
 process fds that cannot be read, vfio_pci: aliases with ``?`` wildcards or
 equal scores, and symlink names (trailing slash, a name ending in X)."""
 
@@ -258,3 +260,91 @@ def test_the_console_framebuffer_is_one_whole_use(bare: FakeSysfs) -> None:
         "move the console off fb0 (fbcon=map:, or unbind the framebuffer driver) first, or "
         "--force to take it anyway",
         ["/sys/class/graphics/fb0/device -> 0000:00:02.0"])
+
+
+def test_a_plain_file_among_the_interfaces_does_not_hide_them(bare: FakeSysfs) -> None:
+    """/sys/class/net/bonding_masters (the bonding driver's control file, not
+    an interface) sorts before eth0 and is skipped."""
+    _nic(bare)
+    bare.add_netdev(NIC, "eth0")
+    with open(bare.p("sys/class/net/bonding_masters"), "w") as f:
+        f.write("\n")
+    bare.add_ipv4_route("eth0", "10.1.0.0", 16)
+    assert _uses(bare, NIC) == [
+        _netdev_use("eth0", "routes 10.1.0.0/16", ["/proc/net/route, /proc/net/ipv6_route"])]
+
+
+def test_a_garbled_address_line_does_not_hide_the_lines_after_it(bare: FakeSysfs) -> None:
+    """A whole-width /proc/net/if_inet6 line with a non-hex scope is skipped,
+    and the address after it still counts."""
+    _nic(bare)
+    bare.add_netdev(NIC, "eth0")
+    with open(bare.p("proc/net/if_inet6"), "a") as f:
+        f.write("20010db8000000000000000000000009 02 40 zz 80 eth0\n")
+    bare.add_ipv6_address("eth0", "2001:db8::7", 64)
+    assert _uses(bare, NIC) == [_netdev_use("eth0", "addresses 2001:db8::7/64",
+                                            ["/proc/net/if_inet6"])]
+
+
+def test_a_short_mountinfo_line_does_not_hide_the_mounts_after_it(bare: FakeSysfs) -> None:
+    """A mounted filesystem is one whole use, found past a line of
+    /proc/self/mountinfo too short to read."""
+    _disk(bare)
+    devnum = bare.add_block(DISK, "nvme0n1", 0, subdir="nvme/nvme0")
+    with open(bare.p("proc/self/mountinfo"), "a") as f:
+        f.write("99 1 259:9\n")
+    bare.add_mount(devnum, "/srv", "/dev/nvme0n1")
+    assert _uses(bare, DISK) == [Use(
+        DISK, "mounted", "nvme0n1",
+        f"block device nvme0n1 of {DISK} holds a mounted filesystem (/srv)",
+        "unmount /srv first, or --force to take it anyway",
+        [f"/sys/class/block/nvme0n1 -> {DISK}", f"/proc/self/mountinfo ({devnum})"])]
+
+
+def test_a_blank_line_in_proc_swaps_is_skipped(bare: FakeSysfs) -> None:
+    _disk(bare)
+    bare.add_block(DISK, "nvme0n1", 0, subdir="nvme/nvme0")
+    with open(bare.p("proc/swaps"), "a") as f:
+        f.write("\n")
+    bare.add_swap("/dev/nvme0n1")
+    assert _uses(bare, DISK) == [SWAP_USE]
+
+
+def test_an_md_holder_is_named_alone_with_each_of_its_mount_points(bare: FakeSysfs) -> None:
+    """An md RAID array has no device-mapper name: the holder is named by
+    its block name only, then every place it is mounted."""
+    _disk(bare)
+    bare.add_block(DISK, "nvme0n1", 0, subdir="nvme/nvme0")
+    md = bare.add_md("md127", 127, on=["nvme0n1"])
+    bare.add_mount(md, "/srv", "/dev/md127")
+    bare.add_mount(md, "/var/lib", "/dev/md127")
+    (use,) = _uses(bare, DISK)
+    assert use.reason == (f"block device nvme0n1 of {DISK} is held by md127, mounted at /srv, "
+                          "/var/lib (device-mapper, LVM or md RAID on top of it)")
+
+
+def test_a_framebuffer_without_a_device_does_not_hide_the_next(bare: FakeSysfs) -> None:
+    """fb0 with no parent device (a virtual framebuffer) is skipped; fb1 on
+    the GPU after it is still its console."""
+    bare.add_driver("i915", ids=[(0x8086, 0x3E92)])
+    bare.add_device("0000:00:02.0", 0x8086, 0x3E92, 0x030000, group=2, driver="i915")
+    os.makedirs(bare.p("sys/devices/virtual/graphics/fb0"))
+    os.makedirs(bare.p("sys/class/graphics"), exist_ok=True)
+    os.symlink("../../devices/virtual/graphics/fb0", bare.p("sys/class/graphics/fb0"))
+    bare.add_framebuffer(1, "0000:00:02.0")
+    assert [(u.kind, u.name) for u in _uses(bare, "0000:00:02.0")] == [("boot-vga", "fb1")]
+
+
+def test_fbcon_is_not_counted_as_a_framebuffer(bare: FakeSysfs) -> None:
+    """/sys/class/graphics/fbcon is the console's control device, not a
+    framebuffer: the boot VGA use names only fb0 (efifb's, on no PCI device)."""
+    gpu = "0000:00:02.0"
+    bare.add_driver("i915", ids=[(0x8086, 0x3E92)])
+    bare.add_device(gpu, 0x8086, 0x3E92, 0x030000, group=2, driver="i915")
+    bare.set_boot_vga(gpu)
+    bare.add_framebuffer(0, None)
+    os.makedirs(bare.p("sys/devices/virtual/graphics/fbcon"))
+    os.symlink("../../devices/virtual/graphics/fbcon", bare.p("sys/class/graphics/fbcon"))
+    (use,) = _uses(bare, gpu)
+    assert use.reason == (f"{gpu} is the boot VGA device and the host has a framebuffer (fb0): "
+                          "the firmware console runs on it")
