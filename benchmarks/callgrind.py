@@ -31,7 +31,8 @@ Cases (the host-side hot paths; the kernel's own cost is not in them):
   server (the client side only), against ``c_client_read32``;
 - ``py_floor_server`` / ``py_floor_client``: the Python floors of those two:
   a bare loop of ``recvmsg`` + ``sendall`` of the reply (answering the C
-  client), and of ``sendall`` + ``recvmsg`` (against the C echo server);
+  client), and of ``os.write`` + ``os.read`` on the socket's fd (against the
+  C echo server);
 - ``host_diagnosis``: diagnosing every device of a generated sysfs tree, per
   device (``pyvfio.host.diagnosis.diagnose_many``).
 """

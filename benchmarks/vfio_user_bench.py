@@ -131,9 +131,11 @@ def py_client_rate(path: str, iterations: int) -> float:
 
 
 class _InstantServer:
-    """A socket stand-in whose 'server' answers every REGION_READ at once in
-    this thread: timing the client over it measures the client's own Python
-    cost per call, free of scheduling noise."""
+    """A socket stand-in, and stand-ins for the client's ``os.write`` and
+    ``os.read`` of its fd, whose 'server' answers every REGION_READ at once
+    in this thread: timing
+    the client over them measures the client's own Python cost per call,
+    free of scheduling noise."""
 
     def __init__(self) -> None:
         from pyvfio.user.protocol import HEADER, REGION_ACCESS
@@ -141,13 +143,22 @@ class _InstantServer:
         self._header, self._access = HEADER, REGION_ACCESS
         self._last = b""
 
+    def write(self, fd: int, data: bytes) -> int:
+        self._last = data
+        return len(data)
+
+    def read(self, fd: int, size: int) -> bytes:
+        msg_id = int.from_bytes(self._last[:2], "little")
+        payload = self._last[16:32] + b"\xed" * self._access.unpack_from(self._last, 16)[2]
+        return self._header.pack(msg_id, 9, 16 + len(payload), 1, 0) + payload
+
+    # The socket itself, for the reader (the first call, before the fast
+    # path knows the reader idle) and the connection.
     def sendall(self, data: bytes) -> None:
         self._last = data
 
     def recvmsg(self, bufsize: int, ancbufsize: int, flags: int) -> tuple[bytes, list[Any], int, None]:
-        msg_id = int.from_bytes(self._last[:2], "little")
-        payload = self._last[16:32] + b"\xed" * self._access.unpack_from(self._last, 16)[2]
-        return self._header.pack(msg_id, 9, 16 + len(payload), 1, 0) + payload, [], 0, None
+        return self.read(-1, bufsize), [], 0, None
 
     def fileno(self) -> int:
         return -1
@@ -162,21 +173,26 @@ class _InstantServer:
 def py_client_cost_us(iterations: int) -> float:
     """Microseconds of Python per ``read32`` in the client, the socket taken out."""
     from pyvfio.device import DeviceFlag, DeviceInfo, Region, RegionFlag, RegionInfo
-    from pyvfio.user.client import VfioUserDevice
+    from pyvfio.user.client import VfioUserDevice, connection
     from pyvfio.user.protocol import Capabilities, MessageReader
 
     sock: Any = _InstantServer()
-    dev = VfioUserDevice("instant", sock, MessageReader(sock), (0, 2), Capabilities(),
-                         timeout=None, share_dma_fds=True, twin=None)
-    dev._info = DeviceInfo(DeviceFlag.PCI, 9, 0)
-    dev._regions[0] = Region(dev, RegionInfo(0, RegionFlag.READ | RegionFlag.WRITE, 0x1000))
-    read32 = dev.bar(0).read32
-    for _ in range(1000):
-        read32(0)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        read32(0)
-    return (time.perf_counter() - start) / iterations * 1e6
+    saved = connection._write, connection._read
+    connection._write, connection._read = sock.write, sock.read
+    try:
+        dev = VfioUserDevice("instant", sock, MessageReader(sock), (0, 2), Capabilities(),
+                             timeout=None, share_dma_fds=True, twin=None)
+        dev._info = DeviceInfo(DeviceFlag.PCI, 9, 0)
+        dev._regions[0] = Region(dev, RegionInfo(0, RegionFlag.READ | RegionFlag.WRITE, 0x1000))
+        read32 = dev.bar(0).read32
+        for _ in range(1000):
+            read32(0)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            read32(0)
+        return (time.perf_counter() - start) / iterations * 1e6
+    finally:
+        connection._write, connection._read = saved
 
 
 def dma_rates(total: int, chunk: int, rounds: int) -> tuple[float, float]:

@@ -953,3 +953,73 @@ def test_message_ids_count_up_and_wrap_after_0xffff(serve: Any) -> None:
             bar.read32(8)
     ids = [m.msg_id for m in s.received]
     assert ids == [*range(0x10000), 0, 1]
+
+
+def test_fast_path_times_out_like_the_first_read(serve: Any) -> None:
+    """The fast path's own read of the socket honours the per-request
+    timeout (SO_RCVTIMEO) as the reader does."""
+    s = _start(serve, _after_clean_reads(lambda m, c: None))
+    dev = connect(s.path, timeout=0.3)
+    bar = dev.bar(0)
+    for _ in range(3):
+        bar.read32(0)
+    with pytest.raises(ConnectionClosed, match=r"no reply within 0\.3s"):
+        bar.read32(0)
+    assert not dev.connected
+    dev.close()
+
+
+def _echo_write_head(msg: Message) -> Reply:
+    """basic(), with a REGION_WRITE answered by its access head (spec
+    "REGION_WRITE": the reply carries offset, region and count)."""
+    if msg.command == Command.REGION_WRITE:
+        return reply_to(msg, msg.payload[:16])
+    return basic(msg)
+
+
+def test_fast_path_closes_fds_of_a_good_write_reply(serve: Any) -> None:
+    """call() (a register write) reads its reply with os.read too: fds sent
+    with it are closed by the kernel, none lands in the client."""
+    before = open_fds()
+    r, w = os.pipe()
+    writes = [0]
+
+    def handler(msg: Message) -> Reply:
+        if msg.command == Command.REGION_WRITE:
+            writes[0] += 1
+            if writes[0] == 4:
+                return reply_to(msg, msg.payload[:16]), [r, w]
+        return _echo_write_head(msg)
+
+    s = serve(handler)
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        for value in range(5):
+            bar.write32(4, value)
+        assert dev.connected
+    os.close(r)
+    os.close(w)
+    s.close()
+    assert open_fds() == before
+    assert [m.payload[16:] for m in s.received if m.command == Command.REGION_WRITE] == \
+        [v.to_bytes(4, "little") for v in range(5)]
+
+
+def test_a_short_write_is_completed(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.write may take part of a request (a signal, or SO_SNDTIMEO, after
+    some bytes went): both fast paths send the rest, and the server sees
+    whole requests."""
+    from pyvfio.user.client import connection
+
+    monkeypatch.setattr(connection, "_write", lambda fd, data: os.write(fd, data[:5]))
+    s = serve(_echo_write_head)
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        assert [bar.read32(8) for _ in range(4)] == [0x03020100] * 4
+        for value in range(4):
+            bar.write32(4, value)
+        assert dev.connected
+    assert [(m.command, m.payload[:16]) for m in s.received
+            if m.command in (Command.REGION_READ, Command.REGION_WRITE)] == \
+        [(Command.REGION_READ, P.REGION_ACCESS.pack(8, 0, 4))] * 4 + \
+        [(Command.REGION_WRITE, P.REGION_ACCESS.pack(4, 0, 4))] * 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import select
 import socket
 import struct
@@ -47,7 +48,7 @@ MAX_REGION_INFO_SIZE = 64 << 10
 _pack_header = HEADER.pack
 _CMD_REGION_READ = int(Command.REGION_READ)
 _unpack_header = HEADER.unpack_from
-_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_write, _read = os.write, os.read
 _pack_access = REGION_ACCESS.pack
 _REPLY_FLAGS = 1  # MsgFlag.REPLY, as a plain int for the fast path
 _MSG_IDS = tuple(range(0x10000))
@@ -89,7 +90,14 @@ class _Connection:
         # The fast path of call(): prebound methods, and the reader's read
         # count when call() last saw it idle (-1: not known to be idle).
         self._lock_acquire, self._lock_release = self.lock.acquire, self.lock.release
-        self._sendall, self._recvmsg = sock.sendall, sock.recvmsg
+        # The fast paths write and read the socket's fd with os.write and
+        # os.read, the cheapest calls Python has (recvmsg builds a tuple, a
+        # list and an address on every call).  A reply they read may not
+        # carry fds, and without a control buffer the kernel closes any that
+        # come (scm_recv), as the reader would.  The fd stays valid while
+        # the lock is held: close() closes the socket under the lock, after
+        # marking the connection broken, which the fast paths test first.
+        self._fd = sock.fileno()
         self._idle_at = -1
 
     # ---- request/reply ----
@@ -163,38 +171,45 @@ class _Connection:
             if self.broken is not None:
                 raise self._down(command)
             msg_id = self._next_msg_id()
-            try:
-                self._sendall(_pack_header(msg_id, command, 16 + len(payload), 0, 0) + payload)
-            except OSError as exc:
-                raise self._send_failed(command, exc) from None
+            self._write(command, _pack_header(msg_id, command, 16 + len(payload), 0, 0) + payload)
             reader = self.reader
             if reader.reads != self._idle_at:
                 return self._reply(msg_id, command, None)
             try:
-                received = self._recvmsg(reader.bufsize, reader.cmsg_space, _MSG_CMSG_CLOEXEC)
+                data = _read(self._fd, reader.bufsize)
             except OSError as exc:
                 raise self._read_failed(command, exc) from None
-            data = received[0]
-            if not received[1] and len(data) >= 16:
+            if len(data) >= 16:
                 reply_id, reply_command, size, flags, _err = _unpack_header(data)
                 if flags == _REPLY_FLAGS and reply_id == msg_id \
                         and reply_command == command and size == len(data):
                     return data[16:]
-            return self._reply(msg_id, command, received)
+            return self._reply(msg_id, command, data)
         finally:
             self._lock_release()
 
-    def _reply(self, msg_id: int, command: int, received: tuple[bytes, Any, int, Any] | None
-               ) -> bytes:
+    def _write(self, command: int, data: bytes) -> None:
+        """Send ``data`` (no fds) on the fast paths: one ``os.write``, and the
+        rest with ``sendall`` in the rare case that the socket took only part
+        of it."""
+        try:
+            written = _write(self._fd, data)
+            if written != len(data):
+                self.sock.sendall(data[written:])
+        except OSError as exc:
+            raise self._send_failed(command, exc) from None
+
+    def _reply(self, msg_id: int, command: int, received: bytes | None) -> bytes:
         """The general path of the fast calls (lock held, request sent): the
         payload of our checked reply from the reader, serving the server's
-        commands on the way.  ``received``: a ``recvmsg`` result the caller
-        read itself and did not take, handed to the reader first."""
+        commands on the way.  ``received``: bytes the caller read from the
+        socket itself and did not take (an empty read is the end of the
+        stream), handed to the reader first."""
         reader = self.reader
         if received is not None:
             self._idle_at = -1
             try:
-                reader.push(received[0], received[1], received[2])
+                reader.push(received, [], 0)
             except OSError as exc:
                 raise self._read_failed(command, exc) from None
         try:
@@ -230,9 +245,9 @@ class _Connection:
         (:data:`REGION_ACCESS_PARTS`), of which only the message ID and the
         offset change from read to read."""
         lock_acquire, lock_release = self._lock_acquire, self._lock_release
-        sendall, recvmsg, reader = self._sendall, self._recvmsg, self.reader
+        fd, write, read_fd, reader = self._fd, _write, _read, self.reader
         next_msg_id = self._next_msg_id
-        bufsize, cmsg_space = reader.bufsize, reader.cmsg_space
+        bufsize = reader.bufsize
         pack = REGION_ACCESS_PARTS.pack
         value_at = struct.Struct("<" + _FORMATS[width]).unpack_from
         # A whole reply -> (its 32-byte head, the value); struct.error if the
@@ -251,24 +266,26 @@ class _Connection:
                 if self.broken is not None:
                     raise self._down(read_command)
                 msg_id = next_msg_id()
+                request = pack(msg_id, request_head, offset, region_count)
                 try:
-                    sendall(pack(msg_id, request_head, offset, region_count))
+                    written = write(fd, request)
+                    if written != 32:  # the socket took part of it (see _write)
+                        self.sock.sendall(request[written:])
                 except OSError as exc:
                     raise self._send_failed(read_command, exc) from None
                 received = None
                 if reader.reads == self._idle_at:
                     try:
-                        received = recvmsg(bufsize, cmsg_space, _MSG_CMSG_CLOEXEC)
+                        received = read_fd(fd, bufsize)
                     except OSError as exc:
                         raise self._read_failed(read_command, exc) from None
-                    if not received[1]:
-                        try:
-                            head, value = split_reply(received[0])
-                        except struct.error:  # not one reply of our size: the reader's
-                            pass
-                        else:
-                            if head == pack(msg_id, reply_head, offset, region_count):
-                                return value
+                    try:
+                        head, value = split_reply(received)
+                    except struct.error:  # not one reply of our size: the reader's
+                        pass
+                    else:
+                        if head == pack(msg_id, reply_head, offset, region_count):
+                            return value
                 payload = self._reply(msg_id, read_command, received)
             finally:
                 lock_release()
