@@ -138,6 +138,15 @@ class ProtocolError(PyvfioError):
         self.errno = errno
 
 
+class FdsTruncated(ProtocolError):
+    """A vfio-user message came with more fds than the receiver takes: the
+    kernel closed the rest unseen and flagged the read (``MSG_CTRUNC``).  It
+    breaks only a message whose fds are needed (a region's mmap fds); on one
+    that takes no fds (a register access's reply, a server->client command)
+    a client closes what came and goes on, as it does with any fd where none
+    belongs."""
+
+
 class PeerError(PyvfioError, OSError):
     """The vfio-user peer answered a command with an error reply; ``errno`` is
     the peer's."""

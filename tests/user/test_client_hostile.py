@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from pyvfio.device import IrqAction, IrqIndex, SharedMemory
-from pyvfio.errors import ConnectionClosed, PeerError, ProtocolError, UsageError
+from pyvfio.errors import ConnectionClosed, FdsTruncated, PeerError, ProtocolError, UsageError
 from pyvfio.testing.fds import fd_numbers as open_fds
 from pyvfio.user import protocol as P
 from pyvfio.user.client import connect
@@ -1023,3 +1023,90 @@ def test_a_short_write_is_completed(serve: Any, monkeypatch: pytest.MonkeyPatch)
             if m.command in (Command.REGION_READ, Command.REGION_WRITE)] == \
         [(Command.REGION_READ, P.REGION_ACCESS.pack(8, 0, 4))] * 4 + \
         [(Command.REGION_WRITE, P.REGION_ACCESS.pack(4, 0, 4))] * 4
+
+
+# --- more fds than the client takes (16): the kernel closes the rest (MSG_CTRUNC) ------------
+
+def _pipes(n: int) -> list[int]:
+    return [fd for _ in range(n) for fd in os.pipe()]
+
+
+@pytest.mark.parametrize("clean_reads", [0, 3], ids=["reader", "fast-path"])
+def test_too_many_fds_on_a_register_reply_lose_it_nothing(serve: Any, clean_reads: int) -> None:
+    """20 fds on a read32 reply: whether the reader (which sees MSG_CTRUNC)
+    or the fast path (os.read, which cannot) takes it, the value is
+    returned, the connection stays up and no fd lands in the client."""
+    before = open_fds()
+    sent = _pipes(10)
+    calls = [0]
+
+    def handler(msg: Message) -> Reply:
+        if msg.command != Command.REGION_READ:
+            return basic(msg)
+        calls[0] += 1
+        return (_good(msg), sent) if calls[0] == clean_reads + 1 else basic(msg)
+
+    s = serve(handler)
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        for _ in range(clean_reads):
+            bar.read32(0)
+        assert bar.read32(0) == 0x40302010
+        assert dev.connected and bar.read32(0) == 0x03020100
+    for fd in sent:
+        os.close(fd)
+    s.close()
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("clean_reads", [0, 3], ids=["reader", "fast-path"])
+def test_too_many_fds_on_a_server_command_lose_it_nothing(serve: Any, clean_reads: int) -> None:
+    """A DMA_READ with 20 fds in front of a read32 reply is served the same
+    on both paths: fds never belong to a server command (here: EFAULT, the
+    address is in no mapping)."""
+    before = open_fds()
+    sent = _pipes(10)
+    calls = [0]
+    ref: list[FakeServer] = []
+
+    def handler(msg: Message) -> Reply:
+        if msg.is_reply:
+            return None
+        if msg.command != Command.REGION_READ:
+            return basic(msg)
+        calls[0] += 1
+        if calls[0] == clean_reads + 1:
+            assert ref[0].conn is not None
+            send_message(ref[0].conn, HEADER.pack(0x77, Command.DMA_READ, 32, 0, 0)
+                         + P.DMA_ACCESS.pack(0xdead000, 4), sent)
+            threading.Event().wait(0.05)   # its own read, before the reply's
+        return basic(msg)
+
+    s = serve(handler)
+    ref.append(s)
+    with connect(s.path, timeout=2) as dev:
+        bar = dev.bar(0)
+        assert [bar.read32(0) for _ in range(clean_reads + 2)] == [0x03020100] * (clean_reads + 2)
+    for fd in sent:
+        os.close(fd)
+    s.close()
+    assert [(m.msg_id, m.error) for m in s.received if m.command == Command.DMA_READ] == \
+        [(0x77, errno.EFAULT)]
+    assert open_fds() == before
+
+
+def test_too_many_fds_on_a_reply_whose_fds_are_needed_is_refused(serve: Any) -> None:
+    """A region's info with 20 fds: the mmap fd may be among those the kernel
+    closed, so the reply cannot be trusted (FdsTruncated)."""
+    before = open_fds()
+    sent = _pipes(10)
+    s = serve(_region_handler(lambda m, i: (reply_to(m, good_region_info(i, flags=7)), sent)))
+    dev = connect(s.path, timeout=2)
+    with pytest.raises(FdsTruncated, match="more than 16 fds"):
+        dev.bar(0)
+    assert not dev.connected
+    dev.close()
+    for fd in sent:
+        os.close(fd)
+    s.close()
+    assert open_fds() == before

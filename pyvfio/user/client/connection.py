@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyvfio.device import _FORMATS
-from pyvfio.errors import ClosedError, ConnectionClosed, PeerError, ProtocolError
+from pyvfio.errors import ClosedError, ConnectionClosed, FdsTruncated, PeerError, ProtocolError
 from pyvfio.user.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -349,10 +349,12 @@ class _Connection:
                     raise ProtocolError(
                         f"{_command_name(command)} to {self.name}: got a reply to "
                         f"{_command_name(msg.command)} id {msg.msg_id}, expected id {msg_id}")
-                if msg.problem is not None:
+                # Fds cut off a reply that takes none lose nothing: closed
+                # below, as any fds where none belong (FdsTruncated).
+                if msg.problem is not None and (keep_fds or type(msg.problem) is not FdsTruncated):
                     msg.close_fds()
-                    raise ProtocolError(f"{_command_name(command)} reply from {self.name}: "
-                                        f"{msg.problem}", msg.problem.errno)
+                    raise type(msg.problem)(f"{_command_name(command)} reply from {self.name}: "
+                                            f"{msg.problem}", msg.problem.errno)
                 if msg.is_error:
                     msg.close_fds()
                     raise PeerError(msg.error or errno.EIO, _command_name(command))
@@ -442,11 +444,12 @@ class _Connection:
 def _answer_server_command(handler: Any, msg: Message) -> bytes | None:
     """The reply (header + payload) to a server→client command, or ``None``
     when it asked for none.  fds never belong to a server command: they are
-    closed."""
+    closed, and so more fds than the reader takes (:class:`FdsTruncated`)
+    lose it nothing."""
     msg.close_fds()
     flags = MsgFlag.REPLY
     try:
-        if msg.problem is not None:
+        if msg.problem is not None and type(msg.problem) is not FdsTruncated:
             raise msg.problem
         if handler is None:
             raise PeerError(errno.ENOSYS, _command_name(msg.command))

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pyvfio.errors import ConnectionClosed, ProtocolError
+from pyvfio.errors import ConnectionClosed, FdsTruncated, ProtocolError
 from pyvfio.user.protocol._codec import _fail
 from pyvfio.user.protocol.header import HEADER, HEADER_SIZE, Command, Header
 from pyvfio.user.protocol.version import DEFAULT_MAX_DATA_XFER_SIZE
@@ -324,11 +324,11 @@ class MessageReader:
         if msg is None:
             self._big_fds.extend(fds)
             if truncated and self._big_problem is None:
-                self._big_problem = _fail("message carried more fds than allowed")
+                self._big_problem = FdsTruncated("message carried more fds than allowed")
             return
         msg.fds.extend(fds)
         if truncated and msg.problem is None:
-            msg.problem = _fail(f"message carried more than {self.max_fds} fds")
+            msg.problem = FdsTruncated(f"message carried more than {self.max_fds} fds")
 
     def _finish_big(self) -> Message:
         assert self._big_head is not None
