@@ -262,7 +262,7 @@ def test_qemu_argv_with_iommu_and_standard_topology(tmp_path: Path) -> None:
     vm = guest.Guest(KERNEL, topology.standard(), cmdline_extra=["foo=1"], memory_mib=1536)
     argv = vm.qemu_argv(tmp_path / "initrd", tmp_path / "run", "tcg", pycache=tmp_path / "pyc")
     assert option_values(argv, "-machine") == ["q35,kernel-irqchip=split"]
-    assert option_values(argv, "-accel") == ["tcg"] and option_values(argv, "-cpu") == ["max"]
+    assert option_values(argv, "-accel") == ["tcg,thread=single"] and option_values(argv, "-cpu") == ["max"]
     assert option_values(argv, "-m") == ["1536"]
     append = option_values(argv, "-append")[0].split()
     assert "intel_iommu=on" in append and append[-1] == "foo=1" and "console=ttyS0" in append

@@ -448,7 +448,12 @@ class Guest:
         machine = "q35,kernel-irqchip=split" if self.iommu else "q35"
         argv = [
             *self.qemu_command, "-nodefaults", "-no-user-config", "-display", "none",
-            "-machine", machine, "-accel", accel,
+            # TCG runs one vCPU per host thread by default, and a kernel that
+            # patches its own code (static keys, text_poke_bp) while another
+            # vCPU runs stale translated code takes a stray int3 there and
+            # panics (6.12 at boot, under load).  One thread for all vCPUs
+            # sees each code write before any other vCPU runs.
+            "-machine", machine, "-accel", "tcg,thread=single" if accel == "tcg" else accel,
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.smp), "-m", str(self.memory_mib),
             "-serial", "stdio", "-monitor", "none", "-no-reboot",
