@@ -133,9 +133,8 @@ def py_client_rate(path: str, iterations: int) -> float:
 class _InstantServer:
     """A socket stand-in, and stand-ins for the client's ``os.write`` and
     ``os.read`` of its fd, whose 'server' answers every REGION_READ at once
-    in this thread: timing
-    the client over them measures the client's own Python cost per call,
-    free of scheduling noise."""
+    in this thread: timing the client over them measures the client's own
+    Python cost per call, free of scheduling noise."""
 
     def __init__(self) -> None:
         from pyvfio.user.protocol import HEADER, REGION_ACCESS
@@ -155,7 +154,7 @@ class _InstantServer:
     # The socket itself, for the reader (the first call, before the fast
     # path knows the reader idle) and the connection.
     def sendall(self, data: bytes) -> None:
-        self._last = data
+        self.write(-1, data)
 
     def recvmsg(self, bufsize: int, ancbufsize: int, flags: int) -> tuple[bytes, list[Any], int, None]:
         return self.read(-1, bufsize), [], 0, None

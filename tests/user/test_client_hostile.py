@@ -784,7 +784,10 @@ def test_dma_unmap_answered_for_another_range(serve: Any) -> None:
 # is handed to the reader.  The first read of a connection never takes that
 # path, so these tests send their odd reply after three clean ones.
 
-def _after_clean_reads(odd: Callable[[Message, socket.socket], Reply]) -> Callable[..., Handler]:
+def _after_clean_reads(odd: Callable[[Message, socket.socket], Reply],
+                       clean: int = 3) -> Callable[..., Handler]:
+    """A handler answering the REGION_READ after ``clean`` clean ones with
+    ``odd(msg, conn)``; made by :func:`_start`."""
     def make(s_ref: list[FakeServer]) -> Handler:
         reads = [0]
 
@@ -794,7 +797,7 @@ def _after_clean_reads(odd: Callable[[Message, socket.socket], Reply]) -> Callab
             if msg.command != Command.REGION_READ:
                 return basic(msg)
             reads[0] += 1
-            if reads[0] != 4:
+            if reads[0] != clean + 1:
                 return basic(msg)
             assert s_ref[0].conn is not None
             return odd(msg, s_ref[0].conn)
@@ -1038,15 +1041,7 @@ def test_too_many_fds_on_a_register_reply_lose_it_nothing(serve: Any, clean_read
     returned, the connection stays up and no fd lands in the client."""
     before = open_fds()
     sent = _pipes(10)
-    calls = [0]
-
-    def handler(msg: Message) -> Reply:
-        if msg.command != Command.REGION_READ:
-            return basic(msg)
-        calls[0] += 1
-        return (_good(msg), sent) if calls[0] == clean_reads + 1 else basic(msg)
-
-    s = serve(handler)
+    s = _start(serve, _after_clean_reads(lambda m, c: (_good(m), sent), clean=clean_reads))
     with connect(s.path, timeout=2) as dev:
         bar = dev.bar(0)
         for _ in range(clean_reads):
@@ -1066,24 +1061,14 @@ def test_too_many_fds_on_a_server_command_lose_it_nothing(serve: Any, clean_read
     address is in no mapping)."""
     before = open_fds()
     sent = _pipes(10)
-    calls = [0]
-    ref: list[FakeServer] = []
 
-    def handler(msg: Message) -> Reply:
-        if msg.is_reply:
-            return None
-        if msg.command != Command.REGION_READ:
-            return basic(msg)
-        calls[0] += 1
-        if calls[0] == clean_reads + 1:
-            assert ref[0].conn is not None
-            send_message(ref[0].conn, HEADER.pack(0x77, Command.DMA_READ, 32, 0, 0)
-                         + P.DMA_ACCESS.pack(0xdead000, 4), sent)
-            threading.Event().wait(0.05)   # its own read, before the reply's
+    def dma_read_first(msg: Message, conn: socket.socket) -> Reply:
+        send_message(conn, HEADER.pack(0x77, Command.DMA_READ, 32, 0, 0)
+                     + P.DMA_ACCESS.pack(0xdead000, 4), sent)
+        threading.Event().wait(0.05)   # its own read, before the reply's
         return basic(msg)
 
-    s = serve(handler)
-    ref.append(s)
+    s = _start(serve, _after_clean_reads(dma_read_first, clean=clean_reads))
     with connect(s.path, timeout=2) as dev:
         bar = dev.bar(0)
         assert [bar.read32(0) for _ in range(clean_reads + 2)] == [0x03020100] * (clean_reads + 2)
